@@ -1,0 +1,40 @@
+# Piper: `make test` and `make demo` set everything up from scratch (venv in .venv/, MPI from
+# PyPI, the compiled extension) and then run. Other targets: venv, build, lint, bench, clean.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MPIRUN := $(VENV)/bin/mpirun
+SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: test demo venv build lint bench clean
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+build: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.stamp $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import piper_comm as pc; print('piper build:', pc.build_info())"
+	touch $@
+
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check .
+
+test: build lint
+	$(PY) -m pytest -q tests
+
+# The main job on a small default: the all-to-all benchmark on 8 ranks as 2 emulated nodes.
+demo: build
+	$(MPIRUN) -n 8 $(PY) -m piper_comm.bench --local-size 4 -b 8 -e 4M -f 4 \
+	    --algos halo,flat,mpi,gloo
+
+# The recorded run of bench/results (8 ranks; local sizes 4 and 1).
+bench: build
+	bash bench/run_cpu.sh
+
+clean:
+	rm -rf build $(VENV) piper_comm/_C*.so *.egg-info

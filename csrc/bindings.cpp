@@ -1,0 +1,170 @@
+// The only file that includes pybind11: binds csrc/plan and csrc/host as piper_comm._C.
+// Pointers cross as integers (addresses) with their sizes; blocking calls release the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "common/error.hpp"
+#include "host/copy.hpp"
+#include "host/node_channel.hpp"
+#include "plan/schedule.hpp"
+#include "plan/topology.hpp"
+#ifdef PIPER_WITH_CUDA
+#include "cuda/api.hpp"
+#endif
+
+namespace py = pybind11;
+using piper::plan::CopyList;
+using piper::plan::FlatPlan;
+using piper::plan::HaloPlan;
+using piper::plan::MessageList;
+using piper::plan::Topology;
+using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+namespace {
+
+std::vector<int64_t> to_vector(const I64Array& a) {
+  return std::vector<int64_t>(a.data(), a.data() + a.size());
+}
+
+py::array_t<int64_t> to_array(const std::vector<int64_t>& v) {
+  return py::array_t<int64_t>(static_cast<py::ssize_t>(v.size()), v.data());
+}
+
+void translate(const piper::Error& e) {
+  static const char* names[] = {"PiperUsageError", "PiperTimeoutError", "PiperPeerError",
+                                "PiperSystemError", "PiperError"};
+  auto errors = py::module_::import("piper_comm.errors");
+  py::object cls = errors.attr(names[static_cast<int>(e.code())]);
+  PyErr_SetString(cls.ptr(), e.what());
+}
+
+py::dict build_info() {
+  py::dict info;
+#ifdef PIPER_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = PIPER_CUDA_ARCHS;
+  info["cuda_runtime_version"] = piper::cuda::runtime_version();
+  std::string err;
+  const int n = piper::cuda::device_count(&err);
+  info["cuda_devices"] = n;
+  if (n < 0) info["cuda_error"] = err;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Piper's C++ core: schedules (plan), host shared-memory exchange (host).";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const piper::Error& e) {
+      translate(e);
+    }
+  });
+  m.def("build_info", &build_info, "What this build of the extension contains.");
+
+  py::class_<Topology>(m, "Topology", "Ranks grouped into nodes (see csrc/plan/topology.hpp).")
+      .def(py::init([](const I64Array& node_of) { return Topology(to_vector(node_of)); }),
+           py::arg("node_of"))
+      .def_property_readonly("size", &Topology::size)
+      .def_property_readonly("num_nodes", &Topology::num_nodes)
+      .def_property_readonly("uniform", &Topology::uniform)
+      .def("node_of", &Topology::node_of)
+      .def("local_of", &Topology::local_of)
+      .def("node_size", &Topology::node_size)
+      .def("node_ranks", &Topology::node_ranks)
+      .def("contiguous", &Topology::contiguous)
+      .def("proxy", &Topology::proxy, py::arg("src_node"), py::arg("dst"));
+
+  py::class_<CopyList>(m, "CopyList")
+      .def_property_readonly("src_off", [](const CopyList& c) { return to_array(c.src_off); })
+      .def_property_readonly("dst_off", [](const CopyList& c) { return to_array(c.dst_off); })
+      .def_property_readonly("len", [](const CopyList& c) { return to_array(c.len); })
+      .def_property_readonly("bytes", &CopyList::bytes)
+      .def("__len__", [](const CopyList& c) { return c.len.size(); });
+
+  py::class_<MessageList>(m, "MessageList")
+      .def_readonly("peer", &MessageList::peer)
+      .def_readonly("off", &MessageList::off)
+      .def_readonly("len", &MessageList::len)
+      .def("__len__", [](const MessageList& l) { return l.len.size(); });
+
+  py::class_<FlatPlan>(m, "FlatPlan")
+      .def_readonly("sends", &FlatPlan::sends)
+      .def_readonly("recvs", &FlatPlan::recvs)
+      .def_readonly("self_copy", &FlatPlan::self);
+
+  py::class_<HaloPlan>(m, "HaloPlan")
+      .def_readonly("segment_bytes", &HaloPlan::segment_bytes)
+      .def_readonly("staging_bytes", &HaloPlan::staging_bytes)
+      .def_readonly("intra_bytes", &HaloPlan::intra_bytes)
+      .def_readonly("pack", &HaloPlan::pack)
+      .def_readonly("local", &HaloPlan::local)
+      .def_readonly("sends", &HaloPlan::sends)
+      .def_readonly("recvs", &HaloPlan::recvs)
+      .def_readonly("recv_staged", &HaloPlan::recv_staged)
+      .def_readonly("unpack", &HaloPlan::unpack);
+
+  m.def(
+      "plan_flat",
+      [](int64_t me, const I64Array& send_bytes, const I64Array& recv_bytes) {
+        return piper::plan::plan_flat(me, to_vector(send_bytes), to_vector(recv_bytes));
+      },
+      py::arg("me"), py::arg("send_bytes"), py::arg("recv_bytes"));
+  m.def(
+      "plan_halo",
+      [](const Topology& topo, int64_t me, const I64Array& node_send_bytes,
+         const I64Array& recv_bytes) {
+        return piper::plan::plan_halo(topo, me, to_vector(node_send_bytes), to_vector(recv_bytes));
+      },
+      py::arg("topology"), py::arg("me"), py::arg("node_send_bytes"), py::arg("recv_bytes"));
+
+  m.def(
+      "copy_blocks",
+      [](uintptr_t src, int64_t src_bytes, uintptr_t dst, int64_t dst_bytes,
+         const CopyList& blocks) {
+        py::gil_scoped_release nogil;
+        piper::host::copy_blocks(reinterpret_cast<const uint8_t*>(src), src_bytes,
+                                 reinterpret_cast<uint8_t*>(dst), dst_bytes, blocks);
+      },
+      py::arg("src"), py::arg("src_bytes"), py::arg("dst"), py::arg("dst_bytes"),
+      py::arg("blocks"), "Copies every block of `blocks` from address src to address dst.");
+
+  using piper::host::NodeChannel;
+  py::class_<NodeChannel>(m, "NodeChannel", "Shared memory of one node (csrc/host/node_channel.hpp).")
+      .def(py::init<std::string, int64_t, std::vector<int64_t>, int64_t, bool>(), py::arg("prefix"),
+           py::arg("local_rank"), py::arg("local_ranks"), py::arg("world_size"), py::arg("create"))
+      .def("unlink", &NodeChannel::unlink)
+      .def("close", &NodeChannel::close)
+      .def("barrier", &NodeChannel::barrier, py::arg("what"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "publish_row",
+          [](NodeChannel& ch, int64_t parity, const I64Array& row) {
+            PIPER_HOST_ASSERT(row.size() > 0);
+            ch.publish_row(parity, row.data());
+          },
+          py::arg("parity"), py::arg("row"))
+      .def(
+          "read_rows",
+          [](const NodeChannel& ch, int64_t parity, int64_t world_size) {
+            py::array_t<int64_t> out({ch.local_size(), world_size});
+            ch.read_rows(parity, out.mutable_data());
+            return out;
+          },
+          py::arg("parity"), py::arg("world_size"))
+      .def("ensure_data", &NodeChannel::ensure_data, py::arg("bytes"), py::arg("what"),
+           py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("data_address",
+                             [](const NodeChannel& ch) { return reinterpret_cast<uintptr_t>(ch.data()); })
+      .def_property_readonly("data_bytes", &NodeChannel::data_bytes)
+      .def("data_view", [](const NodeChannel& ch) {
+        return py::memoryview::from_memory(ch.data(), ch.data_bytes(), /*readonly=*/false);
+      });
+}

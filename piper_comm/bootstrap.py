@@ -1,0 +1,173 @@
+"""pc.init(): finds the launcher, builds the transport, the topology and the node segments.
+
+mpirun / mpiexec / srun (PMI)  -> mpi4py on COMM_WORLD
+torchrun (or an initialised torch.distributed) -> torch.distributed (gloo on CPU)
+nothing                         -> a single process
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import envs, validate
+from .communicator import Communicator
+from .errors import PiperSystemError, PiperUsageError
+from .segment import PrivateSegment, node_segment
+from .transport import MpiTransport, SingleTransport, TorchTransport, Transport
+
+log = logging.getLogger("piper")
+
+_MPI_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
+            "HYDI_CONTROL_FD", "MPICH_INTERFACE_HOSTNAME")
+_SHM_DIR = Path("/dev/shm")
+_INIT_TAG = 32100
+
+
+def _detect() -> str:
+    if "torch" in os.sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return "torch"
+    if any(k in os.environ for k in _MPI_ENV):
+        return "mpi"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return "mpi"  # srun with PMI: MPI bootstraps through Slurm
+    if "TORCHELASTIC_RUN_ID" in os.environ or {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= set(
+            os.environ):
+        return "torch"
+    return "single"
+
+
+def _transport(backend: str) -> Transport:
+    if backend == "mpi":
+        from mpi4py import MPI
+
+        return MpiTransport(MPI.COMM_WORLD)
+    if backend == "torch":
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(seconds=envs.timeout()))
+        return TorchTransport()
+    return SingleTransport()
+
+
+def node_ids_from(hosts: list[str], local_size: int | None) -> list[int]:
+    """Node index of every rank: consecutive groups of local_size ranks when given (the last
+    node may be smaller), else one node per distinct host name in order of first appearance."""
+    if local_size is not None:
+        return [r // local_size for r in range(len(hosts))]
+    first: dict[str, int] = {}
+    return [first.setdefault(h, len(first)) for h in hosts]
+
+
+def _job_id() -> str:
+    for key in ("SLURM_JOB_ID", "PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid", "PMI_ID",
+                "TORCHELASTIC_RUN_ID"):
+        if os.environ.get(key):
+            return re.sub(r"[^A-Za-z0-9]", "", os.environ[key])[:24] or "job"
+    return "job"
+
+
+def sweep_stale_segments() -> list[str]:
+    """Unlinks this user's Piper segments whose creating process is gone (a job killed in
+    the instant between creating and unlinking a segment). Live jobs' segments are kept."""
+    removed = []
+    uid = os.getuid()
+    for path in _SHM_DIR.glob("piper-*"):
+        parts = path.name.split("-")
+        try:
+            pid = int(parts[2])
+            if path.stat().st_uid != uid:
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+        except (ValueError, IndexError, OSError):
+            continue
+    return removed
+
+
+def init(backend: str | None = None, *, local_size: int | None = None,
+         node_ids: list[int] | None = None, timeout: float | None = None) -> Communicator:
+    """Creates the communicator of this process.
+
+    Arguments:
+        backend: "mpi" | "torch" | "single"; default: detected from the launcher
+            (PIPER_BACKEND overrides detection).
+        local_size: ranks per (emulated) node; default PIPER_LOCAL_SIZE, else host names.
+        node_ids: explicit node index of every rank (tests, unusual layouts); overrides both.
+        timeout: seconds for every blocking wait; default PIPER_TIMEOUT (300).
+    Every rank of the job must call init() (it is collective).
+    """
+    backend = backend or envs.backend() or _detect()
+    if backend not in ("mpi", "torch", "single"):
+        raise PiperUsageError(f"piper: init: unknown backend {backend!r}")
+    timeout = timeout if timeout is not None else envs.timeout()
+    transport = _transport(backend)
+    P, me = transport.size, transport.rank
+
+    # Who is where: host names and pids of every rank, and a job token from rank 0.
+    token = f"{_job_id()}.{secrets.token_hex(4)}"
+    info = transport.allgather((socket.gethostname(), os.getpid(), token))
+    hosts, pids = [i[0] for i in info], [i[1] for i in info]
+    token = info[0][2]
+    transport.set_peers(pids, hosts)
+    if node_ids is None:
+        node_ids = node_ids_from(hosts, local_size if local_size is not None
+                                 else envs.local_size())
+    if len(node_ids) != P:
+        raise PiperUsageError(f"piper: init: node_ids has {len(node_ids)} entries for {P} ranks")
+    node_of = np.asarray(node_ids, dtype=np.int64)
+    locals_ = [int(r) for r in np.nonzero(node_of == node_of[me])[0]]
+    if len({hosts[r] for r in locals_}) > 1:
+        raise PiperUsageError(
+            f"piper: init: rank {me}: emulated node {int(node_of[me])} spans several hosts "
+            f"({sorted({hosts[r] for r in locals_})}); PIPER_LOCAL_SIZE must not exceed the "
+            f"ranks per host")
+
+    # Node segments: local rank 0 creates, the others map, then the name is removed.
+    local_rank = locals_.index(me)
+    leader_pid = pids[locals_[0]]
+    prefix = f"/piper-{token}-{leader_pid}-n{int(node_of[me])}"
+    deadline = time.monotonic() + timeout
+
+    def sync(step: int) -> None:
+        mine = np.array([step], dtype=np.int64)
+        validate.exchange(transport, mine, _INIT_TAG + step, f"init (step {step})", deadline,
+                          timeout)
+
+    segment = None
+    try:
+        if len(locals_) == 1:
+            segment = PrivateSegment(P)
+            sync(1)
+            sync(2)
+        else:
+            if local_rank == 0:
+                sweep_stale_segments()
+                segment = node_segment(prefix, 0, locals_, P, True)
+            sync(1)
+            if local_rank != 0:
+                segment = node_segment(prefix, local_rank, locals_, P, False)
+            sync(2)
+            segment.unlink()
+    except PiperSystemError:
+        if segment is not None:
+            segment.close()
+        raise
+    comm = Communicator(transport, node_ids, segment, timeout=timeout)
+    log.debug("piper: init %r", comm)
+    return comm

@@ -1,0 +1,231 @@
+"""Communicator: the object `pc.init()` returns. Owns the transport, the topology, the node
+segment and the call counter; runs all_to_all / all_to_all_v (see design.md, Public API)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _C, envs, validate
+from . import arrays as A
+from .algorithms import HaloState, flat, halo
+from .cost import Links, choose
+from .errors import PiperError, PiperPeerError, PiperTimeoutError, PiperUsageError
+from .transport import Transport
+
+log = logging.getLogger("piper")
+
+_TAG_SPACE = 16000  # tags 2*s, 2*s+1 for call s modulo this; MPI guarantees tags < 32768
+
+
+def _counts(values: Any, size: int, which: int) -> tuple[np.ndarray | None, tuple[int, int, int]]:
+    """int64 counts of length `size`, or an error tuple (code, a, b) for validate.py."""
+    try:
+        arr = np.asarray(values.tolist() if hasattr(values, "tolist") else values)
+    except Exception:
+        return None, (A.E_COUNTS_TYPE, which, 0)
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        return None, (A.E_COUNTS_TYPE, which, 0)
+    if arr.size != size:
+        return None, ((A.E_RCOUNTS_LEN if which else A.E_COUNTS_LEN), arr.size, 0)
+    arr = arr.astype(np.int64)
+    neg = np.nonzero(arr < 0)[0]
+    if neg.size:
+        i = int(neg[0])
+        return None, ((A.E_RCOUNTS_NEG if which else A.E_COUNTS_NEG), i, int(arr[i]))
+    return arr, (A.E_NONE, 0, 0)
+
+
+class Communicator:
+    """All-to-all(v) over `size` ranks grouped into nodes.
+
+    Attributes: rank, size, node, num_nodes, local_rank, local_size (ints);
+    last_algorithm: "halo" | "flat" | "pairwise" after a call, None before.
+    Every rank must make the same sequence of collective calls. Not thread-safe.
+    """
+
+    def __init__(self, transport: Transport, node_of: Sequence[int], segment,
+                 links: Links | None = None, timeout: float | None = None):
+        self._transport = transport
+        self._topology = _C.Topology(np.asarray(node_of, dtype=np.int64))
+        self._node_of = np.asarray(node_of, dtype=np.int64)
+        self.rank, self.size = transport.rank, transport.size
+        self.node = int(self._node_of[self.rank])
+        self.num_nodes = int(self._topology.num_nodes)
+        self.local_rank = int(self._topology.local_of(self.rank))
+        self.local_size = int(self._topology.node_size(self.node))
+        self.links = links or Links()
+        self.timeout = timeout if timeout is not None else envs.timeout()
+        self.last_algorithm: str | None = None
+        self._halo = HaloState(segment, self._topology)
+        self._seq = 0
+        self._failed: PiperError | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (f"Communicator(rank={self.rank}, size={self.size}, node={self.node}/"
+                f"{self.num_nodes}, local_rank={self.local_rank}/{self.local_size}, "
+                f"transport={self._transport.name})")
+
+    # -- lifecycle
+    def close(self) -> None:
+        """Releases the node segment and the transport. Idempotent; a collective is not
+        required, but every rank should close before the launcher's finalisation."""
+        if self._closed:
+            return
+        self._closed = True
+        self._halo.segment.close()
+        self._transport.close()
+
+    def abort(self, code: int = 1) -> None:
+        """Ends the whole job now (MPI_Abort under MPI): the way out after a peer failure."""
+        self._transport.abort(code)
+
+    def __enter__(self) -> Communicator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _begin(self, op: str) -> tuple[int, str, float]:
+        if self._closed:
+            raise PiperUsageError(f"piper: {op} on rank {self.rank}: communicator is closed")
+        if self._failed is not None:
+            raise PiperError(f"piper: {op} on rank {self.rank}: communicator is unusable after "
+                             f"an earlier failure: {self._failed}")
+        self._seq += 1
+        return self._seq, f"{op} #{self._seq}", time.monotonic() + self.timeout
+
+    def _tag(self, seq: int, phase: int) -> int:
+        return 2 * (seq % _TAG_SPACE) + phase
+
+    # -- collectives
+    def barrier(self) -> None:
+        """Returns once every rank has called barrier (bounded by PIPER_TIMEOUT)."""
+        seq, what, deadline = self._begin("barrier")
+        mine = np.array([seq], dtype=np.int64)
+        self._guard(validate.exchange, self._transport, mine, self._tag(seq, 0), what, deadline,
+                    self.timeout)
+
+    def all_to_all(self, send: Any, recv: Any = None, algorithm: str = "auto") -> Any:
+        """Equal-split all-to-all.
+
+        Arguments:
+            send: array of shape [size * m, ...]; rows i*m .. (i+1)*m go to rank i.
+            recv: optional array of shape [>= size * m, ...], same dtype and trailing shape
+                (filled in place: no copy); allocated like `send` when None.
+            algorithm: "auto" | "halo" | "flat" | "pairwise" (PIPER_ALGO overrides).
+        Returns:
+            recv's first size * m rows: block i (rows i*m .. (i+1)*m) came from rank i.
+        """
+        return self._run(1, "all_to_all", send, None, recv, None, algorithm)[0]
+
+    def all_to_all_v(self, send: Any, send_counts: Sequence[int], recv: Any = None,
+                     recv_counts: Sequence[int] | None = None,
+                     algorithm: str = "auto") -> tuple[Any, list[int]]:
+        """All-to-all with per-rank counts: MPI_Alltoallv semantics on rows (dim 0).
+
+        Arguments:
+            send: array [sum(send_counts), ...]; the first send_counts[0] rows go to rank 0,
+                the next send_counts[1] rows to rank 1, and so on.
+            send_counts: `size` non-negative ints (rows per destination rank).
+            recv: optional array [>= sum(recv_counts), ...] filled in place.
+            recv_counts: optional `size` ints, rows expected from each rank; exchanged when
+                None. When given they must match what the peers send (checked, PIPER_CHECK).
+        Returns:
+            (recv rows ordered by source rank, recv_counts as a list of ints).
+        """
+        return self._run(2, "all_to_all_v", send, send_counts, recv, recv_counts, algorithm)
+
+    # -- implementation
+    def _guard(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (PiperTimeoutError, PiperPeerError) as e:
+            self._failed = e
+            raise
+
+    def _run(self, op: int, name: str, send, send_counts, recv, recv_counts, algorithm):
+        seq, what, deadline = self._begin(name)
+        P, me = self.size, self.rank
+        t0 = time.perf_counter()
+        forced = envs.algorithm()
+        algorithm = forced if forced is not None else algorithm
+
+        # Local checks: collect the first error; validate.verdict raises it on every rank.
+        err = (A.E_NONE, 0, 0)
+        sv, code, _ = A.view(send)
+        if code:
+            err = (code, 0, 0)
+        rv = None
+        if recv is not None and err[0] == A.E_NONE:
+            rv, code, _ = A.view(recv)
+            if code:
+                err = ({A.E_NONCONTIG: A.E_RECV_NONCONTIG}.get(code, code), 1, 0)
+            elif rv.kind != sv.kind:
+                err = (A.E_RECV_TYPE, 0, 0)
+            elif rv.dtype != sv.dtype or rv.trailing != sv.trailing:
+                err = (A.E_RECV_DTYPE, 0, 0)
+        if algorithm not in envs.ALGORITHMS:
+            err = (A.E_ALGORITHM, 0, 0)
+        scounts = rcounts = None
+        if op == 1:
+            if err[0] == A.E_NONE and sv.rows % P:
+                err = (A.E_ROWS_DIV, sv.rows, P)
+            m = sv.rows // P if sv is not None else 0
+            scounts = rcounts = np.full(P, m, dtype=np.int64)
+        else:
+            scounts, e = _counts(send_counts, P, 0)
+            err = err if err[0] else e
+            if recv_counts is not None:
+                rcounts, e = _counts(recv_counts, P, 1)
+                err = err if err[0] else e
+            if err[0] == A.E_NONE and int(scounts.sum()) != sv.rows:
+                err = (A.E_COUNTS_SUM, int(scounts.sum()), sv.rows)
+
+        # Cross-rank agreement (or, unchecked, trust the caller).
+        S = None
+        if envs.check() or rcounts is None:
+            mine = validate.header(P, seq, op, algorithm, sv, scounts, rv, rcounts, err)
+            table = self._guard(validate.exchange, self._transport, mine, self._tag(seq, 0),
+                                what, deadline, self.timeout)
+            S = validate.verdict(table, what)
+            rcounts = S[:, me].copy()
+        elif err[0] != A.E_NONE:
+            raise PiperUsageError(f"piper: {what}: rank {me}: "
+                                  f"{validate._local_message(*err)}")
+        total = int(rcounts.sum())
+        if rv is None:
+            rv = A.empty_like_rows(sv, total)
+        elif rv.rows < total:  # unchecked mode: never write past the caller's buffer
+            raise PiperUsageError(f"piper: {what}: rank {me}: recv has {rv.rows} rows but "
+                                  f"{total} rows arrive")
+
+        # Pick and run the algorithm.
+        rb = sv.row_bytes
+        send_bytes, recv_bytes = scounts * rb, rcounts * rb
+        algo = algorithm
+        if algo == "auto":
+            algo = "flat" if S is None and self.num_nodes == 1 else (
+                choose(S * rb, self._node_of, self.links) if S is not None else "halo")
+        if P == 1:
+            algo = "flat"
+        tag = self._tag(seq, 1)
+        if algo == "halo":
+            self._guard(halo, self._halo, self._transport, sv.data, rv.data, send_bytes,
+                        recv_bytes, seq=seq, tag=tag, what=what, deadline=deadline,
+                        timeout=self.timeout)
+        else:
+            self._guard(flat, self._transport, sv.data, rv.data, send_bytes, recv_bytes,
+                        pairwise=algo == "pairwise", tag=tag, what=what, deadline=deadline,
+                        timeout=self.timeout)
+        self.last_algorithm = algo
+        if envs.debug():
+            log.info("%s rank %d: %s, sent %d B, received %d B, %.1f us", what, me, algo,
+                     int(send_bytes.sum()), int(recv_bytes.sum()),
+                     1e6 * (time.perf_counter() - t0))
+        return A.head_rows(rv, total), [int(c) for c in rcounts]

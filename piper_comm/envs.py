@@ -1,0 +1,71 @@
+"""Every PIPER_* environment variable, read in one place.
+
+PIPER_LOCAL_SIZE  int    consecutive groups of k ranks form one (emulated) node; default: host names
+PIPER_TIMEOUT     float  seconds any blocking wait may last before PiperTimeoutError (default 300)
+PIPER_ALGO        str    forces the algorithm of every all-to-all: halo | flat | pairwise
+PIPER_CHECK       0|1    cross-rank validation of every call (default 1; 0 skips the metadata
+                         exchange when the receive counts are known, trusting the caller)
+PIPER_DEBUG       0|1    logs every collective (op, algorithm, bytes, time) at INFO on "piper"
+PIPER_BACKEND     str    mpi | torch | single: overrides launcher detection in pc.init()
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import PiperUsageError
+
+ALGORITHMS = ("auto", "halo", "flat", "pairwise")
+
+
+def _get(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else None
+
+
+def local_size() -> int | None:
+    value = _get("PIPER_LOCAL_SIZE")
+    if value is None:
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise PiperUsageError(f"PIPER_LOCAL_SIZE={value!r} is not an integer") from None
+    if k < 1:
+        raise PiperUsageError(f"PIPER_LOCAL_SIZE={k} must be >= 1")
+    return k
+
+
+def timeout() -> float:
+    value = _get("PIPER_TIMEOUT")
+    if value is None:
+        return 300.0
+    try:
+        t = float(value)
+    except ValueError:
+        raise PiperUsageError(f"PIPER_TIMEOUT={value!r} is not a number of seconds") from None
+    if not t > 0:
+        raise PiperUsageError(f"PIPER_TIMEOUT={value!r} must be > 0 seconds")
+    return t
+
+
+def algorithm() -> str | None:
+    value = _get("PIPER_ALGO")
+    if value is not None and value not in ALGORITHMS:
+        raise PiperUsageError(f"PIPER_ALGO={value!r}: expected one of {', '.join(ALGORITHMS)}")
+    return value
+
+
+def check() -> bool:
+    return _get("PIPER_CHECK") not in ("0", "false", "no")
+
+
+def debug() -> bool:
+    return _get("PIPER_DEBUG") in ("1", "true", "yes")
+
+
+def backend() -> str | None:
+    value = _get("PIPER_BACKEND")
+    if value is not None and value not in ("mpi", "torch", "single"):
+        raise PiperUsageError(f"PIPER_BACKEND={value!r}: expected mpi, torch or single")
+    return value

@@ -1,0 +1,212 @@
+"""Point-to-point transports under the inter-node stage: MPI (mpi4py) and torch.distributed.
+
+Both move raw uint8 numpy buffers without copying and are polled, never waited on blindly:
+`wait_all` bounds every wait by a deadline and watches peers that run on this host, so a
+missing peer raises PiperTimeoutError and a dead one PiperPeerError, each naming the operation,
+this rank, the peers still pending and their sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import PiperPeerError, PiperTimeoutError, PiperUsageError
+
+
+@dataclass
+class Pending:
+    """One posted message: what to name in an error if it never completes."""
+
+    request: Any
+    kind: str   # "send" | "recv"
+    peer: int   # world rank
+    nbytes: int
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Transport:
+    """Base: rank/size, peer liveness and the polling loop. Subclasses post and test."""
+
+    name = "base"
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+        self.pids: list[int] = []        # pid of every rank (filled by set_peers)
+        self.same_host: list[bool] = []  # whether a rank runs on this host
+
+    def set_peers(self, pids: list[int], hosts: list[str]) -> None:
+        me = hosts[self.rank]
+        self.pids, self.same_host = pids, [h == me for h in hosts]
+
+    def dead_peers(self, peers) -> list[int]:
+        """Peers on this host whose process is gone."""
+        if not self.pids:
+            return []
+        return [p for p in peers if self.same_host[p] and not _alive(self.pids[p])]
+
+    # -- subclass interface
+    def isend(self, buf: np.ndarray, peer: int, tag: int) -> Any: ...
+    def irecv(self, buf: np.ndarray, peer: int, tag: int) -> Any: ...
+    def test(self, request: Any) -> bool: ...
+    def cancel(self, request: Any) -> None: ...
+
+    def wait_all(self, pending: list[Pending], what: str, deadline: float, timeout: float) -> None:
+        """Completes every posted message or raises before `deadline` (time.monotonic())."""
+        todo = [p for p in pending if p.request is not None]
+        spins, next_check = 0, 0.0
+        while todo:
+            todo = [p for p in todo if not self.test(p.request)]
+            if not todo:
+                return
+            spins += 1
+            if spins < 64:
+                continue
+            now = time.monotonic()
+            if now >= next_check:
+                dead = self.dead_peers(sorted({p.peer for p in todo}))
+                if dead:
+                    self.abandon(todo)
+                    raise PiperPeerError(
+                        f"piper: {what}: rank {self.rank} found that rank(s) {dead} (same host) "
+                        f"died while {_describe(todo)} were pending")
+                next_check = now + 0.1
+            if now >= deadline:
+                self.abandon(todo)
+                raise PiperTimeoutError(
+                    f"piper: {what}: rank {self.rank} timed out after {timeout:g} s waiting for "
+                    f"peer(s) {sorted({p.peer for p in todo})}: {_describe(todo)} still pending "
+                    f"(set PIPER_TIMEOUT to change the limit)")
+            # Oversubscribed hosts: let the peer we wait for run.
+            if spins < 2000:
+                os.sched_yield()
+            else:
+                time.sleep(min(1e-3, 1e-6 * (spins - 2000) + 1e-5))
+
+    def abandon(self, todo: list[Pending]) -> None:
+        """Cancels messages that will never complete, so that shutdown does not wait on them."""
+        for p in todo:
+            with contextlib.suppress(Exception):  # best effort on a failed communicator
+                self.cancel(p.request)
+
+    def close(self) -> None: ...
+    def abort(self, code: int) -> None:
+        os._exit(code)
+
+
+def _describe(todo: list[Pending]) -> str:
+    parts = [f"{p.kind} {p.nbytes} B {'to' if p.kind == 'send' else 'from'} rank {p.peer}"
+             for p in todo[:8]]
+    more = f" and {len(todo) - 8} more" if len(todo) > 8 else ""
+    return ", ".join(parts) + more
+
+
+class MpiTransport(Transport):
+    """mpi4py on a private duplicate of the launcher's communicator."""
+
+    name = "mpi"
+
+    def __init__(self, comm: Any):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = comm.Dup()
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
+        super().__init__(self.comm.Get_rank(), self.comm.Get_size())
+
+    def isend(self, buf, peer, tag):
+        return self.comm.Isend([buf, self.MPI.BYTE], dest=peer, tag=tag)
+
+    def irecv(self, buf, peer, tag):
+        return self.comm.Irecv([buf, self.MPI.BYTE], source=peer, tag=tag)
+
+    def test(self, request) -> bool:
+        try:
+            return request.Test()
+        except self.MPI.Exception as e:
+            raise PiperUsageError(f"piper: MPI reported an error on rank {self.rank}: {e}") from e
+
+    def cancel(self, request) -> None:
+        request.Cancel()
+        request.Free()
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def close(self) -> None:
+        if self.comm is not None and not self.MPI.Is_finalized():
+            self.comm.Free()
+        self.comm = None
+
+    def abort(self, code: int) -> None:
+        self.MPI.COMM_WORLD.Abort(code)
+
+
+class TorchTransport(Transport):
+    """torch.distributed point-to-point (gloo on CPU) on the default or a given group."""
+
+    name = "torch"
+
+    def __init__(self, group: Any = None):
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist, self.group = torch, dist, group
+        super().__init__(dist.get_rank(group), dist.get_world_size(group))
+
+    def _global(self, peer: int) -> int:
+        return peer if self.group is None else self.dist.get_global_rank(self.group, peer)
+
+    def isend(self, buf, peer, tag):
+        return self.dist.isend(self.torch.from_numpy(buf), self._global(peer), self.group, tag)
+
+    def irecv(self, buf, peer, tag):
+        return self.dist.irecv(self.torch.from_numpy(buf), self._global(peer), self.group, tag)
+
+    def test(self, request) -> bool:
+        if not request.is_completed():
+            return False
+        request.wait()  # surfaces a transport error, if any
+        return True
+
+    def cancel(self, request) -> None:
+        request.abort() if hasattr(request, "abort") else None
+
+    def allgather(self, obj):
+        out = [None] * self.size
+        self.dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+class SingleTransport(Transport):
+    """One process: there is nobody to talk to."""
+
+    name = "single"
+
+    def __init__(self):
+        super().__init__(0, 1)
+
+    def isend(self, buf, peer, tag):
+        raise AssertionError("single-process transport has no peers")
+
+    irecv = isend
+
+    def test(self, request) -> bool:
+        return True
+
+    def allgather(self, obj):
+        return [obj]

@@ -1,0 +1,1 @@
+"""Piper MoE runtime: MoE layer, pipeline runtime, resource model and planner."""
