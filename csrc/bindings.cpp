@@ -2,6 +2,7 @@
 // Pointers cross as integers (addresses) with their sizes; blocking calls release the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/functional.h>
 #include <pybind11/stl.h>
 
 #include "common/error.hpp"
@@ -141,6 +142,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<std::string, int64_t, std::vector<int64_t>, int64_t, bool>(), py::arg("prefix"),
            py::arg("local_rank"), py::arg("local_ranks"), py::arg("world_size"), py::arg("create"))
       .def("unlink", &NodeChannel::unlink)
+      .def("set_progress", &NodeChannel::set_progress, py::arg("progress"),
+           "Callable run while barriers wait (drives the transport; see node_channel.hpp).")
       .def("close", &NodeChannel::close)
       .def("barrier", &NodeChannel::barrier, py::arg("what"), py::arg("timeout_s"),
            py::call_guard<py::gil_scoped_release>())

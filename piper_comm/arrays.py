@@ -8,6 +8,7 @@ that ranks can compare dtypes in the per-call metadata.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +30,9 @@ E_ALGORITHM, E_COUNTS_TYPE = 14, 15
 
 
 def _torch():
-    try:
-        import torch
-    except ImportError:  # torch is optional
-        return None
-    return torch
+    """torch if the program imported it (a tensor implies it did); never imports it, which
+    would cost seconds on the first call."""
+    return sys.modules.get("torch")
 
 
 def dtype_name(dtype: Any) -> str:

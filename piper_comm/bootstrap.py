@@ -7,6 +7,7 @@ nothing                         -> a single process
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -47,11 +48,11 @@ def _detect() -> str:
     return "single"
 
 
-def _transport(backend: str) -> Transport:
+def _transport(backend: str, timeout: float) -> Transport:
     if backend == "mpi":
         from mpi4py import MPI
 
-        return MpiTransport(MPI.COMM_WORLD)
+        return MpiTransport(MPI.COMM_WORLD, timeout)
     if backend == "torch":
         from datetime import timedelta
 
@@ -116,14 +117,23 @@ def init(backend: str | None = None, *, local_size: int | None = None,
     if backend not in ("mpi", "torch", "single"):
         raise PiperUsageError(f"piper: init: unknown backend {backend!r}")
     timeout = timeout if timeout is not None else envs.timeout()
-    transport = _transport(backend)
+    transport = _transport(backend, timeout)
     P, me = transport.size, transport.rank
 
-    # Who is where: host names and pids of every rank, and a job token from rank 0.
-    token = f"{_job_id()}.{secrets.token_hex(4)}"
-    info = transport.allgather((socket.gethostname(), os.getpid(), token))
-    hosts, pids = [i[0] for i in info], [i[1] for i in info]
-    token = info[0][2]
+    deadline = time.monotonic() + timeout
+
+    def gather(step: int, mine: np.ndarray) -> np.ndarray:
+        """All-gather of one int64 row per rank, bounded by the init deadline."""
+        return validate.exchange(transport, mine, _INIT_TAG + step, f"init (step {step})",
+                                 deadline, timeout)
+
+    # Who is where: host (as a digest), pid and a random job token, from every rank.
+    host = socket.gethostname()
+    digest = int.from_bytes(hashlib.blake2b(host.encode(), digest_size=7).digest(), "little")
+    info = gather(0, np.array([digest, os.getpid(), secrets.randbits(62)], dtype=np.int64))
+    hosts = [f"host-{int(d):x}" for d in info[:, 0]]
+    pids = [int(p) for p in info[:, 1]]
+    token = f"{_job_id()}.{int(info[0, 2]):x}"
     transport.set_peers(pids, hosts)
     if node_ids is None:
         node_ids = node_ids_from(hosts, local_size if local_size is not None
@@ -134,20 +144,15 @@ def init(backend: str | None = None, *, local_size: int | None = None,
     locals_ = [int(r) for r in np.nonzero(node_of == node_of[me])[0]]
     if len({hosts[r] for r in locals_}) > 1:
         raise PiperUsageError(
-            f"piper: init: rank {me}: emulated node {int(node_of[me])} spans several hosts "
-            f"({sorted({hosts[r] for r in locals_})}); PIPER_LOCAL_SIZE must not exceed the "
-            f"ranks per host")
+            f"piper: init: rank {me}: emulated node {int(node_of[me])} (ranks {locals_}) spans "
+            f"several hosts; PIPER_LOCAL_SIZE must divide the ranks per host")
 
     # Node segments: local rank 0 creates, the others map, then the name is removed.
     local_rank = locals_.index(me)
     leader_pid = pids[locals_[0]]
     prefix = f"/piper-{token}-{leader_pid}-n{int(node_of[me])}"
-    deadline = time.monotonic() + timeout
-
     def sync(step: int) -> None:
-        mine = np.array([step], dtype=np.int64)
-        validate.exchange(transport, mine, _INIT_TAG + step, f"init (step {step})", deadline,
-                          timeout)
+        gather(step, np.array([step], dtype=np.int64))
 
     segment = None
     try:

@@ -62,6 +62,7 @@ class Communicator:
         self.timeout = timeout if timeout is not None else envs.timeout()
         self.last_algorithm: str | None = None
         self._halo = HaloState(segment, self._topology)
+        segment.set_progress(transport.progress)
         self._seq = 0
         self._failed: PiperError | None = None
         self._closed = False

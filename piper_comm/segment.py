@@ -17,6 +17,9 @@ class PrivateSegment:
     def barrier(self, what: str, timeout_s: float) -> None:
         pass
 
+    def set_progress(self, progress) -> None:
+        pass
+
     def publish_row(self, parity: int, row: np.ndarray) -> None:
         self._rows[parity & 1, 0] = row
 

@@ -29,14 +29,16 @@ class Pending:
     nbytes: int
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """False once the process is gone or a zombie (dead, not yet reaped by its launcher)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:
         return True
-    return True
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
 
 
 class Transport:
@@ -57,13 +59,15 @@ class Transport:
         """Peers on this host whose process is gone."""
         if not self.pids:
             return []
-        return [p for p in peers if self.same_host[p] and not _alive(self.pids[p])]
+        return [p for p in peers if self.same_host[p] and not alive(self.pids[p])]
 
     # -- subclass interface
     def isend(self, buf: np.ndarray, peer: int, tag: int) -> Any: ...
     def irecv(self, buf: np.ndarray, peer: int, tag: int) -> Any: ...
     def test(self, request: Any) -> bool: ...
     def cancel(self, request: Any) -> None: ...
+    def progress(self) -> None:
+        """Lets the transport move queued messages (called while other waits spin)."""
 
     def wait_all(self, pending: list[Pending], what: str, deadline: float, timeout: float) -> None:
         """Completes every posted message or raises before `deadline` (time.monotonic())."""
@@ -110,7 +114,7 @@ class Transport:
 
 def _describe(todo: list[Pending]) -> str:
     parts = [f"{p.kind} {p.nbytes} B {'to' if p.kind == 'send' else 'from'} rank {p.peer}"
-             for p in todo[:8]]
+             if p.peer >= 0 else p.kind for p in todo[:8]]
     more = f" and {len(todo) - 8} more" if len(todo) > 8 else ""
     return ", ".join(parts) + more
 
@@ -120,13 +124,17 @@ class MpiTransport(Transport):
 
     name = "mpi"
 
-    def __init__(self, comm: Any):
+    def __init__(self, comm: Any, timeout: float):
         from mpi4py import MPI
 
         self.MPI = MPI
-        self.comm = comm.Dup()
+        super().__init__(comm.Get_rank(), comm.Get_size())
+        # A private communicator, duplicated without blocking so that a missing rank is named.
+        self.comm, request = comm.Idup()
+        deadline = time.monotonic() + timeout
+        self.wait_all([Pending(request, "dup", -1, 0)], "init (communicator duplication)",
+                      deadline, timeout)
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
-        super().__init__(self.comm.Get_rank(), self.comm.Get_size())
 
     def isend(self, buf, peer, tag):
         return self.comm.Isend([buf, self.MPI.BYTE], dest=peer, tag=tag)
@@ -138,14 +146,20 @@ class MpiTransport(Transport):
         try:
             return request.Test()
         except self.MPI.Exception as e:
-            raise PiperUsageError(f"piper: MPI reported an error on rank {self.rank}: {e}") from e
+            if e.Get_error_class() == self.MPI.ERR_TRUNCATE:
+                raise PiperUsageError(f"piper: rank {self.rank}: a message was larger than its "
+                                      f"receive buffer (counts disagree between ranks; run with "
+                                      f"PIPER_CHECK=1 to find them): {e}") from e
+            raise PiperPeerError(f"piper: MPI reported an error on rank {self.rank}: {e}") from e
 
     def cancel(self, request) -> None:
         request.Cancel()
         request.Free()
 
-    def allgather(self, obj):
-        return self.comm.allgather(obj)
+    def progress(self) -> None:
+        if self.comm is not None:
+            self.comm.Iprobe(self.MPI.ANY_SOURCE, self.MPI.ANY_TAG)
+
 
     def close(self) -> None:
         if self.comm is not None and not self.MPI.Is_finalized():
@@ -186,10 +200,6 @@ class TorchTransport(Transport):
     def cancel(self, request) -> None:
         request.abort() if hasattr(request, "abort") else None
 
-    def allgather(self, obj):
-        out = [None] * self.size
-        self.dist.all_gather_object(out, obj, group=self.group)
-        return out
 
 
 class SingleTransport(Transport):
@@ -208,5 +218,3 @@ class SingleTransport(Transport):
     def test(self, request) -> bool:
         return True
 
-    def allgather(self, obj):
-        return [obj]

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <thread>
 
@@ -21,6 +22,7 @@ namespace {
 constexpr uint64_t kMagic = 0x5049504552303031ull;  // "PIPER001"
 constexpr int kSpins = 2000;                         // busy polls before sleeping in the kernel
 constexpr int64_t kSliceNs = 20'000'000;             // futex sleep slice: 20 ms
+constexpr int64_t kProgressSliceNs = 200'000;        // ... 200 us when progress must be driven
 constexpr int64_t kMinDataBytes = 1 << 20;
 
 using Clock = std::chrono::steady_clock;
@@ -37,6 +39,22 @@ void futex_wake_all(std::atomic<uint32_t>* word) {
 }
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// False once the process is gone or a zombie (dead but not yet reaped by its launcher, which
+// kill(pid, 0) would still report as alive).
+bool process_alive(int64_t pid) {
+  if (kill(static_cast<pid_t>(pid), 0) < 0 && errno == ESRCH) return false;
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/%lld/stat", static_cast<long long>(pid));
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return errno != ENOENT;
+  char buf[512];
+  const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
+  std::fclose(f);
+  buf[n] = 0;
+  const char* paren = std::strrchr(buf, ')');
+  return paren == nullptr || paren[1] == 0 || (paren[2] != 'Z' && paren[2] != 'X');
+}
 }  // namespace
 
 struct NodeChannel::Slot {
@@ -103,7 +121,7 @@ void NodeChannel::check_peers(const std::string& what) const {
   for (int64_t l = 0; l < local_size(); ++l) {
     const int64_t pid = slot(l)->pid.load(std::memory_order_acquire);
     if (l == local_rank_ || pid <= 0) continue;
-    if (kill(static_cast<pid_t>(pid), 0) < 0 && errno == ESRCH)
+    if (!process_alive(pid))
       throw Error(ErrorCode::kPeer,
                   fmt("piper: ", what, ": rank ", local_ranks_[local_rank_], " found that rank ",
                       local_ranks_[l], " (pid ", pid, ", same node) has died"));
@@ -136,7 +154,10 @@ void NodeChannel::barrier(const std::string& what, double timeout_s) {
   }
   for (int i = 0; i < kSpins; ++i) {
     if (h->bar_gen.load(std::memory_order_acquire) != gen) return;
-    if (i % 64 == 63) std::this_thread::yield();
+    if (i % 64 == 63) {
+      std::this_thread::yield();
+      if (progress_) progress_();
+    }
   }
   const auto start = Clock::now();
   const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
@@ -149,7 +170,12 @@ void NodeChannel::barrier(const std::string& what, double timeout_s) {
       check_peers(what);
       next_check = now + std::chrono::milliseconds(100);
     }
-    futex_wait(&h->bar_gen, gen, kSliceNs);
+    if (progress_) {
+      futex_wait(&h->bar_gen, gen, kProgressSliceNs);
+      progress_();
+    } else {
+      futex_wait(&h->bar_gen, gen, kSliceNs);
+    }
   }
 }
 

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,11 @@ class NodeChannel {
   void unlink();
   /// Unmaps everything; idempotent.
   void close();
+
+  /// A function called every ~200 us while a barrier waits: it drives the inter-node
+  /// transport's progress engine (MPI may deliver an already "completed" send only while the
+  /// sender keeps calling into MPI, so a rank blocked here must keep doing so).
+  void set_progress(std::function<void()> progress) { progress_ = std::move(progress); }
 
   /// Waits until every local rank reaches the same barrier. `what` names the operation for
   /// errors ("all_to_all #12 (halo: blocks packed)"); timeout_s bounds the wait.
@@ -68,6 +74,7 @@ class NodeChannel {
   ShmSegment control_, data_;
   uint64_t epoch_ = 0;     // barriers passed by this rank (all local ranks move in lockstep)
   uint64_t data_gen_ = 0;  // generation of the data segment
+  std::function<void()> progress_;
 };
 
 }  // namespace piper::host

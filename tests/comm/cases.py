@@ -1,0 +1,272 @@
+"""Rank-side cases of the distributed tests (run through tests/launch.py).
+
+Data is a pure function of (seed, call, source, destination): every rank builds what each
+source sends it and compares bytes exactly (nccl-tests style), so no rank needs another's
+reference. Each case loops over many sub-cases inside one launch and returns how many ran.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+
+import piper_comm as pc
+
+NUMPY_DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
+                "uint64", "float16", "float32", "float64", "complex64", "complex128"]
+TORCH_DTYPES = ["bfloat16", "float16", "float32", "float64", "bool", "complex64", "complex128",
+                "int8", "uint8", "int16", "int32", "int64", "float8_e4m3fn"]
+TRAILING = [(), (3,), (2, 5)]
+ALGOS = ["flat", "pairwise", "halo", "auto"]
+
+
+# -- data
+def _block(seed: int, call: int, src: int, dst: int, rows: int, row_bytes: int,
+           is_bool: bool) -> np.ndarray:
+    rng = np.random.default_rng([seed, call, src, dst])
+    b = rng.integers(0, 256, size=rows * row_bytes, dtype=np.uint8)
+    return b & 1 if is_bool else b
+
+
+def _make(kind: str, dtype: str, trailing: tuple, raw: np.ndarray):
+    """An array of `dtype` and shape [rows, *trailing] whose bytes are `raw`."""
+    if kind == "numpy":
+        dt = np.dtype(dtype)
+        return raw.view(dt).reshape(-1, *trailing).copy()
+    import torch
+
+    dt = getattr(torch, dtype)
+    if raw.size == 0:  # torch cannot re-view an empty byte tensor with a larger element
+        return torch.empty((0, *trailing), dtype=dt)
+    return torch.from_numpy(raw.copy()).view(dt).reshape(-1, *trailing)
+
+
+def _bytes(a) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    import torch
+
+    return a.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _itemsize(kind: str, dtype: str) -> int:
+    if kind == "numpy":
+        return np.dtype(dtype).itemsize
+    import torch
+
+    return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+
+def count_patterns(P: int, seed: int) -> dict[str, np.ndarray]:
+    """P x P row counts (row = source), identical on every rank."""
+    rng = np.random.default_rng([seed, 7])
+    rnd = rng.integers(0, 6, size=(P, P)) * (rng.random((P, P)) > 0.3)
+    silent = rng.integers(1, 4, size=(P, P))
+    silent[P // 2, :] = 0                      # one rank sends nothing
+    hot = np.zeros((P, P), dtype=np.int64)
+    hot[:, P - 1] = rng.integers(1, 9, size=P)  # one rank receives everything
+    return {"random": rnd, "silent": silent, "hot": hot,
+            "empty": np.zeros((P, P), dtype=np.int64)}
+
+
+def check_exchange(comm, C: np.ndarray, kind: str, dtype: str, trailing: tuple, algo: str,
+                   seed: int, call: int, use_recv: bool) -> None:
+    P, me = comm.size, comm.rank
+    row_bytes = _itemsize(kind, dtype) * int(np.prod(trailing, dtype=np.int64))
+    is_bool = dtype == "bool"
+    raw = np.concatenate([_block(seed, call, me, j, int(C[me, j]), row_bytes, is_bool)
+                          for j in range(P)])
+    send = _make(kind, dtype, trailing, raw)
+    expect = np.concatenate([_block(seed, call, i, me, int(C[i, me]), row_bytes, is_bool)
+                             for i in range(P)])
+    recv = None
+    total = int(C[:, me].sum())
+    if use_recv:  # a larger buffer with a canary tail that must survive
+        recv = _make(kind, dtype, trailing, np.full((total + 2) * row_bytes, 0xA5, np.uint8))
+    out, counts = comm.all_to_all_v(send, list(C[me]), recv=recv,
+                                    recv_counts=list(C[:, me]) if call % 2 else None,
+                                    algorithm=algo)
+    where = f"rank {me}: {kind} {dtype} {trailing} algo={algo} call={call}"
+    assert counts == [int(c) for c in C[:, me]], f"{where}: recv counts {counts}"
+    assert type(out) is type(send), where
+    assert tuple(out.shape) == (total, *trailing), f"{where}: shape {tuple(out.shape)}"
+    assert np.array_equal(_bytes(out), expect), f"{where}: payload differs"
+    if use_recv:
+        got = _bytes(recv)
+        if total:
+            assert np.shares_memory(_bytes(out), got), f"{where}: result is not a view of recv"
+        assert np.all(got[total * row_bytes:] == 0xA5), f"{where}: wrote past the counts"
+    expected_algo = algo if algo != "auto" else comm.last_algorithm
+    if P == 1:
+        expected_algo = "flat"
+    assert comm.last_algorithm == expected_algo in ("flat", "pairwise", "halo"), where
+
+
+def exactness(local_size: int | None = None, node_ids: list[int] | None = None,
+              seed: int = 1, kinds: tuple = ("numpy", "torch"), full: bool = True) -> int:
+    """Every count pattern x dtype x algorithm (x trailing shape, recv given or not)."""
+    comm = pc.init(local_size=local_size, node_ids=node_ids)
+    P = comm.size
+    patterns = count_patterns(P, seed)
+    call = 0
+    for kind in kinds:
+        dtypes = NUMPY_DTYPES if kind == "numpy" else TORCH_DTYPES
+        if not full:
+            dtypes = dtypes[::3]
+        for d, dtype in enumerate(dtypes):
+            for a, algo in enumerate(ALGOS):
+                for name, C in patterns.items():
+                    call += 1
+                    trailing = TRAILING[(d + a + len(name)) % len(TRAILING)]
+                    check_exchange(comm, C, kind, dtype, trailing, algo, seed, call,
+                                   use_recv=(call % 3 == 0))
+    # Equal split through all_to_all, each algorithm.
+    for algo in ALGOS:
+        m = 3
+        x = np.arange(P * m * 4, dtype=np.float32).reshape(P * m, 4) + 1000 * comm.rank
+        y = comm.all_to_all(x, algorithm=algo)
+        ref = np.concatenate([np.arange(P * m * 4, dtype=np.float32).reshape(P * m, 4)
+                              [comm.rank * m:(comm.rank + 1) * m] + 1000 * i for i in range(P)])
+        assert np.array_equal(y, ref), f"all_to_all {algo} rank {comm.rank}"
+        call += 1
+    comm.close()
+    return call
+
+
+def big_blocks(local_size: int, mib: int = 64, algos: tuple = ("halo", "flat", "pairwise"),
+               seed: int = 3) -> int:
+    """Blocks of `mib` MiB per rank in total (equal split and random split)."""
+    comm = pc.init(local_size=local_size)
+    P, me = comm.size, comm.rank
+    rows = mib * (1 << 20) // 4
+    n = 0
+    for algo in algos:
+        send = np.random.default_rng([seed, me]).integers(-2**31, 2**31 - 1, size=rows,
+                                                          dtype=np.int32)
+        send = send[: rows - rows % P]
+        out = comm.all_to_all(send, algorithm=algo)
+        m = send.size // P
+        for i in range(P):  # block i came from rank i: regenerate rank i's send
+            src = np.random.default_rng([seed, i]).integers(-2**31, 2**31 - 1, size=rows,
+                                                            dtype=np.int32)
+            assert np.array_equal(out[i * m:(i + 1) * m], src[me * m:(me + 1) * m]), (algo, i)
+        n += 1
+    # Random split of the same volume: counts from a shared seed.
+    C = np.random.default_rng([seed, 99]).dirichlet(np.ones(P), size=P)
+    C = np.floor(C * (rows // 2)).astype(np.int64)
+    for algo in algos:
+        check_exchange(comm, C, "numpy", "float32", (2,), algo, seed, 1000 + n, use_recv=False)
+        n += 1
+    comm.close()
+    return n
+
+
+def _expect_usage_error(comm, fn, must_contain: str) -> str:
+    try:
+        fn()
+    except pc.PiperUsageError as e:
+        msg = str(e)
+        assert must_contain in msg, f"rank {comm.rank}: {must_contain!r} not in {msg!r}"
+        return msg
+    raise AssertionError(f"rank {comm.rank}: no PiperUsageError (expected {must_contain!r})")
+
+
+def bad_input(local_size: int | None = None) -> dict:
+    """Each bad call raises PiperUsageError on every rank, then a good call still works."""
+    comm = pc.init(local_size=local_size)
+    P, me = comm.size, comm.rank
+    ok = np.arange(P * 2 * 3, dtype=np.float32).reshape(P * 2, 3)
+    counts = [2] * P
+    seen = {}
+
+    def good():
+        out, _ = comm.all_to_all_v(ok, counts)
+        assert out.shape == (2 * P, 3)
+
+    cases = {
+        # counts do not sum to the array length (on rank 0 only)
+        "sum": (lambda: comm.all_to_all_v(ok, [3 if me == 0 else 2] + [2] * (P - 1)),
+                "send_counts sum to"),
+        # rank 1 expects 3 rows from rank 0, which sends 2
+        "mismatch": (lambda: comm.all_to_all_v(
+            ok, counts, recv_counts=[3 if me == 1 else 2, *[2] * (P - 1)]),
+            "count mismatch"),
+        "noncontig": (lambda: comm.all_to_all_v(
+            ok[:, :2] if me == P - 1 else ok[:, :2].copy(), counts), "not contiguous"),
+        "recv_small": (lambda: comm.all_to_all_v(
+            ok, counts, recv=np.empty((2 * P - (1 if me == 0 else 0), 3), np.float32)),
+            "recv has"),
+        "dtype": (lambda: comm.all_to_all_v(
+            ok.astype(np.float64) if me == P - 1 else ok, counts), "disagree on dtype"),
+        "negative": (lambda: comm.all_to_all_v(
+            ok, [-1, 2 * P + 1] + [0] * (P - 2) if (me == 0 and P > 1) else counts),
+            "negative"),
+        "recv_dtype": (lambda: comm.all_to_all_v(ok, counts, recv=np.empty((2 * P, 3), np.int32)),
+                       "dtype or trailing shape"),
+        "not_array": (lambda: comm.all_to_all_v([1, 2] if me == 0 else ok, counts),
+                      "numpy array or a torch tensor"),
+        "rows_div": (lambda: comm.all_to_all(ok[: 2 * P - 1] if me == 0 else ok[: 2 * P]),
+                     "not divisible"),
+        "algorithm": (lambda: comm.all_to_all(ok, algorithm="bogus" if me == 0 else "auto"),
+                      "unknown algorithm"),
+        "counts_len": (lambda: comm.all_to_all_v(ok, [*counts, 0]), "entries"),
+    }
+    if P == 1:
+        for k in ("mismatch", "negative", "dtype", "rows_div"):
+            cases.pop(k)
+    for name, (fn, text) in cases.items():
+        seen[name] = _expect_usage_error(comm, fn, text)
+        good()
+    comm.close()
+    return {"cases": len(seen)}
+
+
+def skip_collective(local_size: int | None = None, timeout: float = 3.0) -> dict:
+    """The last rank skips a collective: every other rank raises PiperTimeoutError in time."""
+    comm = pc.init(local_size=local_size, timeout=timeout)
+    P, me = comm.size, comm.rank
+    x = np.ones((P * 4, 2), dtype=np.float32)
+    comm.all_to_all(x)
+    if me == P - 1:
+        time.sleep(timeout + 2)
+        return {"hard_exit": 0}
+    t0 = time.monotonic()
+    try:
+        comm.all_to_all(x, algorithm=os.environ.get("CASE_ALGO", "auto"))
+    except pc.PiperTimeoutError as e:
+        took = time.monotonic() - t0
+        msg = str(e)
+        assert "all_to_all #2" in msg and f"rank {me}" in msg, msg
+        assert took <= timeout + 5, f"raised after {took:.1f} s"
+        # The communicator refuses further use instead of hanging.
+        try:
+            comm.all_to_all(x)
+        except pc.PiperError as again:
+            assert "unusable" in str(again)
+        return {"hard_exit": 0, "took": took}
+    raise AssertionError(f"rank {me}: no PiperTimeoutError")
+
+
+def kill_midway(local_size: int | None = None, timeout: float = 5.0) -> dict:
+    """Rank 1 is SIGKILLed during a stream of collectives; survivors must raise in time."""
+    comm = pc.init(local_size=local_size, timeout=timeout)
+    P, me = comm.size, comm.rank
+    x = np.ones((P * (1 << 16), 4), dtype=np.float32)
+    algos = ["halo", "flat", "pairwise"]
+    t_kill = float("inf")
+    try:
+        for i in range(100000):
+            if i == 6:  # all ranks are in the loop: rank 1 dies 20 ms into a collective
+                t_kill = time.monotonic() + 0.02
+                if me == 1:
+                    threading.Timer(0.02, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+            comm.all_to_all(x, algorithm=algos[i % 3])
+    except (pc.PiperPeerError, pc.PiperTimeoutError) as e:
+        took = time.monotonic() - t_kill
+        assert took <= timeout + 5, f"rank {me} raised {took:.1f} s after the kill: {e}"
+        return {"hard_exit": 0, "took": took, "error": type(e).__name__, "msg": str(e)}
+    raise AssertionError("the loop ended without an error")

@@ -1,0 +1,60 @@
+"""Bad input raises PiperUsageError on every rank; stuck or dead peers raise in bounded time."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.launch import run_mpi
+
+pytestmark = pytest.mark.mpi
+
+
+def _piper_segments() -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob("piper-*"))
+
+
+@pytest.mark.parametrize(("nprocs", "local_size"), [(1, None), (4, 2), (6, 4)])
+def test_bad_input_raises_on_every_rank(nprocs, local_size):
+    run = run_mpi(nprocs, "comm.cases:bad_input", {"local_size": local_size})
+    cases = {r["result"]["cases"] for r in run.ranks}
+    assert cases == {7 if nprocs == 1 else 11}
+
+
+@pytest.mark.parametrize(("local_size", "algo"), [(2, "halo"), (2, "flat"), (1, "pairwise")])
+def test_skipped_collective_times_out_on_the_others(local_size, algo):
+    timeout = 3.0
+    run = run_mpi(4, "comm.cases:skip_collective", {"local_size": local_size,
+                                                     "timeout": timeout},
+                  env={"CASE_ALGO": algo}, timeout=120, expect_ok=False)
+    # Ranks 0..2 raised PiperTimeoutError within timeout + 5 s (asserted rank-side too);
+    # rank 3, which skipped, may be ended by the launcher once the others have left.
+    for r in range(3):
+        res = run.ranks[r]
+        assert res is not None and res["status"] == "ok", run.report()
+        assert res["result"]["took"] <= timeout + 5, run.report()
+
+
+def test_killed_rank_is_detected_and_shm_is_clean():
+    before = _piper_segments()
+    timeout = 5.0
+    run = run_mpi(8, "comm.cases:kill_midway", {"local_size": 4, "timeout": timeout},
+                  mpi_args=("-disable-auto-cleanup",), timeout=120, expect_ok=False)
+    assert run.ranks[1] is None, "rank 1 was to be killed"
+    survivors = [r for i, r in enumerate(run.ranks) if i != 1]
+    reported = [r for r in survivors if r is not None]
+    # Every survivor either raised a Piper error in time or was ended by the launcher after
+    # the failure; Piper's own detection must have fired on at least one.
+    assert reported, run.report()
+    for res in reported:
+        assert res["status"] == "ok", run.report()
+        assert res["result"]["error"] in ("PiperPeerError", "PiperTimeoutError")
+        assert res["result"]["took"] <= timeout + 5, run.report()
+    assert run.elapsed < 60, run.report()
+    leaked = sorted(set(_piper_segments()) - set(before))
+    assert not leaked, f"Piper segments left in /dev/shm: {leaked}"
+
+
+def test_no_segment_outlives_a_job():
+    before = _piper_segments()
+    run_mpi(4, "comm.cases:exactness", {"local_size": 4, "kinds": ["numpy"], "full": False})
+    assert sorted(set(_piper_segments()) - set(before)) == []

@@ -1,0 +1,86 @@
+"""The one helper that starts multi-rank tests: mpirun (or torchrun) under a timeout.
+
+Each rank runs tests/worker.py, which calls a case function and writes rank<r>.json with its
+outcome. On failure the assertion shows every rank's outcome and the launcher's whole output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MPIRUN = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
+TORCHRUN = shutil.which("torchrun", path=str(BIN)) or shutil.which("torchrun")
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    ranks: list[dict | None]  # rank<r>.json of each rank (None: the rank wrote nothing)
+    elapsed: float
+
+    def report(self) -> str:
+        lines = [f"launcher exit code {self.returncode}, {self.elapsed:.1f} s"]
+        for r, res in enumerate(self.ranks):
+            if res is None:
+                lines.append(f"  rank {r}: no result (crashed, killed or hung)")
+            else:
+                lines.append(f"  rank {r}: {res['status']} after {res['elapsed']:.2f} s"
+                             + (f": {res['error']}" if res.get("error") else ""))
+        return "\n".join(lines) + "\n--- output ---\n" + self.output[-20000:]
+
+
+def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict | None,
+            timeout: float, expect_ok: bool) -> Run:
+    outdir = Path(tempfile.mkdtemp(prefix="piper-test-"))
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.setdefault("PIPER_TIMEOUT", "30")
+    cmd = [*cmd, sys.executable, "-m", "tests.worker", func, json.dumps(args or {}), str(outdir)]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        code = -9
+        out += f"\n[launch.py] killed after the {timeout:.0f} s test timeout (a hang)\n"
+    elapsed = time.monotonic() - t0
+    ranks = []
+    for r in range(nprocs):
+        f = outdir / f"rank{r}.json"
+        ranks.append(json.loads(f.read_text()) if f.exists() else None)
+    shutil.rmtree(outdir, ignore_errors=True)
+    run = Run(code, out, ranks, elapsed)
+    if expect_ok and (code != 0 or any(r is None or r["status"] != "ok" for r in ranks)):
+        raise AssertionError(f"{func} on {nprocs} ranks failed:\n{run.report()}")
+    return run
+
+
+def run_mpi(nprocs: int, func: str, args: dict | None = None, *, env: dict | None = None,
+            timeout: float = 300, mpi_args: tuple[str, ...] = (), expect_ok: bool = True) -> Run:
+    """Runs tests.<func> ("module:function") on nprocs ranks under mpirun."""
+    assert MPIRUN, "mpirun not found (make venv installs MPICH from PyPI)"
+    return _launch([MPIRUN, *mpi_args, "-n", str(nprocs)], nprocs, func, args, env, timeout,
+                   expect_ok)
+
+
+def run_torchrun(nprocs: int, func: str, args: dict | None = None, *, env: dict | None = None,
+                 timeout: float = 300, expect_ok: bool = True) -> Run:
+    """Runs tests.<func> on nprocs ranks under torchrun --standalone."""
+    assert TORCHRUN, "torchrun not found"
+    cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nprocs}", "--no-python"]
+    return _launch(cmd, nprocs, func, args, env, timeout, expect_ok)

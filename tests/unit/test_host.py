@@ -1,0 +1,96 @@
+"""Shared segments, error translation, environment parsing, array views, the cost model."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import piper_comm as pc
+from piper_comm import _C, arrays, cost, envs
+
+
+def test_segment_is_private_exclusive_and_unlinked():
+    prefix = f"/piper-unittest.{os.getpid()}-{os.getpid()}-n0"
+    ch = _C.NodeChannel(prefix, 0, [0], 1, True)
+    path = f"/dev/shm{prefix}.ctl"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with pytest.raises(pc.PiperSystemError, match="O_EXCL"):
+        _C.NodeChannel(prefix, 0, [0], 1, True)  # a squatted name is refused
+    ch.unlink()
+    assert not os.path.exists(path)
+    assert ch.ensure_data(100, "test", 1.0) is True and ch.data_bytes >= 100
+    assert not os.path.exists(f"/dev/shm{prefix}.d1")  # data segments unlink too
+    ch.barrier("test", 1.0)  # a node of one rank passes at once
+    ch.close()
+
+
+def test_barrier_times_out_naming_the_missing_peer():
+    prefix = f"/piper-unittest.{os.getpid()}-{os.getpid()}-n1"
+    ch = _C.NodeChannel(prefix, 0, [4, 5], 8, True)
+    ch.unlink()
+    with pytest.raises(pc.PiperTimeoutError, match=r"rank 4 timed out .* \[5\]"):
+        ch.barrier("all_to_all #3 (halo: blocks packed)", 0.2)
+    ch.close()
+
+
+def test_stale_segment_sweep_spares_live_owners(tmp_path):
+    from piper_comm.bootstrap import sweep_stale_segments
+
+    dead = "/dev/shm/piper-unittest.x-999999999-n0.ctl"
+    live = f"/dev/shm/piper-unittest.x-{os.getpid()}-n0.ctl"
+    for p in (dead, live):
+        open(p, "w").close()
+    try:
+        removed = sweep_stale_segments()
+        assert os.path.basename(dead) in removed and os.path.exists(live)
+    finally:
+        for p in (dead, live):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+@pytest.mark.parametrize(("name", "value", "match"), [
+    ("PIPER_TIMEOUT", "abc", "not a number"), ("PIPER_TIMEOUT", "-1", "> 0"),
+    ("PIPER_LOCAL_SIZE", "0", ">= 1"), ("PIPER_ALGO", "ring", "expected one of"),
+])
+def test_bad_environment_is_refused(monkeypatch, name, value, match):
+    monkeypatch.setenv(name, value)
+    fn = {"PIPER_TIMEOUT": envs.timeout, "PIPER_LOCAL_SIZE": envs.local_size,
+          "PIPER_ALGO": envs.algorithm}[name]
+    with pytest.raises(pc.PiperUsageError, match=match):
+        fn()
+
+
+def test_array_views_are_zero_copy():
+    import torch
+
+    x = np.zeros((4, 3), np.complex64)
+    v, err, _ = arrays.view(x)
+    assert err == 0 and v.row_bytes == 24 and v.data.ctypes.data == x.ctypes.data
+    t = torch.zeros(5, 2, dtype=torch.bfloat16)
+    v, err, _ = arrays.view(t)
+    assert err == 0 and v.dtype == "bfloat16" and v.address == t.data_ptr()
+    assert arrays.view(x[:, :2])[1] == arrays.E_NONCONTIG
+    assert arrays.view(np.float32(1.0))[1] == arrays.E_TYPE
+    assert arrays.view(np.zeros(()))[1] == arrays.E_NDIM
+
+
+def test_cost_model_prefers_halo_for_small_messages_across_many_nodes():
+    node_of = np.repeat(np.arange(8), 8)
+    links = cost.Links(alpha_inter=5e-6, beta_inter=25e9, alpha_intra=1e-6, beta_intra=200e9,
+                       alpha_barrier=2e-6, beta_copy=100e9)
+    small = np.full((64, 64), 256)
+    big = np.full((64, 64), 8 << 20)
+    assert cost.choose(small, node_of, links) == "halo"
+    t = cost.predict(big, node_of, links)
+    assert t["halo"] > 0 and t["flat"] > 0
+    # Single node: HALO = pack + copy-out vs direct messages; huge blocks favour flat.
+    one = np.zeros(8, dtype=np.int64)
+    assert cost.choose(np.full((8, 8), 64 << 20), one, cost.Links(beta_copy=1e9)) == "flat"
+
+
+def test_build_info():
+    info = pc.build_info()
+    assert {"version", "cuda", "cuda_archs", "mpi", "nccl_version"} <= set(info)
+    assert "MPICH" in info["mpi"] or "Open MPI" in info["mpi"]

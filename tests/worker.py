@@ -1,0 +1,46 @@
+"""Rank side of tests/launch.py: python -m tests.worker module:function '<json args>' outdir.
+
+Writes outdir/rank<r>.json = {status: ok|error, result, error, elapsed}. A case that must
+leave without MPI finalisation (after a peer died) returns {"hard_exit": code}.
+"""
+
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+
+
+def _rank() -> int:
+    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def main() -> None:
+    func, args, outdir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    module, name = func.split(":")
+    t0 = time.monotonic()
+    out = {"status": "ok", "result": None, "error": None}
+    try:
+        out["result"] = getattr(importlib.import_module(f"tests.{module}"), name)(**args)
+    except BaseException as e:
+        out.update(status="error", error=f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+    out["elapsed"] = time.monotonic() - t0
+    path = os.path.join(outdir, f"rank{_rank()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.replace(path + ".tmp", path)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    result = out["result"]
+    if isinstance(result, dict) and "hard_exit" in result:
+        os._exit(result["hard_exit"])
+    sys.exit(0 if out["status"] == "ok" else 1)
+
+
+if __name__ == "__main__":
+    main()
