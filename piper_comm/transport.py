@@ -72,34 +72,41 @@ class Transport:
     def wait_all(self, pending: list[Pending], what: str, deadline: float, timeout: float) -> None:
         """Completes every posted message or raises before `deadline` (time.monotonic())."""
         todo = [p for p in pending if p.request is not None]
-        spins, next_check = 0, 0.0
-        while todo:
+        if not todo or self.test_all([p.request for p in todo]):
+            return
+        start = time.monotonic()
+        next_check = start + 0.1
+        while True:
+            # Oversubscribed hosts: let the peers we wait for run, but stay responsive; sleep
+            # only once the wait is long (a straggler, not a message in flight).
+            now = time.monotonic()
+            if now - start < 0.02:
+                os.sched_yield()
+            else:
+                time.sleep(2e-4)
+            if self.test_all([p.request for p in todo]):
+                return
+            if now < next_check and now < deadline:
+                continue
             todo = [p for p in todo if not self.test(p.request)]
             if not todo:
                 return
-            spins += 1
-            if spins < 64:
-                continue
-            now = time.monotonic()
-            if now >= next_check:
-                dead = self.dead_peers(sorted({p.peer for p in todo}))
-                if dead:
-                    self.abandon(todo)
-                    raise PiperPeerError(
-                        f"piper: {what}: rank {self.rank} found that rank(s) {dead} (same host) "
-                        f"died while {_describe(todo)} were pending")
-                next_check = now + 0.1
+            dead = self.dead_peers(sorted({p.peer for p in todo if p.peer >= 0}))
+            if dead:
+                self.abandon(todo)
+                raise PiperPeerError(
+                    f"piper: {what}: rank {self.rank} found that rank(s) {dead} (same host) "
+                    f"died while {_describe(todo)} were pending")
             if now >= deadline:
                 self.abandon(todo)
                 raise PiperTimeoutError(
                     f"piper: {what}: rank {self.rank} timed out after {timeout:g} s waiting for "
                     f"peer(s) {sorted({p.peer for p in todo})}: {_describe(todo)} still pending "
                     f"(set PIPER_TIMEOUT to change the limit)")
-            # Oversubscribed hosts: let the peer we wait for run.
-            if spins < 2000:
-                os.sched_yield()
-            else:
-                time.sleep(min(1e-3, 1e-6 * (spins - 2000) + 1e-5))
+            next_check = now + 0.1
+
+    def test_all(self, requests: list) -> bool:
+        return all(self.test(r) for r in requests)
 
     def abandon(self, todo: list[Pending]) -> None:
         """Cancels messages that will never complete, so that shutdown does not wait on them."""
@@ -156,6 +163,12 @@ class MpiTransport(Transport):
         request.Cancel()
         request.Free()
 
+    def test_all(self, requests: list) -> bool:
+        try:
+            return self.MPI.Request.Testall(requests)
+        except self.MPI.Exception:
+            return all(self.test(r) for r in requests)  # names the failing message's error
+
     def progress(self) -> None:
         if self.comm is not None:
             self.comm.Iprobe(self.MPI.ANY_SOURCE, self.MPI.ANY_TAG)
@@ -191,14 +204,30 @@ class TorchTransport(Transport):
     def irecv(self, buf, peer, tag):
         return self.dist.irecv(self.torch.from_numpy(buf), self._global(peer), self.group, tag)
 
-    def test(self, request) -> bool:
-        if not request.is_completed():
-            return False
-        request.wait()  # surfaces a transport error, if any
-        return True
+    def wait_all(self, pending: list[Pending], what: str, deadline: float, timeout: float) -> None:
+        """gloo's point-to-point work never reports completion before wait() is called, so
+        each message is waited on with the time left (gloo enforces it)."""
+        from datetime import timedelta
 
-    def cancel(self, request) -> None:
-        request.abort() if hasattr(request, "abort") else None
+        todo = [p for p in pending if p.request is not None]
+        while todo:
+            left = deadline - time.monotonic()
+            try:
+                todo[0].request.wait(timedelta(seconds=max(left, 1e-3)))
+            except RuntimeError as e:
+                dead = self.dead_peers(sorted({p.peer for p in todo}))
+                if dead:
+                    raise PiperPeerError(
+                        f"piper: {what}: rank {self.rank} found that rank(s) {dead} (same host) "
+                        f"died while {_describe(todo)} were pending ({e})") from e
+                raise PiperTimeoutError(
+                    f"piper: {what}: rank {self.rank} timed out after {timeout:g} s waiting for "
+                    f"peer(s) {sorted({p.peer for p in todo})}: {_describe(todo)} still pending "
+                    f"(set PIPER_TIMEOUT to change the limit): {e}") from e
+            todo.pop(0)
+
+    def test(self, request) -> bool:
+        return request.is_completed()
 
 
 

@@ -1,0 +1,228 @@
+"""Measure this machine and write a platform YAML that ``piper_moe.model`` accepts.
+
+    mpirun -np N python -m piper_moe.calibrate --out my-host.yaml [--base cpu-host]
+        [--name my-host] [--skip-a2a] [--quick]
+
+Measures (every rank runs; rank 0 writes the file):
+- GEMM throughput of torch.matmul over shapes with the smallest dimension from 8 to 2048 (bf16 on
+  a CUDA device, fp32 on CPU), fitted to ``rate(d) = peak * max_efficiency * d / (d + half_dim)``
+  by least squares on 1/rate = 1/A + (half_dim/A) * (1/d);
+- copy bandwidth (``clone`` of a 64 MiB buffer: bytes copied per second) and memory bandwidth
+  (bytes read + written per second);
+- all-to-all time through piper_comm, flat and HALO, for per-peer blocks of 1 KiB to 1 MiB (the
+  slowest rank's median), fitted to the alpha-beta models of ``piper_moe.model.comm`` by linear
+  least squares: flat rows [(g-1), (g-1)*b, (n-g), (n-g)*b] and HALO rows
+  [(g-1), (g-1)*N*b, (N-1), (N-1)*g*b] (after removing the 2*m/copy_bandwidth copies), unknowns
+  (alpha_intra, 1/beta_intra, alpha_inter, 1/beta_inter), b = bytes per peer. With one node only
+  the intra level is measured and the inter level is kept from ``--base``.
+``PIPER_LOCAL_SIZE=k`` (read by piper_comm) emulates nodes of k ranks on one host.
+
+Numbers not measured (device memory, reserve, peak) are kept from ``--base``; the raw
+measurements go under ``calibrated:`` in the output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import statistics
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import yaml
+
+from piper_moe.model.spec import load_platform
+
+log = logging.getLogger("piper")
+
+GEMM_DIMS = (8, 32, 128, 512, 2048)
+A2A_BLOCKS = (1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+def _timeit(fn, iters: int, warmup: int = 2, sync=None) -> float:
+    """Median seconds of ``fn()`` over ``iters`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_gemm(dims=GEMM_DIMS, width: int = 1024, iters: int = 5,
+                 device: str | None = None) -> list[dict[str, float]]:
+    """Throughput (FLOP/s) of [d, width] x [width, width] products for each d in ``dims``."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    out = []
+    b = torch.randn(width, width, device=device, dtype=dtype)
+    for d in dims:
+        a = torch.randn(d, width, device=device, dtype=dtype)
+        t = _timeit(lambda a=a: torch.matmul(a, b), iters, sync=sync)
+        out.append({"m": d, "n": width, "k": width, "seconds": t,
+                    "flops_per_s": 2.0 * d * width * width / t})
+    return out
+
+
+def fit_gemm(points: list[dict[str, float]]) -> tuple[float, float]:
+    """(A, half_dim) of rate(d) = A * d / (d + half_dim), d = min(m, n, k), by least squares on
+    1/rate = 1/A + (half_dim/A)/d."""
+    d = np.array([min(p["m"], p["n"], p["k"]) for p in points], dtype=float)
+    inv_rate = 1.0 / np.array([p["flops_per_s"] for p in points], dtype=float)
+    x = np.stack([np.ones_like(d), 1.0 / d], axis=1)
+    (c0, c1), *_ = np.linalg.lstsq(x, inv_rate, rcond=None)
+    if c0 <= 0:  # no saturation in range: take the best measured rate
+        return float(1.0 / inv_rate.min()), 0.0
+    return float(1.0 / c0), float(max(c1, 0.0) / c0)
+
+
+def measure_copy(nbytes: int = 64 * 2**20, iters: int = 5,
+                 device: str | None = None) -> dict[str, float]:
+    """Copy bandwidth (bytes copied/s) and memory bandwidth (bytes read+written/s)."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    t = _timeit(lambda: dst.copy_(src), iters, sync=sync)
+    return {"bytes": nbytes, "seconds": t, "copy_bandwidth": nbytes / t,
+            "memory_bandwidth": 2 * nbytes / t}
+
+
+def a2a_rows(algorithm: str, n: int, g: int, block: float) -> list[float]:
+    """Coefficients of (alpha_i, 1/beta_i, alpha_e, 1/beta_e) in the alpha-beta model."""
+    nodes = n // g
+    if algorithm == "flat" or nodes == 1:
+        return [g - 1, (g - 1) * block, n - g, (n - g) * block]
+    return [g - 1, (g - 1) * nodes * block, nodes - 1, (nodes - 1) * g * block]
+
+
+def fit_a2a(points: list[dict[str, Any]], n: int, g: int,
+            copy_bandwidth: float) -> dict[str, float]:
+    """Least-squares alpha/beta per level from all-to-all timings (see module docstring).
+    Returns latency_intra, bandwidth_intra and, with several nodes, latency_inter,
+    bandwidth_inter."""
+    rows, rhs = [], []
+    for p in points:
+        rows.append(a2a_rows(p["algorithm"], n, g, p["block"]))
+        t = p["seconds"]
+        if p["algorithm"] == "halo" and n > g:
+            t -= 2 * p["block"] * n / copy_bandwidth
+        rhs.append(t)
+    x = np.array(rows, dtype=float)
+    y = np.array(rhs, dtype=float)
+    cols = [0, 1] if n == g else [0, 1, 2, 3]
+    sol, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+    full = dict(zip(cols, sol, strict=True))
+    out = {"latency_intra": max(float(full[0]), 0.0),
+           "bandwidth_intra": 1.0 / float(full[1]) if full[1] > 0 else float("inf")}
+    if n > g:
+        out["latency_inter"] = max(float(full[2]), 0.0)
+        out["bandwidth_inter"] = 1.0 / float(full[3]) if full[3] > 0 else float("inf")
+    return out
+
+
+def measure_a2a(comm, blocks=A2A_BLOCKS, iters: int = 10) -> list[dict[str, Any]]:
+    """Slowest-rank median all-to-all seconds per (algorithm, bytes per peer)."""
+    out = []
+    for algorithm in ("flat", "halo"):
+        for block in blocks:
+            send = np.zeros(comm.size * block, dtype=np.uint8)
+            t = _timeit(lambda send=send, a=algorithm: comm.all_to_all(send, algorithm=a),
+                        iters, sync=comm.barrier)
+            # slowest rank: every rank sends its time to every rank
+            times = comm.all_to_all(np.full(comm.size, t, dtype=np.float64), algorithm="flat")
+            out.append({"algorithm": algorithm, "block": block, "seconds": float(times.max())})
+    return out
+
+
+def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit) -> dict[str, Any]:
+    """The YAML mapping of the calibrated platform."""
+    base = load_platform(base_name)
+    data = dataclasses.asdict(base)
+    rate, half = fit_gemm(gemm_points)
+    peak = max(base.peak_flops, rate)
+    data.update(name=name, source=f"python -m piper_moe.calibrate (base {base.name})",
+                peak_flops=peak, copy_bandwidth=copy["copy_bandwidth"],
+                hbm_bandwidth=copy["memory_bandwidth"])
+    data["gemm"].update(max_efficiency=min(1.0, rate / peak), half_dim=half)
+    for level in ("intra", "inter"):
+        if f"latency_{level}" not in a2a_fit:
+            continue
+        bandwidth = a2a_fit[f"bandwidth_{level}"]
+        if not np.isfinite(bandwidth):  # noise made 1/beta <= 0: keep the base bandwidth
+            log.warning("calibrate: %s bandwidth not resolved by the fit; kept %.3g B/s from %s",
+                        level, data[level]["bandwidth"], base.name)
+            bandwidth = data[level]["bandwidth"]
+        data[level] = {"latency": a2a_fit[f"latency_{level}"], "bandwidth": bandwidth}
+    data["calibrated"] = {"gemm": gemm_points, "copy": copy, "a2a_fit": a2a_fit or {}}
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m piper_moe.calibrate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="platform YAML to write")
+    parser.add_argument("--base", default="cpu-host", help="platform whose other numbers to keep")
+    parser.add_argument("--name", default=None, help="platform name (default: --out stem)")
+    parser.add_argument("--skip-a2a", action="store_true", help="GEMM and copy only")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    iters = 3 if args.quick else 10
+
+    comm = None
+    if not args.skip_a2a:
+        try:
+            import piper_comm as pc
+        except ImportError as exc:
+            raise SystemExit(
+                f"calibrate: cannot import piper_comm ({exc}); build it (see README) or pass "
+                "--skip-a2a to measure GEMM and copy only") from exc
+        comm = pc.init()
+    rank = comm.rank if comm else 0
+
+    gemm_points = measure_gemm(GEMM_DIMS[:3] if args.quick else GEMM_DIMS, iters=iters)
+    copy = measure_copy(16 * 2**20 if args.quick else 64 * 2**20, iters=iters)
+    a2a_points: list[dict[str, Any]] = []
+    a2a_fit: dict[str, float] = {}
+    if comm is not None and comm.size > 1:
+        blocks = A2A_BLOCKS[::2] if args.quick else A2A_BLOCKS
+        a2a_points = measure_a2a(comm, blocks, iters)
+        a2a_fit = fit_a2a(a2a_points, comm.size, comm.local_size, copy["copy_bandwidth"])
+        a2a_fit["ranks"], a2a_fit["ranks_per_node"] = comm.size, comm.local_size
+    elif comm is not None:
+        log.warning("calibrate: one rank, no all-to-all to measure; links kept from --base")
+
+    if rank == 0:
+        name = args.name or args.out.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        data = build_platform(args.base, name, gemm_points, copy, a2a_fit)
+        data["calibrated"]["a2a"] = a2a_points
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write("# written by python -m piper_moe.calibrate\n")
+            yaml.safe_dump(data, f, sort_keys=False)
+        rate, half = fit_gemm(gemm_points)
+        log.info("calibrate: GEMM %.1f GFLOP/s asymptote, half at d=%.0f; copy %.2f GB/s; "
+                 "a2a fit %s -> %s", rate / 1e9, half, copy["copy_bandwidth"] / 1e9, a2a_fit,
+                 args.out)
+    if comm is not None:
+        comm.barrier()
+        comm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""``estimate(model, platform, strategy)``: memory, step time, MFU and bottleneck of one strategy.
+
+Step time is assembled on the critical (slowest) pipeline stage, for m micro-batches:
+
+    step = m * (compute + recompute + tp_comm + a2a + pp_comm) + bubble + dp_comm + optimizer
+
+- compute: forward + backward (2x forward) of the stage's layers (and head on the last stage);
+- recompute: one more forward for "full", the element-wise part for "selective";
+- tp_comm: 4 all-gather/reduce-scatter of T*h per layer forward and 4 backward (sequence parallel);
+  plus the ETP gather/scatter of expert rows;
+- a2a: dispatch + combine forward and their two duals backward (and again under full recompute),
+  ``m = T_m * top_k * h * e * imbalance`` bytes per rank over the EP group, flat or HALO; with
+  ``overlap_a2a`` (not gpipe, m >= 2) a layer's all-to-all hides behind another micro-batch's
+  compute of that layer and only the excess shows;
+- pp_comm: one activation send forward and one gradient send backward per micro-batch;
+- bubble: ``pipeline.bubble``;
+- dp_comm: gradient reduce-scatter + weight all-gather (all-reduce for ZeRO-0) over DP (dense)
+  and EDP (experts), once per step; ZeRO-3 all-gathers weights twice per micro-batch;
+- optimizer: Adam, memory-bound over the local shard.
+
+MFU = 3 * model forward FLOPs per token * tokens per step / (step * peak * ranks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from . import comm
+from .compute import head_compute, layer_compute, model_flops_per_token
+from .memory import PRECISION_BYTES, memory, shapes, stage_layer_kinds, stage_params
+from .pipeline import bubble
+from .spec import ModelSpec, PlatformSpec
+from .strategy import Strategy
+
+TIME_KEYS = ("compute", "recompute", "tp_comm", "a2a", "pp_comm", "bubble", "dp_comm",
+             "optimizer")
+
+
+@dataclass(kw_only=True)
+class Estimate:
+    """Result of ``estimate``. ``memory``: bytes per rank by component and "total" for the most
+    loaded stage (``memory_stage``); ``time``: seconds per step by component and "step";
+    ``mfu`` in [0, 1]; ``fits``: total <= device memory; ``bottleneck``: the largest time
+    component, or "memory" when it does not fit."""
+
+    strategy: Strategy
+    memory: dict[str, float]
+    memory_stage: int
+    time: dict[str, float]
+    mfu: float
+    fits: bool
+    bottleneck: str
+    tokens_per_second: float
+    details: dict[str, float] = field(default_factory=dict)
+
+
+def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: int,
+                cache: dict) -> dict[str, float]:
+    """Per-micro-batch seconds of one stage by component, plus "fwd", "bwd", "wgrad"."""
+    n_dense, n_moe = stage_layer_kinds(model, s, stage)
+    e = PRECISION_BYTES[s.precision][3]
+    G = platform.devices_per_node
+    sh = shapes(model, s)
+    out = dict.fromkeys(("compute", "recompute", "tp_comm", "a2a", "pp_comm"), 0.0)
+    fwd = wgrad = 0.0
+    tp_g = comm.per_node(s.tp, 1, G)
+    act = sh.tokens * model.hidden * e
+    tp_layer = 4 * comm.all_gather(act, s.tp, tp_g, platform) if s.tp > 1 else 0.0
+    for n, moe_layer in ((n_dense, False), (n_moe, True)):
+        if n == 0:
+            continue
+        if moe_layer not in cache:
+            cache[moe_layer] = layer_compute(model, platform, s, moe_layer)
+        lc = cache[moe_layer]
+        a2a = tp_extra = 0.0
+        if moe_layer and s.ep > 1:
+            m_bytes = sh.moe_tokens * model.moe.top_k * model.hidden * e
+            m_bytes *= s.capacity_factor or s.expert_imbalance
+            g = comm.per_node(s.ep, s.etp, G)
+            a2a = 2 * comm.all_to_all(m_bytes, s.ep, g, platform, s.a2a)
+        if moe_layer and s.etp > 1:
+            rows = sh.expert_rows * model.hidden * e
+            tp_extra = 2 * comm.all_gather(rows, s.etp, comm.per_node(s.etp, 1, G), platform)
+        comp = 3 * lc.total
+        re = 0.0
+        re_a2a = 0.0
+        if s.recompute == "full":
+            re = lc.total + tp_layer + tp_extra
+            re_a2a = a2a
+        elif s.recompute == "selective":
+            re = lc.elementwise
+        a2a_total = 2 * a2a + re_a2a
+        if s.overlap_a2a and s.schedule != "gpipe" and s.num_micro >= 2:
+            a2a_total = max(0.0, a2a_total - comp)
+        out["compute"] += n * comp
+        out["recompute"] += n * re
+        out["tp_comm"] += n * 2 * (tp_layer + tp_extra)
+        out["a2a"] += n * a2a_total
+        fwd += n * (lc.total + tp_layer + tp_extra + a2a_total / 2)
+        wgrad += n * lc.gemm
+    if stage == s.pp - 1:
+        hc = head_compute(model, platform, s)
+        out["compute"] += 3 * hc.total
+        fwd += hc.total
+        wgrad += hc.gemm
+    if s.pp > 1:
+        inter = s.dp * s.tp >= G
+        send = comm.p2p(act / s.sp, platform, inter)
+        out["pp_comm"] = 2 * send if 0 < stage < s.pp - 1 else send
+    total = sum(out.values())
+    out["fwd"] = fwd
+    out["bwd"] = total - fwd
+    out["wgrad"] = wgrad
+    return out
+
+
+def _dp_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: int) -> float:
+    """Seconds per step of data-parallel gradient/weight collectives for one stage."""
+    p_b, g_b, _, _ = PRECISION_BYTES[s.precision]
+    G = platform.devices_per_node
+    dense, expert = stage_params(model, s, stage)
+    t = 0.0
+    for params, n, stride in ((dense, s.dp, s.tp), (expert, s.edp, s.ep * s.etp)):
+        if n <= 1 or params == 0:
+            continue
+        g = comm.per_node(n, stride, G)
+        if s.zero == 0:
+            t += comm.all_reduce(params * g_b, n, g, platform)
+        elif s.zero in (1, 2):
+            t += comm.reduce_scatter(params * g_b, n, g, platform)
+            t += comm.all_gather(params * p_b, n, g, platform)
+        else:
+            per_micro = 2 * comm.all_gather(params * p_b, n, g, platform)
+            per_micro += comm.reduce_scatter(params * g_b, n, g, platform)
+            t += s.num_micro * per_micro
+    return t
+
+
+def _optimizer_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: int) -> float:
+    """Seconds of one Adam step over this rank's shard (memory-bound)."""
+    p_b, g_b, o_b, _ = PRECISION_BYTES[s.precision]
+    dense, expert = stage_params(model, s, stage)
+    if s.zero >= 1:
+        dense, expert = dense / s.dp, expert / s.edp
+    return (dense + expert) * (2 * p_b + g_b + 2 * o_b) / platform.hbm_bandwidth
+
+
+def estimate(model: ModelSpec, platform: PlatformSpec, strategy: Strategy) -> Estimate:
+    """Memory per rank, time per step, MFU, fit and bottleneck of ``strategy``."""
+    s = strategy
+    s.check(model)
+    mem, mem_stage = memory(model, platform, s)
+    cache: dict = {}
+    stages = [_stage_time(model, platform, s, st, cache) for st in range(s.pp)]
+    crit = max(range(s.pp), key=lambda st: stages[st]["fwd"] + stages[st]["bwd"])
+    c = stages[crit]
+    m = s.num_micro
+    time = {k: m * c[k] for k in ("compute", "recompute", "tp_comm", "a2a", "pp_comm")}
+    time["bubble"] = bubble(s, c["fwd"], c["bwd"], c["wgrad"])
+    time["dp_comm"] = max(_dp_time(model, platform, s, st) for st in range(s.pp))
+    time["optimizer"] = max(_optimizer_time(model, platform, s, st) for st in range(s.pp))
+    time["step"] = sum(time[k] for k in TIME_KEYS)
+    tokens = s.global_batch * s.seq_len
+    flops = 3 * model_flops_per_token(model, s.seq_len) * tokens
+    mfu = flops / (time["step"] * platform.peak_flops * s.world) if time["step"] > 0 else 0.0
+    fits = mem["total"] <= platform.device_memory
+    bottleneck = "memory" if not fits else max(TIME_KEYS, key=lambda k: time[k])
+    return Estimate(
+        strategy=s, memory=mem, memory_stage=mem_stage, time=time, mfu=mfu, fits=fits,
+        bottleneck=bottleneck,
+        tokens_per_second=tokens / time["step"] if time["step"] > 0 else math.inf,
+        details={"critical_stage": crit, "fwd_per_micro": c["fwd"], "bwd_per_micro": c["bwd"]},
+    )

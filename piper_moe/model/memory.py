@@ -1,0 +1,272 @@
+"""Memory per rank (bytes) for one pipeline stage: weights, gradients, optimizer states,
+activations, MoE dispatch/combine buffers, transient working memory.
+
+Activations are the tensors autograd keeps for backward in the reference implementation (plain
+PyTorch ops as in ``bench/model_validation.py``; Megatron keeps the same set except where noted).
+Per micro-batch, T = micro_batch * seq_len tokens, e bytes per activation element, t = TP,
+t_sp = TP with sequence parallelism (else 1), h = hidden:
+
+- attention (MHA/GQA): norm input and output 2*T*h/t_sp; RoPE'd Q and K, and V
+  T*(a + 2*a_kv)*d/t; attention output twice (the SDPA output and its [T, a*d] copy that feeds the
+  output projection) 2*T*a*d/t; log-sum-exp T*a*4/t (fp32). No T x T score matrix (flash attention).
+- dense FFN (SwiGLU): norm input and output 2*T*h/t_sp; fused gate|up output 2*T*f/t; SiLU output
+  T*f/t; product T*f/t. (GeLU: up output and GeLU output 2*T*f/t.)
+- MoE: norm input/output 2*T_m*h (T_m = T/t_sp tokens routed by this rank); router probabilities
+  T_m*E*4 (fp32) and top-k indices/weights T_m*k*(8+4+4); expert input rows R*h and routing
+  metadata R*16 (sort permutation and token ids, int64); expert FFN 4*R*f/etp; combine: expert
+  output rows times gate weights keep T_m*k*h + T_m*k*4; shared experts like a dense FFN on T
+  tokens. R, rows per rank entering the experts: padding-free R = T_m*k*etp*imbalance; capacity-
+  padded R = capacity_factor*T_m*k*etp (every expert's buffer padded to its capacity).
+- head (last stage): final norm 2*T*h/t_sp and fp32 log-softmax T*V/t*4.
+
+Recompute "full" keeps only each layer's input T*h/t_sp; "selective" drops norm outputs and
+activation-function outputs (recomputed in backward). In-flight micro-batches per stage come from
+``pipeline.in_flight``. Routed experts are split by EP x ETP, never by TP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .params import Linear, dense_layer_linears, layer_norm_params, moe_layer_linears
+from .pipeline import in_flight
+from .spec import ModelSpec, PlatformSpec
+from .strategy import Strategy
+
+# bytes per element of (weights, gradients, optimizer states, activations)
+PRECISION_BYTES = {"bf16": (2, 4, 12, 2), "fp32": (4, 4, 8, 4)}
+INDEX_BYTES = 8  # int64 indices
+FP32 = 4
+
+
+@dataclass(kw_only=True, frozen=True)
+class Shapes:
+    """Token and row counts of one micro-batch on one rank (counts, not bytes)."""
+
+    tokens: int  # T = micro_batch * seq_len
+    moe_tokens: float  # T_m = T / t_sp, tokens this rank routes
+    expert_rows: float  # R, rows entering this rank's experts
+    local_experts: int  # E / ep
+
+
+def shapes(model: ModelSpec, s: Strategy) -> Shapes:
+    """Token and row counts per micro-batch and rank."""
+    m = model.moe
+    tokens = s.micro_batch * s.seq_len
+    moe_tokens = tokens / s.sp
+    routed = moe_tokens * m.top_k * s.etp
+    rows = routed * (s.expert_imbalance if s.capacity_factor is None else s.capacity_factor)
+    return Shapes(tokens=tokens, moe_tokens=moe_tokens, expert_rows=rows,
+                  local_experts=m.num_experts // s.ep)
+
+
+def _ffn_act(rows: float, ffn: float, gated: bool, recompute: str) -> float:
+    """Saved elements of one FFN's internals on ``rows`` rows of width ``ffn`` (per shard)."""
+    if gated:  # fused gate|up (2f), SiLU output (f), product (f)
+        return rows * ffn * (3 if recompute == "selective" else 4)
+    return rows * ffn * (1 if recompute == "selective" else 2)  # up (f), GeLU output (f)
+
+
+def attention_activations(model: ModelSpec, s: Strategy) -> float:
+    """Bytes saved by one attention block for one micro-batch (no recompute)."""
+    a, h, t = model.attention, model.hidden, s.tp
+    e = PRECISION_BYTES[s.precision][3]
+    T = s.micro_batch * s.seq_len
+    norms = (1 if s.recompute == "selective" else 2) * T * h / s.sp
+    if a.kind == "mla":
+        lora = (a.q_lora_rank * 2 if a.q_lora_rank else 0) + 2 * a.kv_lora_rank + a.qk_rope_head_dim
+        core = T * a.num_heads * (2 * a.qk_head_dim + a.qk_nope_head_dim + a.v_head_dim) / t
+        elems = norms + T * lora + core + 2 * T * a.num_heads * a.v_head_dim / t
+    else:
+        qkv = T * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim / t
+        elems = norms + qkv + 2 * T * a.num_heads * a.head_dim / t
+    return elems * e + T * a.num_heads * FP32 / t
+
+
+def dense_mlp_activations(model: ModelSpec, s: Strategy) -> float:
+    """Bytes saved by one dense FFN block for one micro-batch (no recompute)."""
+    e = PRECISION_BYTES[s.precision][3]
+    T = s.micro_batch * s.seq_len
+    norms = (1 if s.recompute == "selective" else 2) * T * model.hidden / s.sp
+    inner = _ffn_act(T, model.dense_ffn / s.tp, model.ffn_kind == "swiglu", s.recompute)
+    return (norms + inner) * e
+
+
+def moe_activations(model: ModelSpec, s: Strategy) -> dict[str, float]:
+    """Bytes saved by one MoE block for one micro-batch (no recompute), split into
+    ``"moe_buffers"`` (router, dispatch, combine, routing metadata) and ``"activations"``
+    (norms, expert and shared-expert FFN internals)."""
+    m, h = model.moe, model.hidden
+    e = PRECISION_BYTES[s.precision][3]
+    sh = shapes(model, s)
+    gated = model.ffn_kind == "swiglu"
+    norms = (1 if s.recompute == "selective" else 2) * sh.moe_tokens * h * e
+    experts = _ffn_act(sh.expert_rows, m.expert_ffn / s.etp, gated, s.recompute) * e
+    shared = 0.0
+    if m.num_shared_experts:
+        ffn = m.shared_expert_ffn * m.num_shared_experts / s.tp
+        shared = _ffn_act(sh.tokens, ffn, gated, s.recompute) * e
+    routed = sh.moe_tokens * m.top_k
+    router = sh.moe_tokens * m.num_experts * FP32 + routed * (INDEX_BYTES + 2 * FP32)
+    dispatch = sh.expert_rows * (h * e + 2 * INDEX_BYTES)
+    combine = routed * (h * e + FP32)
+    return {"activations": norms + experts + shared, "moe_buffers": router + dispatch + combine}
+
+
+def head_activations(model: ModelSpec, s: Strategy) -> float:
+    """Bytes saved by the final norm, output head and loss for one micro-batch."""
+    e = PRECISION_BYTES[s.precision][3]
+    T = s.micro_batch * s.seq_len
+    return 2 * T * model.hidden / s.sp * e + T * model.vocab / s.tp * FP32 + T * INDEX_BYTES
+
+
+def layer_input_bytes(model: ModelSpec, s: Strategy) -> float:
+    """Bytes of one layer's input (what full recompute keeps per layer and micro-batch)."""
+    return s.micro_batch * s.seq_len * model.hidden / s.sp * PRECISION_BYTES[s.precision][3]
+
+
+def layer_activations(model: ModelSpec, s: Strategy, moe_layer: bool) -> dict[str, float]:
+    """Saved bytes of one layer for one micro-batch under ``s.recompute``:
+    {"activations", "moe_buffers"}."""
+    if s.recompute == "full":
+        return {"activations": layer_input_bytes(model, s), "moe_buffers": 0.0}
+    attn = attention_activations(model, s)
+    if not moe_layer:
+        return {"activations": attn + dense_mlp_activations(model, s), "moe_buffers": 0.0}
+    moe = moe_activations(model, s)
+    return {"activations": attn + moe["activations"], "moe_buffers": moe["moe_buffers"]}
+
+
+def _full_layer(model: ModelSpec, s: Strategy, moe_layer: bool) -> float:
+    """Bytes of one layer's activations without any recompute (what full recompute rebuilds)."""
+    import dataclasses
+
+    full = dataclasses.replace(s, recompute="none")
+    act = layer_activations(model, full, moe_layer)
+    return act["activations"] + act["moe_buffers"]
+
+
+def rank_params(linears: tuple[Linear, ...], s: Strategy) -> tuple[float, float]:
+    """(dense, expert) parameter counts of ``linears`` held by one rank."""
+    dense = expert = 0.0
+    for lin in linears:
+        if lin.shard == "expert":
+            expert += lin.copies / s.ep * lin.d_in * lin.d_out / s.etp
+        elif lin.shard == "tp":
+            dense += lin.params / s.tp
+        else:
+            dense += lin.params
+    return dense, expert
+
+
+def stage_layer_kinds(model: ModelSpec, s: Strategy, stage: int) -> tuple[int, int]:
+    """(dense layers, MoE layers) held by pipeline rank ``stage``."""
+    split = s.stage_layers(model.num_layers)
+    start = sum(split[:stage])
+    end = start + split[stage]
+    dense = max(0, min(end, model.num_dense_layers) - start)
+    return dense, split[stage] - dense
+
+
+def stage_params(model: ModelSpec, s: Strategy, stage: int) -> tuple[float, float]:
+    """(dense, expert) parameter counts held by one rank of pipeline stage ``stage``."""
+    n_dense, n_moe = stage_layer_kinds(model, s, stage)
+    dense = expert = 0.0
+    for n, moe_layer in ((n_dense, False), (n_moe, True)):
+        if n == 0:
+            continue
+        d, x = rank_params(moe_layer_linears(model) if moe_layer else dense_layer_linears(model), s)
+        dense += n * (d + layer_norm_params(model, moe_layer))
+        expert += n * x
+    vh = model.vocab * model.hidden / s.tp
+    if stage == 0:
+        dense += vh
+    if stage == s.pp - 1:
+        dense += model.hidden + (0 if (model.tied_embeddings and s.pp == 1) else vh)
+    return dense, expert
+
+
+def _transient(model: ModelSpec, s: Strategy, stage: int, n_dense: int, n_moe: int) -> float:
+    """Peak working memory on top of the saved activations (bytes). The peak is the larger of
+    two moments of the backward pass: the loss backward on the last stage (fp32 gradients of the
+    log-softmax and of the logits, 2*T*V/t*4, next to every saved tensor), and the backward of
+    the stage's last layer (the head's saved tensors of that micro-batch are freed by then): that
+    layer's widest gradients, the layer rebuilt by full recompute, all-to-all staging. ZeRO-3
+    adds the gathered weights of two layers."""
+    e = PRECISION_BYTES[s.precision][3]
+    sh = shapes(model, s)
+    T, h = sh.tokens, model.hidden
+    last = stage == s.pp - 1
+    loss = 2 * T * model.vocab / s.tp * FP32 if last else 0.0
+    # gradients of one layer's widest tensors while its saved tensors are alive
+    dense_ffn = model.dense_ffn / s.tp if n_dense else 0.0
+    layer_grad = max(3 * T * dense_ffn,
+                     3 * sh.expert_rows * model.moe.expert_ffn / s.etp + sh.expert_rows * h
+                     if n_moe else 0.0,
+                     2 * T * h / s.sp) * e
+    rebuild = 0.0
+    if s.recompute == "full":
+        rebuild = max(_full_layer(model, s, False) if n_dense else 0.0,
+                      _full_layer(model, s, True) if n_moe else 0.0)
+        rebuild -= layer_input_bytes(model, s)  # the kept input is already counted
+    a2a = 2 * sh.expert_rows * h * e if (n_moe and s.ep > 1) else 0.0
+    freed = head_activations(model, s) if last else 0.0
+    layer = layer_grad + rebuild + a2a - freed
+    gather = 0.0
+    if s.zero == 3:
+        d, x = stage_params(model, s, stage)
+        layers = max(1, n_dense + n_moe)
+        gather = 2 * (d + x) / layers * PRECISION_BYTES[s.precision][0]
+    return max(loss, layer, 0.0) + gather
+
+
+def stage_memory(model: ModelSpec, platform: PlatformSpec, s: Strategy,
+                 stage: int) -> dict[str, float]:
+    """Bytes per rank of pipeline stage ``stage`` by component, with ``"total"``."""
+    p_b, g_b, o_b, _ = PRECISION_BYTES[s.precision]
+    dense, expert = stage_params(model, s, stage)
+    n_dense, n_moe = stage_layer_kinds(model, s, stage)
+
+    weights = (dense + expert) * p_b
+    grads = (dense + expert) * g_b
+    optim = (dense + expert) * o_b
+    if s.zero >= 1:
+        optim = (dense / s.dp + expert / s.edp) * o_b
+    if s.zero >= 2:
+        grads = (dense / s.dp + expert / s.edp) * g_b
+    if s.zero >= 3:
+        weights = (dense / s.dp + expert / s.edp) * p_b
+
+    inflight = in_flight(s, stage)
+    acts = moe_buf = 0.0
+    for n, moe_layer in ((n_dense, False), (n_moe, True)):
+        if n:
+            layer = layer_activations(model, s, moe_layer)
+            acts += n * layer["activations"]
+            moe_buf += n * layer["moe_buffers"]
+    if stage == s.pp - 1:
+        acts += head_activations(model, s)
+    if stage == 0:
+        acts += s.micro_batch * s.seq_len * INDEX_BYTES  # token ids
+    out = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optim,
+        "activations": acts * inflight,
+        "moe_buffers": moe_buf * inflight,
+        "transient": _transient(model, s, stage, n_dense, n_moe),
+        "reserved": platform.memory_reserved,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def memory(model: ModelSpec, platform: PlatformSpec, s: Strategy) -> tuple[dict[str, float], int]:
+    """Memory of the most loaded pipeline stage: (components with "total", stage index)."""
+    best: tuple[dict[str, float], int] | None = None
+    for stage in range(s.pp):
+        mem = stage_memory(model, platform, s, stage)
+        if best is None or mem["total"] > best[0]["total"]:
+            best = (mem, stage)
+    assert best is not None
+    return best

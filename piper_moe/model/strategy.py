@@ -1,0 +1,162 @@
+"""A parallel training strategy: the mesh, the batch, and the memory/schedule choices.
+
+World = dp * tp * pp ranks. Dense weights (attention, dense MLP, shared experts, embedding, head)
+are split by TP inside a stage and replicated over DP; routed experts are laid out over the same
+dp * tp ranks of a stage as EP (whole experts) x ETP (FFN dimension) x EDP (expert data-parallel),
+so ``ep * etp`` must divide ``dp * tp`` and ``edp = dp * tp / (ep * etp)`` (Megatron's "MoE parallel
+folding"). Rank order, innermost first: tp, dp, pp (experts: etp, ep, edp).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .spec import ModelSpec
+
+RECOMPUTE = ("none", "selective", "full")
+SCHEDULES = ("1f1b", "interleaved", "zb-h1", "gpipe")
+A2A = ("flat", "halo")
+PRECISIONS = ("bf16", "fp32")
+
+
+@lru_cache(maxsize=1024)
+def _even_split(num_layers: int, pp: int) -> tuple[int, ...]:
+    """``num_layers`` over ``pp`` stages as evenly as possible, extra layers first."""
+    base, extra = divmod(num_layers, pp)
+    return tuple(base + (1 if s < extra else 0) for s in range(pp))
+
+
+@dataclass(kw_only=True, frozen=True)
+class Strategy:
+    """One configuration to estimate.
+
+    ``micro_batch`` sequences of ``seq_len`` tokens per micro-batch; ``global_batch`` sequences per
+    step over all DP replicas, so a step runs ``num_micro = global_batch / (micro_batch * dp)``
+    micro-batches per pipeline. ``zero`` 0-3 shards optimizer states (1), gradients (2) and weights
+    (3) over DP (dense) and EDP (experts). ``precision`` "bf16": bf16 weights and activations, fp32
+    gradients and Adam (master, m, v); "fp32": everything fp32, no master copy.
+    ``capacity_factor`` None means padding-free (dropless) expert buffers, a number means buffers
+    padded to ``capacity_factor * tokens * top_k / num_experts`` rows per expert.
+    ``expert_imbalance`` is max/mean routed rows per rank for padding-free buffers (1 = balanced).
+    ``layers_per_stage`` gives an uneven pipeline split (None: as even as possible, extra layers to
+    the first stages). ``overlap_a2a`` lets the schedule hide all-to-all behind another
+    micro-batch's compute (not with gpipe or a single micro-batch).
+    """
+
+    dp: int
+    tp: int
+    pp: int
+    ep: int
+    etp: int = 1
+    vpp: int = 1
+    micro_batch: int
+    global_batch: int
+    seq_len: int
+    zero: int = 1
+    recompute: str = "none"
+    schedule: str = "1f1b"
+    a2a: str = "flat"
+    precision: str = "bf16"
+    capacity_factor: float | None = None
+    expert_imbalance: float = 1.0
+    layers_per_stage: tuple[int, ...] | None = None
+    overlap_a2a: bool = False
+    sequence_parallel: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "ep", "etp", "vpp", "micro_batch", "global_batch",
+                     "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Strategy.{name} must be a positive int (got {value!r})")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"Strategy.zero must be 0, 1, 2 or 3 (got {self.zero!r})")
+        for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("a2a", A2A),
+                              ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"Strategy.{name} must be one of {allowed} (got {getattr(self, name)!r})"
+                )
+        if self.global_batch % (self.micro_batch * self.dp):
+            raise ValueError(
+                f"global_batch ({self.global_batch}) must be a multiple of micro_batch "
+                f"({self.micro_batch}) x dp ({self.dp})"
+            )
+        if (self.dp * self.tp) % (self.ep * self.etp):
+            raise ValueError(
+                f"ep ({self.ep}) x etp ({self.etp}) must divide dp ({self.dp}) x tp ({self.tp})"
+            )
+        if self.vpp > 1 and self.schedule != "interleaved":
+            raise ValueError(f"vpp ({self.vpp}) > 1 needs schedule 'interleaved' "
+                             f"(got {self.schedule!r})")
+        if self.schedule == "interleaved":
+            if self.vpp < 2 or self.pp < 2:
+                raise ValueError(
+                    f"schedule 'interleaved' needs vpp >= 2 and pp >= 2 (got vpp={self.vpp}, "
+                    f"pp={self.pp})"
+                )
+            if self.num_micro % self.pp:
+                raise ValueError(
+                    f"schedule 'interleaved' needs num_micro ({self.num_micro}) to be a multiple "
+                    f"of pp ({self.pp})"
+                )
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (got {self.capacity_factor})")
+        if self.expert_imbalance < 1:
+            raise ValueError(f"expert_imbalance must be >= 1 (got {self.expert_imbalance})")
+        if self.layers_per_stage is not None:
+            object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
+            if len(self.layers_per_stage) != self.pp or min(self.layers_per_stage) < self.vpp:
+                raise ValueError(
+                    f"layers_per_stage {self.layers_per_stage} must have pp ({self.pp}) entries, "
+                    f"each >= vpp ({self.vpp})"
+                )
+
+    @property
+    def world(self) -> int:
+        """Number of ranks."""
+        return self.dp * self.tp * self.pp
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel size: replicas of each expert shard."""
+        return self.dp * self.tp // (self.ep * self.etp)
+
+    @property
+    def num_micro(self) -> int:
+        """Micro-batches per step per pipeline."""
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def sp(self) -> int:
+        """Divisor of hidden-sized activations: tp with sequence parallelism, else 1."""
+        return self.tp if self.sequence_parallel else 1
+
+    def stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layers held by each pipeline rank (the union of its virtual chunks)."""
+        if self.layers_per_stage is not None:
+            if sum(self.layers_per_stage) != num_layers:
+                raise ValueError(
+                    f"layers_per_stage {self.layers_per_stage} sums to "
+                    f"{sum(self.layers_per_stage)}, the model has {num_layers} layers"
+                )
+            return self.layers_per_stage
+        return _even_split(num_layers, self.pp)
+
+    def check(self, model: ModelSpec) -> None:
+        """Raise ValueError if this strategy cannot run ``model``."""
+        a, m = model.attention, model.moe
+        if a.num_heads % self.tp:
+            raise ValueError(f"tp ({self.tp}) must divide num_heads ({a.num_heads})")
+        if m.num_experts % self.ep:
+            raise ValueError(f"ep ({self.ep}) must divide num_experts ({m.num_experts})")
+        if m.expert_ffn % self.etp:
+            raise ValueError(f"etp ({self.etp}) must divide expert_ffn ({m.expert_ffn})")
+        if model.num_layers < self.pp * self.vpp:
+            raise ValueError(
+                f"pp ({self.pp}) x vpp ({self.vpp}) exceeds num_layers ({model.num_layers})"
+            )
+        if model.vocab % self.tp:
+            raise ValueError(f"tp ({self.tp}) must divide vocab ({model.vocab})")
+        self.stage_layers(model.num_layers)

@@ -1,0 +1,53 @@
+"""Calibration fits recover known parameters; the written platform loads."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from piper_moe import calibrate
+from piper_moe.model import comm, load_platform
+from piper_moe.model.spec import LinkSpec
+
+
+def test_fit_gemm_recovers_curve():
+    a, half = 5e11, 64.0
+    pts = [{"m": d, "n": 1024, "k": 1024, "flops_per_s": a * d / (d + half)}
+           for d in (8, 32, 128, 512)]
+    fa, fh = calibrate.fit_gemm(pts)
+    assert fa == pytest.approx(a, rel=1e-6) and fh == pytest.approx(half, rel=1e-6)
+
+
+@pytest.mark.parametrize(("n", "g"), [(8, 4), (4, 4), (16, 2)])
+def test_fit_a2a_recovers_alpha_beta(n, g):
+    plat = dataclasses.replace(load_platform("cpu-host"),
+                               intra=LinkSpec(latency=2e-6, bandwidth=4e9),
+                               inter=LinkSpec(latency=3e-5, bandwidth=5e8), copy_bandwidth=8e9)
+    pts = []
+    for algo in ("flat", "halo"):
+        for block in (1e3, 1e4, 1e5, 1e6):
+            t = comm.all_to_all(block * n, n, g, plat, algo)
+            pts.append({"algorithm": algo, "block": block, "seconds": t})
+    fit = calibrate.fit_a2a(pts, n, g, plat.copy_bandwidth)
+    assert fit["latency_intra"] == pytest.approx(2e-6, rel=1e-6)
+    assert fit["bandwidth_intra"] == pytest.approx(4e9, rel=1e-6)
+    if n > g:
+        assert fit["latency_inter"] == pytest.approx(3e-5, rel=1e-6)
+        assert fit["bandwidth_inter"] == pytest.approx(5e8, rel=1e-6)
+    else:
+        assert "latency_inter" not in fit
+
+
+def test_measure_and_write_platform(tmp_path):
+    gemm = calibrate.measure_gemm(dims=(8, 64), width=128, iters=1, device="cpu")
+    copy = calibrate.measure_copy(nbytes=2**20, iters=1, device="cpu")
+    assert all(p["flops_per_s"] > 0 for p in gemm) and copy["copy_bandwidth"] > 0
+    fit = {"latency_intra": 1e-6, "bandwidth_intra": 2e9, "latency_inter": 1e-5,
+           "bandwidth_inter": float("inf")}
+    data = calibrate.build_platform("cpu-host", "mine", gemm, copy, fit)
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    p = load_platform(str(path))
+    assert p.name == "mine" and p.intra.bandwidth == 2e9
+    assert p.inter.bandwidth == load_platform("cpu-host").inter.bandwidth  # unresolved: kept
+    assert p.copy_bandwidth == copy["copy_bandwidth"]

@@ -1,0 +1,79 @@
+"""Alpha-beta communication and compute formulas against hand-computed values."""
+
+import dataclasses
+
+import pytest
+
+from piper_moe.model import comm, load_model, load_platform
+from piper_moe.model.compute import gemm_efficiency, gemm_time, model_flops_per_token
+from piper_moe.model.spec import GemmSpec, LinkSpec
+
+PLAT = dataclasses.replace(
+    load_platform("cpu-host"),
+    intra=LinkSpec(latency=1e-6, bandwidth=1e9), inter=LinkSpec(latency=1e-5, bandwidth=1e8),
+    copy_bandwidth=1e10, peak_flops=1e12, hbm_bandwidth=1e11,
+    gemm=GemmSpec(max_efficiency=0.5, half_dim=100.0, launch_overhead=0.0))
+
+
+def test_per_node():
+    assert comm.per_node(8, 1, 8) == 8
+    assert comm.per_node(16, 2, 8) == 4
+    assert comm.per_node(64, 8, 8) == 1
+    assert comm.per_node(4, 1, 8) == 4
+
+
+def test_a2a_flat_and_halo_by_hand():
+    # 8 ranks, 4 per node (2 nodes), 8 MB per rank -> 1 MB per peer
+    flat = 3 * (1e-6 + 1e6 / 1e9) + 4 * (1e-5 + 1e6 / 1e8)
+    assert comm.a2a_flat(8e6, 8, 4, PLAT) == pytest.approx(flat)
+    halo = 3 * (1e-6 + 2 * 1e6 / 1e9) + 1 * (1e-5 + 4 * 1e6 / 1e8) + 2 * 8e6 / 1e10
+    assert comm.a2a_halo(8e6, 8, 4, PLAT) == pytest.approx(halo)
+    assert flat < halo  # large blocks: HALO's extra copies and intra bytes cost more
+    # 8 kB per rank -> 1 kB per peer: latency-bound, HALO's 1 network message wins over 4
+    assert comm.a2a_halo(8e3, 8, 4, PLAT) < comm.a2a_flat(8e3, 8, 4, PLAT)
+
+
+def test_a2a_one_node_and_one_rank():
+    assert comm.a2a_halo(8e6, 4, 4, PLAT) == comm.a2a_flat(8e6, 4, 4, PLAT)
+    assert comm.a2a_flat(8e6, 1, 1, PLAT) == 0.0
+    with pytest.raises(ValueError, match="'ring'"):
+        comm.all_to_all(1.0, 2, 2, PLAT, "ring")
+
+
+def test_ring_collectives_by_hand():
+    # one node of 8: all-reduce = 2 * 7 * (alpha + S/8/beta)
+    assert comm.all_reduce(8e6, 8, 8, PLAT) == pytest.approx(2 * 7 * (1e-6 + 1e6 / 1e9))
+    # 2 nodes x 4: RS intra on S, then inter ring of 2 on S/4
+    rs = 3 * (1e-6 + 2e6 / 1e9) + 1 * (1e-5 + 1e6 / 1e8)
+    assert comm.reduce_scatter(8e6, 8, 4, PLAT) == pytest.approx(rs)
+    assert comm.all_gather(8e6, 8, 4, PLAT) == pytest.approx(rs)
+    assert comm.p2p(1e6, PLAT, inter_node=True) == pytest.approx(1e-5 + 1e-2)
+
+
+def test_gemm_time_by_hand():
+    # large square: compute-bound at 0.5 * 1000/1100 of 1 TFLOP/s
+    t = gemm_time(1000, 1000, 1000, PLAT, 2)
+    assert t == pytest.approx(2e9 / (1e12 * 0.5 * 1000 / 1100))
+    # skinny: 8 rows run at 0.5 * 8/108 of peak
+    t = gemm_time(8, 1000, 1000, PLAT, 2)
+    assert t == pytest.approx(2 * 8 * 1e6 / (1e12 * 0.5 * 8 / 108))
+    # with slow memory it is memory-bound: 2 B * (8*1000 + 1000*1000 + 8*1000) / 1e9
+    slow = dataclasses.replace(PLAT, hbm_bandwidth=1e9)
+    assert gemm_time(8, 1000, 1000, slow, 2) == pytest.approx(2 * (8000 + 1e6 + 8000) / 1e9)
+    assert gemm_efficiency(100.0, PLAT) == 0.25
+
+
+def test_skinny_expert_gemms_are_slower_per_flop():
+    p = load_platform("dgx-h100")
+    rate = lambda m: 2 * m * 2048 * 7168 / gemm_time(m, 2048, 7168, p)  # noqa: E731
+    assert rate(16) < 0.3 * rate(4096)
+
+
+def test_model_flops_per_token_by_hand():
+    # tiny: 2 * (matmul params a token uses, head included, embedding lookup not) + attention
+    attn = 49152
+    dense = attn + 3 * 128 * 256
+    moe = attn + 128 * 8 + 3 * 128 * 64 + 2 * 3 * 128 * 64
+    matmul = dense + 3 * moe + 512 * 128
+    attention = 4 * 128 * 4 * (32 + 32)  # layers * s * heads * (d_qk + d_v)
+    assert model_flops_per_token(load_model("tiny-moe"), 128) == 2 * matmul + attention
