@@ -2,6 +2,7 @@
 
 import os
 import stat
+import time
 
 import numpy as np
 import pytest
@@ -32,6 +33,27 @@ def test_barrier_times_out_naming_the_missing_peer():
     with pytest.raises(pc.PiperTimeoutError, match=r"rank 4 timed out .* \[5\]"):
         ch.barrier("all_to_all #3 (halo: blocks packed)", 0.2)
     ch.close()
+
+
+def test_dead_local_peer_raises_peer_error_quickly():
+    """A local peer maps the node channel and dies (left a zombie, as under a launcher that
+    has not reaped it yet): the barrier raises PiperPeerError naming it, long before timeout."""
+    prefix = f"/piper-unittest.{os.getpid()}-{os.getpid()}-n2"
+    ch = _C.NodeChannel(prefix, 0, [0, 1], 2, True)
+    pid = os.fork()
+    if pid == 0:  # the peer: map, then die without a word
+        _C.NodeChannel(prefix, 1, [0, 1], 2, False)
+        os._exit(0)
+    try:
+        time.sleep(0.2)
+        ch.unlink()
+        t0 = time.monotonic()
+        with pytest.raises(pc.PiperPeerError, match=r"rank 1 \(pid \d+, same node\) has died"):
+            ch.barrier("all_to_all #9 (halo: counts shared)", 10.0)
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        os.waitpid(pid, 0)
+        ch.close()
 
 
 def test_stale_segment_sweep_spares_live_owners(tmp_path):
