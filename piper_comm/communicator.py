@@ -44,7 +44,8 @@ class Communicator:
     """All-to-all(v) over `size` ranks grouped into nodes.
 
     Attributes: rank, size, node, num_nodes, local_rank, local_size (ints);
-    last_algorithm: "halo" | "flat" | "pairwise" after a call, None before.
+    last_algorithm: "halo" | "flat" | "pairwise" after a call, None before ("halo" on a
+    topology of one-rank nodes runs the flat schedule, which is what HALO reduces to there).
     Every rank must make the same sequence of collective calls. Not thread-safe.
     """
 
@@ -216,11 +217,11 @@ class Communicator:
         if P == 1:
             algo = "flat"
         tag = self._tag(seq, 1)
-        if algo == "halo":
+        if algo == "halo" and self.num_nodes < P:
             self._guard(halo, self._halo, self._transport, sv.data, rv.data, send_bytes,
                         recv_bytes, seq=seq, tag=tag, what=what, deadline=deadline,
                         timeout=self.timeout)
-        else:
+        else:  # flat, pairwise, and halo on one-rank nodes (where HALO's schedule is flat's)
             self._guard(flat, self._transport, sv.data, rv.data, send_bytes, recv_bytes,
                         pairwise=algo == "pairwise", tag=tag, what=what, deadline=deadline,
                         timeout=self.timeout)
