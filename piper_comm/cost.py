@@ -21,7 +21,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Links:
-    """Link parameters per level (defaults: measured on a 2-core CPU host, see bench/results)."""
+    """Link parameters per level. The defaults are rough guesses for one CPU host, not
+    measurements: calibrate them (piper_moe.calibrate) for a real machine."""
 
     alpha_intra: float = 4e-6     # per message between ranks of one node (MPI over shm)
     beta_intra: float = 4e9
