@@ -117,7 +117,15 @@ def init(backend: str | None = None, *, local_size: int | None = None,
     if backend not in ("mpi", "torch", "single"):
         raise PiperUsageError(f"piper: init: unknown backend {backend!r}")
     timeout = timeout if timeout is not None else envs.timeout()
-    transport = _transport(backend, timeout)
+    return connect(_transport(backend, timeout), local_size=local_size, node_ids=node_ids,
+                   timeout=timeout)
+
+
+def connect(transport: Transport, *, local_size: int | None = None,
+            node_ids: list[int] | None = None, timeout: float | None = None) -> Communicator:
+    """Builds a communicator over an existing transport (init() and the torch backend use it):
+    finds who shares a host, maps the node segments. Collective over the transport's ranks."""
+    timeout = timeout if timeout is not None else envs.timeout()
     P, me = transport.size, transport.rank
 
     deadline = time.monotonic() + timeout

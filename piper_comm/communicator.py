@@ -151,7 +151,10 @@ class Communicator:
             self._failed = e
             raise
 
-    def _run(self, op: int, name: str, send, send_counts, recv, recv_counts, algorithm):
+    def _run(self, op: int, name: str, send, send_counts, recv, recv_counts, algorithm,
+             exact_recv: bool = False):
+        """exact_recv (torch.distributed semantics): recv must have exactly the rows that
+        arrive (sum of recv_counts, or send's rows for the equal split)."""
         seq, what, deadline = self._begin(name)
         P, me = self.size, self.rank
         t0 = time.perf_counter()
@@ -188,6 +191,10 @@ class Communicator:
                 err = err if err[0] else e
             if err[0] == A.E_NONE and int(scounts.sum()) != sv.rows:
                 err = (A.E_COUNTS_SUM, int(scounts.sum()), sv.rows)
+        if exact_recv and err[0] == A.E_NONE and rv is not None:
+            want = sv.rows if op == 1 else (int(rcounts.sum()) if rcounts is not None else -1)
+            if want >= 0 and rv.rows != want:
+                err = (A.E_RECV_ROWS, rv.rows, want)
 
         # Cross-rank agreement (or, unchecked, trust the caller).
         S = None

@@ -23,6 +23,10 @@ def _get(name: str) -> str | None:
     return value if value not in (None, "") else None
 
 
+def is_set(name: str) -> bool:
+    return _get(name) is not None
+
+
 def local_size() -> int | None:
     value = _get("PIPER_LOCAL_SIZE")
     if value is None:

@@ -184,25 +184,35 @@ class MpiTransport(Transport):
 
 
 class TorchTransport(Transport):
-    """torch.distributed point-to-point (gloo on CPU) on the default or a given group."""
+    """torch.distributed point-to-point (gloo on CPU) on the default group, a given group, or
+    directly on a c10d backend object (`backend`: ranks are the backend's own)."""
 
     name = "torch"
 
-    def __init__(self, group: Any = None):
+    def __init__(self, group: Any = None, backend: Any = None):
         import torch
         import torch.distributed as dist
 
-        self.torch, self.dist, self.group = torch, dist, group
-        super().__init__(dist.get_rank(group), dist.get_world_size(group))
+        self.torch, self.dist, self.group, self.backend = torch, dist, group, backend
+        if backend is not None:
+            super().__init__(backend.rank(), backend.size())
+        else:
+            super().__init__(dist.get_rank(group), dist.get_world_size(group))
 
     def _global(self, peer: int) -> int:
         return peer if self.group is None else self.dist.get_global_rank(self.group, peer)
 
     def isend(self, buf, peer, tag):
-        return self.dist.isend(self.torch.from_numpy(buf), self._global(peer), self.group, tag)
+        t = self.torch.from_numpy(buf)
+        if self.backend is not None:
+            return self.backend.send([t], peer, tag)
+        return self.dist.isend(t, self._global(peer), self.group, tag)
 
     def irecv(self, buf, peer, tag):
-        return self.dist.irecv(self.torch.from_numpy(buf), self._global(peer), self.group, tag)
+        t = self.torch.from_numpy(buf)
+        if self.backend is not None:
+            return self.backend.recv([t], peer, tag)
+        return self.dist.irecv(t, self._global(peer), self.group, tag)
 
     def wait_all(self, pending: list[Pending], what: str, deadline: float, timeout: float) -> None:
         """gloo's point-to-point work never reports completion before wait() is called, so

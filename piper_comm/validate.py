@@ -87,6 +87,7 @@ def _local_message(code: int, a: int, b: int) -> str:
         A.E_ALGORITHM: "unknown algorithm (expected auto, halo, flat or pairwise)",
         A.E_COUNTS_TYPE: f"{'recv_counts' if a == 1 else 'send_counts'} must be a 1-D sequence "
                          "of integers",
+        A.E_RECV_ROWS: f"output has {a} rows but the split sizes add up to {b} rows",
     }.get(code, f"error {code}")
 
 

@@ -1,0 +1,189 @@
+"""The "piper" torch.distributed backend: `dist.init_process_group("piper")`.
+
+A Python ProcessGroup whose all_to_all_single / all_to_all run on Piper (HALO or flat, chosen
+per call) for CPU tensors; every other collective (all_reduce, broadcast, all_gather,
+reduce_scatter, barrier, send/recv, ...) is delegated to a gloo backend (CPU tensors) or an
+nccl backend (CUDA tensors) built on the same store. CUDA all-to-all is delegated to nccl
+until Piper's GPU path lands (issue 4).
+
+Piper's collectives run when called: `async_op=True` returns a Work that is already complete.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import ProcessGroupGloo
+from torch.futures import Future
+
+from .. import envs
+from ..bootstrap import _detect, connect
+from ..errors import PiperPeerError, PiperTimeoutError
+from ..transport import MpiTransport, TorchTransport
+
+
+class PiperDistTimeoutError(PiperTimeoutError, dist.DistBackendError):
+    """A Piper wait timed out inside torch.distributed (caught as DistBackendError too)."""
+
+
+class PiperDistPeerError(PiperPeerError, dist.DistBackendError):
+    """A peer died inside torch.distributed (caught as DistBackendError too)."""
+
+
+class DoneWork(dist.Work):
+    """The Work of a collective that already ran: wait() returns at once."""
+
+    def __init__(self, result: list[torch.Tensor]):
+        super().__init__()
+        self._result = result
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+    def is_success(self) -> bool:
+        return True
+
+    def result(self) -> list[torch.Tensor]:
+        return self._result
+
+    def get_future(self) -> Future:
+        fut: Future = Future()
+        fut.set_result(self._result)
+        return fut
+
+
+def _as_dist_error(e: Exception) -> Exception:
+    if isinstance(e, PiperTimeoutError):
+        return PiperDistTimeoutError(str(e))
+    if isinstance(e, PiperPeerError):
+        return PiperDistPeerError(str(e))
+    return e
+
+
+class PiperProcessGroup(dist.ProcessGroup):
+    """Created by torch.distributed for backend "piper" (one per group). Attributes:
+    piper_communicator (the Communicator behind all-to-all), gloo (the delegate backend)."""
+
+    def __init__(self, store: Any, rank: int, size: int, timeout: timedelta,
+                 global_ranks: list[int] | None = None):
+        super().__init__(rank, size)
+        self._store, self._timeout = store, timeout
+        self.gloo = ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, timeout)
+        self._nccl = None
+        # PIPER_TIMEOUT when set, else the group's timeout (init_process_group(timeout=...)).
+        seconds = envs.timeout() if envs.is_set("PIPER_TIMEOUT") else timeout.total_seconds()
+        whole_world = global_ranks is None or list(global_ranks) == list(range(size))
+        transport = None
+        if _detect() == "mpi" and whole_world:
+            from mpi4py import MPI
+
+            if MPI.COMM_WORLD.Get_size() == size and MPI.COMM_WORLD.Get_rank() == rank:
+                transport = MpiTransport(MPI.COMM_WORLD, seconds)
+        if transport is None:
+            transport = TorchTransport(backend=self.gloo)
+        self.piper_communicator = connect(transport, timeout=seconds)
+
+    def getBackendName(self) -> str:
+        return "piper"
+
+    @property
+    def nccl(self):
+        """The CUDA delegate, built on first use (NCCL communicators initialise lazily)."""
+        if self._nccl is None:
+            from torch._C._distributed_c10d import ProcessGroupNCCL
+
+            opts = ProcessGroupNCCL.Options()
+            opts._timeout = self._timeout
+            self._nccl = ProcessGroupNCCL(dist.PrefixStore("nccl/", self._store), self.rank(),
+                                          self.size(), opts)
+        return self._nccl
+
+    def _delegate(self, tensors: Any):
+        """gloo for CPU tensors, nccl for CUDA tensors (first tensor found decides)."""
+        t = tensors
+        while isinstance(t, (list, tuple)) and t:
+            t = t[0]
+        return self.nccl if isinstance(t, torch.Tensor) and t.is_cuda else self.gloo
+
+    # -- Piper's collectives
+    def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,
+                      output_split_sizes: list[int], input_split_sizes: list[int],
+                      opts: Any = None) -> dist.Work:
+        if output.is_cuda or input.is_cuda:
+            return self.nccl.alltoall_base(output, input, output_split_sizes,
+                                           input_split_sizes, opts)
+        from .functional import _single
+
+        try:
+            _single(self.piper_communicator, output, input, output_split_sizes,
+                    input_split_sizes, "all_to_all_single")
+        except (PiperTimeoutError, PiperPeerError) as e:
+            raise _as_dist_error(e) from e
+        return DoneWork([output])
+
+    def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
+                 opts: Any = None) -> dist.Work:
+        if any(t.is_cuda for t in (*output_tensors, *input_tensors)):
+            return self.nccl.alltoall(output_tensors, input_tensors, opts)
+        from .functional import _list
+
+        try:
+            _list(self.piper_communicator, output_tensors, input_tensors)
+        except (PiperTimeoutError, PiperPeerError) as e:
+            raise _as_dist_error(e) from e
+        return DoneWork(output_tensors)
+
+    def shutdown(self) -> None:
+        self.piper_communicator.close()
+        self.gloo.shutdown()
+
+    def abort(self) -> None:
+        self.piper_communicator.close()
+        self.gloo.abort()
+
+
+def _delegated(name: str):
+    def method(self, *args, **kwargs):
+        return getattr(self._delegate(args[0] if args else []), name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"Delegated to gloo (CPU tensors) or nccl (CUDA tensors): {name}."
+    return method
+
+
+for _name in ("allreduce", "allreduce_coalesced", "broadcast", "allgather", "_allgather_base",
+              "allgather_coalesced", "allgather_into_tensor_coalesced", "gather", "scatter",
+              "reduce", "reduce_scatter", "_reduce_scatter_base",
+              "reduce_scatter_tensor_coalesced", "send", "recv", "recv_anysource"):
+    setattr(PiperProcessGroup, _name, _delegated(_name))
+
+
+def _barrier(self, opts: Any = None) -> dist.Work:
+    return self.gloo.barrier(opts) if opts is not None else self.gloo.barrier()
+
+
+def _monitored_barrier(self, *args, **kwargs):
+    return self.gloo.monitored_barrier(*args, **kwargs)
+
+
+PiperProcessGroup.barrier = _barrier
+PiperProcessGroup.monitored_barrier = _monitored_barrier
+
+
+def create(opts: Any, backend_options: Any = None) -> PiperProcessGroup:
+    """The creator registered with torch.distributed (extended API)."""
+    return PiperProcessGroup(opts.store, opts.group_rank, opts.group_size, opts.timeout,
+                             list(opts.global_ranks_in_group or []) or None)
+
+
+def register() -> None:
+    """Registers backend "piper" with torch.distributed (idempotent)."""
+    if "PIPER" not in dist.Backend._plugins:
+        dist.Backend.register_backend("piper", create, extended_api=True,
+                                      devices=["cpu", "cuda"])
