@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..communicator import Communicator
+from ..errors import PiperUsageError
 from .groups import resolve
 
 
@@ -26,21 +27,40 @@ def _single(comm: Communicator, output: torch.Tensor, input: torch.Tensor,
     rows_out = output.shape[0] if output.dim() else 0
     send = list(input_split_sizes) if input_split_sizes else [rows_in // P] * P
     recv = list(output_split_sizes) if output_split_sizes else [rows_out // P] * P
-    comm._run(2, name, input, send, output, recv, "auto", exact_recv=True)
+    try:
+        comm._run(2, name, input, send, output, recv, "auto", exact_recv=True)
+    except PiperUsageError as e:  # name the arguments as torch's signature does
+        if not (input_split_sizes or output_split_sizes) and rows_in % P:
+            raise PiperUsageError(f"piper: {name}: input has {rows_in} rows, not divisible "
+                                  f"by the {P} ranks of the group (equal split)") from None
+        raise PiperUsageError(_torch_words(str(e))) from None
+
+
+_WORDS = (("send_counts", "input_split_sizes"), ("recv_counts", "output_split_sizes"),
+          ("recv has", "output has"), ("send has", "input has"), ("send is", "input is"),
+          ("recv is", "output is"), ("recv's", "output's"), ("send's", "input's"))
+
+
+def _torch_words(msg: str) -> str:
+    for a, b in _WORDS:
+        msg = msg.replace(a, b)
+    return msg
 
 
 def _list(comm: Communicator, outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> None:
     """all_to_all with lists: inputs[j] goes to rank j, outputs[i] comes from rank i (shapes
     free, numel must match what the peer sends; one dtype). Sent as one flat all-to-all-v of
     elements, so any mismatch is named on every rank."""
-    P = comm.size
-    if len(inputs) != P or len(outputs) != P:
-        raise ValueError(f"all_to_all: expected {P} input and {P} output tensors, got "
-                         f"{len(inputs)} and {len(outputs)}")
-    send = torch.cat([t.reshape(-1) for t in inputs])
-    recv = torch.empty(sum(o.numel() for o in outputs), dtype=outputs[0].dtype)
-    comm._run(2, "all_to_all", send, [t.numel() for t in inputs], recv,
-              [o.numel() for o in outputs], "auto", exact_recv=True)
+    dtype = inputs[0].dtype if inputs else outputs[0].dtype if outputs else torch.float32
+    send = torch.cat([t.reshape(-1) for t in inputs]) if inputs else torch.empty(0, dtype=dtype)
+    recv = torch.empty(sum(o.numel() for o in outputs), dtype=outputs[0].dtype if outputs
+                       else dtype)
+    try:  # list lengths are checked with the counts, so a wrong length fails on every rank
+        comm._run(2, "all_to_all", send, [t.numel() for t in inputs], recv,
+                  [o.numel() for o in outputs], "auto", exact_recv=True)
+    except PiperUsageError as e:
+        raise PiperUsageError(_torch_words(str(e)).replace("_split_sizes", "_tensor_list")
+                              .replace("entries", "tensors")) from None
     for o, part in zip(outputs, torch.split(recv, [o.numel() for o in outputs])):
         o.copy_(part.view(o.shape))
 
