@@ -1,0 +1,187 @@
+"""Padding-free dispatch and combine of (token, choice) pairs through piper_comm all-to-all-v.
+
+dispatch sorts the pairs by global expert id, so each destination rank's rows are contiguous
+and grouped by its local experts; the [EP, E_local] count matrix travels first (an equal-split
+all-to-all of int64), so every rank knows, without any per-row metadata, which local expert
+each received row belongs to. combine runs the reverse all-to-all and sums each token's
+weighted expert outputs. Both are differentiable: the backward of dispatch's all-to-all is
+combine's exchange and vice versa (piper_comm.torch.AllToAll). Every rank of the
+communicator must call dispatch and combine (and their backward) in the same order.
+
+dispatch_dedup / combine_dedup add node-level dedup in front (X-MoE's redundancy-bypassing
+dispatch): a token crosses to each destination node once and is replicated there by a plain
+dispatch among that node's ranks; on the way back its weighted expert outputs are summed on
+that node before the one row crosses back. Replication is an index_select, so the backward
+sums gradients inside the node too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    """What combine needs to undo a dispatch. Built by `dispatch`, consumed by `combine`.
+
+    pair_order: int64 [N_send], the (token, choice) pair indices (flat, token-major) in the
+        order they were sent; pair_token: int64 [N_send], the token of each sent pair.
+    send_splits / recv_splits: rows sent to / received from each rank (EP ints each).
+    to_expert_order: int64 [N_recv], received row -> position grouped by local expert;
+        from_expert_order: its inverse.
+    expert_counts: rows each local expert gets (E_local ints).
+    tokens: this rank's token count; comm: the communicator (None: single process).
+    """
+
+    pair_order: torch.Tensor
+    pair_token: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    to_expert_order: torch.Tensor
+    from_expert_order: torch.Tensor
+    expert_counts: list[int]
+    tokens: int
+    comm: object
+
+
+def exchange(x: torch.Tensor, send: list[int], recv: list[int], comm) -> torch.Tensor:
+    """Differentiable all-to-all-v of rows (identity without a communicator)."""
+    if comm is None:
+        return x
+    from piper_comm.torch import AllToAll  # imported (collectively) by MoELayer.__init__
+
+    return AllToAll.apply(x.contiguous(), send, recv, comm)
+
+
+def exchange_counts(counts: np.ndarray, comm) -> np.ndarray:
+    """counts int64 [EP, m] (row r: what this rank has for rank r) -> [EP, m] (row s: what
+    rank s has for this rank). Equal-split all-to-all, no autograd."""
+    if comm is None:
+        return counts
+    return np.asarray(comm.all_to_all(np.ascontiguousarray(counts, dtype=np.int64)))
+
+
+def dispatch(x: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor | None,
+             num_experts: int, comm) -> tuple[torch.Tensor, DispatchHandle]:
+    """x [T, hidden], experts int64 [T, k] global ids, keep bool [T, k] or None (all kept) ->
+    (rows [sum(expert_counts), hidden] grouped by this rank's local experts, handle)."""
+    ep = 1 if comm is None else comm.size
+    e_local = num_experts // ep
+    T, k = experts.shape
+    flat = experts.reshape(-1)
+    if keep is not None:
+        kept = keep.reshape(-1).nonzero().squeeze(1)
+        pair_order = kept[torch.argsort(flat[kept], stable=True)]
+    else:
+        pair_order = torch.argsort(flat, stable=True)
+    per_expert = torch.bincount(flat[pair_order], minlength=num_experts).cpu().numpy()
+    send_counts = per_expert.reshape(ep, e_local)
+    recv_counts = exchange_counts(send_counts, comm)
+    send = [int(s) for s in send_counts.sum(axis=1)]
+    recv = [int(r) for r in recv_counts.sum(axis=1)]
+    # Received rows are ordered (source rank, local expert); regroup them by local expert.
+    local_ids = np.repeat(np.tile(np.arange(e_local), ep), recv_counts.reshape(-1))
+    to_expert = torch.from_numpy(np.argsort(local_ids, kind="stable")).to(x.device)
+    from_expert = torch.empty_like(to_expert)
+    from_expert[to_expert] = torch.arange(len(to_expert), device=x.device)
+    pair_token = pair_order // k
+    rows = exchange(x.index_select(0, pair_token), send, recv, comm)
+    handle = DispatchHandle(pair_order, pair_token, send, recv, to_expert, from_expert,
+                            [int(c) for c in recv_counts.sum(axis=0)], T, comm)
+    return rows.index_select(0, to_expert), handle
+
+
+def combine(y: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+    """y [sum(expert_counts), hidden] (dispatch's row order), weights [T, k] -> [T, hidden]:
+    out[t] = sum over t's kept choices c of weights[t, c] * expert_output(t, c)."""
+    back = exchange(y.index_select(0, handle.from_expert_order), handle.recv_splits,
+                    handle.send_splits, handle.comm)
+    w = weights.reshape(-1).index_select(0, handle.pair_order).unsqueeze(1)
+    out = back.new_zeros(handle.tokens, back.shape[1])
+    return out.index_add(0, handle.pair_token, back * w)
+
+
+@dataclass(frozen=True)
+class DedupHandle:
+    """What combine_dedup needs to undo a dispatch_dedup.
+
+    row_token: int64 [N_rows], the token of each (token, destination node) row sent, in send
+        order (by gateway rank, then token); send_splits / recv_splits: rows sent to / received
+        from each rank in the inter-node stage; weights: [R, top_k] the received rows' combine
+        weights (0 where the slot is for no expert of this node); inner: the gateway's
+        intra-node DispatchHandle; inter_node_rows_saved: (token, choice) pairs of this rank
+        minus (token, node) rows of this rank that cross to other nodes.
+    """
+
+    row_token: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    weights: torch.Tensor
+    inner: DispatchHandle
+    tokens: int
+    inter_node_rows_saved: int
+
+
+def gateways(comm) -> np.ndarray:
+    """int64 [max node id + 1]: the rank of each node that receives this rank's rows for it,
+    ranks of a node taken in rank order and matched by local rank (a rail, as in HALO)."""
+    node_of = np.asarray(comm._node_of)
+    gw = np.full(int(node_of.max()) + 1, -1, dtype=np.int64)
+    for n in np.unique(node_of):
+        ranks = np.flatnonzero(node_of == n)
+        gw[n] = ranks[comm.local_rank % len(ranks)]
+    return gw
+
+
+def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                   keep: torch.Tensor | None, num_experts: int,
+                   comm) -> tuple[torch.Tensor, DedupHandle]:
+    """Node-level deduplicated dispatch: each token crosses to a node once, whatever the number
+    of its experts there, then is replicated inside that node.
+
+    Stage 1: for every (token, node) with at least one chosen expert on the node, one row goes
+    to the node's gateway (`gateways`), with the token's expert ids there (int64 [k], -1 for
+    slots of other nodes) and their weights ([k], differentiable). Stage 2: the gateway
+    dispatches the received rows to the experts of its node (`dispatch`, intra-node only).
+    x [T, hidden], experts int64 [T, k], weights [T, k], keep bool [T, k] or None ->
+    (rows grouped by this rank's local experts, handle). Collective, like dispatch.
+    """
+    ep, T = comm.size, experts.shape[0]
+    e_local = num_experts // ep
+    node_of = torch.from_numpy(np.asarray(comm._node_of, dtype=np.int64)).to(x.device)
+    pair_node = node_of[experts // e_local]
+    valid = torch.ones_like(experts, dtype=torch.bool) if keep is None else keep
+    pair_gw = torch.from_numpy(gateways(comm)).to(x.device)[pair_node]
+    sent = torch.zeros(ep, T, dtype=torch.bool, device=x.device)
+    sent[pair_gw[valid], valid.nonzero()[:, 0]] = True
+    row_gw, row_token = sent.nonzero(as_tuple=True)
+    mine = valid.index_select(0, row_token) & (pair_gw.index_select(0, row_token)
+                                               == row_gw.unsqueeze(1))
+    ids = torch.where(mine, experts.index_select(0, row_token), -1)
+    w = weights.index_select(0, row_token) * mine
+    send_counts = torch.bincount(row_gw, minlength=ep).cpu().numpy().reshape(ep, 1)
+    send = [int(s) for s in send_counts[:, 0]]
+    recv = [int(r) for r in exchange_counts(send_counts, comm)[:, 0]]
+    x_recv = exchange(x.index_select(0, row_token), send, recv, comm)
+    w_recv = exchange(w, send, recv, comm)
+    ids_recv, _ = comm.all_to_all_v(ids.cpu().contiguous(), send, recv_counts=recv)
+    ids_recv = ids_recv.to(x.device)
+    rows, inner = dispatch(x_recv, ids_recv, ids_recv >= 0, num_experts, comm)
+    remote = pair_node[valid] != comm.node
+    remote_rows = int((node_of[row_gw] != comm.node).sum())
+    handle = DedupHandle(row_token, send, recv, w_recv, inner, T,
+                         int(remote.sum()) - remote_rows)
+    return rows, handle
+
+
+def combine_dedup(y: torch.Tensor, handle: DedupHandle) -> torch.Tensor:
+    """Reverse of dispatch_dedup: y [sum(inner.expert_counts), hidden] -> [T, hidden]. The
+    weighted outputs of a token's experts on one node are summed on that node's gateway, so
+    one row per (token, node) crosses back."""
+    partial = combine(y, handle.weights, handle.inner)
+    back = exchange(partial, handle.recv_splits, handle.send_splits, handle.inner.comm)
+    out = back.new_zeros(handle.tokens, back.shape[1])
+    return out.index_add(0, handle.row_token, back)

@@ -1,0 +1,83 @@
+"""SwiGLU experts: this rank's routed experts (stacked) and the dense shared expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MoEConfig
+from .init import SHARED_ID, generator, swiglu_weights
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """(silu(x w1) * (x w3)) w2 for x [N, hidden], w1/w3 [hidden, ffn], w2 [ffn, hidden]."""
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm wants float32/bf16/fp16 and 16-byte aligned row strides (checked
+    on torch 2.8+ CPU; float64 is refused)."""
+    return (hasattr(torch, "_grouped_mm") and x.dtype in (torch.float32, torch.bfloat16,
+                                                            torch.float16)
+            and all(d * x.element_size() % 16 == 0 for d in (w.shape[1], w.shape[2])))
+
+
+class Experts(nn.Module):
+    """The E_local routed experts of one rank, global ids first .. first + E_local - 1.
+
+    Parameters w1, w3 [E_local, hidden, ffn] and w2 [E_local, ffn, hidden]; expert `first + j`
+    is initialised from generator(seed, first + j) alone.
+    """
+
+    def __init__(self, cfg: MoEConfig, first: int, count: int, seed: int, dtype, device):
+        super().__init__()
+        ws = [swiglu_weights(generator(seed, first + j), cfg.hidden, cfg.ffn_hidden, dtype)
+              for j in range(count)]
+        self.first, self.count = first, count
+        self.w1 = nn.Parameter(torch.stack([w[0] for w in ws]).to(device))
+        self.w3 = nn.Parameter(torch.stack([w[1] for w in ws]).to(device))
+        self.w2 = nn.Parameter(torch.stack([w[2] for w in ws]).to(device))
+
+    def forward(self, x: torch.Tensor, counts: list[int], grouped: bool | None = None
+                ) -> torch.Tensor:
+        """x [sum(counts), hidden], rows grouped by local expert (counts[j] rows for expert j,
+        no padding) -> [sum(counts), hidden] in the same order.
+
+        grouped: use torch._grouped_mm (None: when dtype and shapes allow it); else a loop of
+        one GEMM chain per non-empty expert.
+        """
+        if grouped is None:
+            grouped = _grouped_mm_ok(x, self.w1) and _grouped_mm_ok(x, self.w2)
+        if grouped and x.shape[0] > 0:
+            offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+            h = F.silu(torch._grouped_mm(x, self.w1, offs=offs)) * torch._grouped_mm(
+                x, self.w3, offs=offs)
+            return torch._grouped_mm(h, self.w2, offs=offs)
+        outs, start = [], 0
+        for j, n in enumerate(counts):
+            if n:
+                outs.append(swiglu(x[start:start + n], self.w1[j], self.w3[j], self.w2[j]))
+            start += n
+        if not outs:  # still tied to x and the weights, so every rank's backward runs the
+            # same collectives (the combine all-to-all's backward) even with no rows here
+            return swiglu(x, self.w1[0], self.w3[0], self.w2[0])
+        return torch.cat(outs)
+
+
+class SharedExpert(nn.Module):
+    """num_shared_experts dense experts fused into one SwiGLU of width ffn_hidden * count,
+    replicated on every rank (its gradients are per-rank partial sums, like any data-parallel
+    parameter)."""
+
+    def __init__(self, cfg: MoEConfig, seed: int, dtype, device):
+        super().__init__()
+        w1, w3, w2 = swiglu_weights(generator(seed, SHARED_ID), cfg.hidden,
+                                    cfg.ffn_hidden * cfg.num_shared_experts, dtype)
+        self.w1 = nn.Parameter(w1.to(device))
+        self.w3 = nn.Parameter(w3.to(device))
+        self.w2 = nn.Parameter(w2.to(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
+        return swiglu(x, self.w1, self.w3, self.w2)

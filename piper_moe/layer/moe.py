@@ -1,0 +1,131 @@
+"""MoELayer: router + padding-free expert-parallel dispatch + SwiGLU experts + shared expert."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import MoEConfig
+from .dispatch import combine, combine_dedup, dispatch, dispatch_dedup, exchange_counts
+from .experts import Experts, SharedExpert
+from .router import Router, balance_loss, capacity_keep
+
+EXPERT_KEYS = ("experts.w1", "experts.w3", "experts.w2")
+
+
+class MoELayer(nn.Module):
+    """A DeepSeek-style MoE layer whose routed experts are spread over the ranks of `comm`.
+
+    MoELayer(cfg, comm=None, seed=0, dtype=torch.float32, device="cpu", dedup=True)
+        comm: a piper_comm.Communicator (EP = comm.size) or None (one process, EP = 1).
+        dedup: node-level dedup (dispatch_dedup): a token crosses to each node once and is
+            replicated there; its partial outputs are summed there before crossing back. Same
+            results as dedup=False (up to summation order); needs comm.
+        Expert e lives on rank e // (num_experts // EP). Weights depend on (seed, global
+        expert id) only, so every EP layout holds the same global model. Construction is
+        collective when comm is given (every rank builds its layer).
+
+    y = layer(x): x [T, hidden], this rank's tokens (T may differ per rank, including 0);
+        returns [T, hidden]. Collective: every rank calls forward, and backward through y, in
+        the same order. After forward:
+        layer.aux_loss: 0-d tensor, this rank's share of the balancing loss (shares sum to the
+            global-batch loss; add it to this rank's loss);
+        layer.stats: tokens_per_expert (global, all experts), bytes_sent_intra_node and
+            bytes_sent_inter_node (hidden-state rows this rank sends to other ranks in dispatch
+            and combine, by whether the peer shares this rank's node; the routing metadata of
+            dedup, k ids and weights per row, is not counted), bytes_saved_by_dedup (the
+            inter-node bytes of this rank's tokens, there and back, that dedup avoided).
+        In training mode with bias_update_rate > 0 the router bias then moves toward balance.
+
+    Replicated parameters (router, shared expert) get per-rank partial gradients: sum them
+    over ranks (data-parallel all-reduce) to get the global-batch gradient.
+    """
+
+    def __init__(self, cfg: MoEConfig, comm=None, seed: int = 0, dtype=torch.float32,
+                 device="cpu", dedup: bool = True):
+        super().__init__()
+        ep = 1 if comm is None else comm.size
+        if cfg.num_experts % ep:
+            raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the "
+                             f"expert-parallel size EP={ep} (comm.size)")
+        if comm is not None:
+            import piper_comm.torch  # noqa: F401  (collective on first import under MPI)
+        self.cfg, self.comm, self.ep = cfg, comm, ep
+        self.dedup = dedup and comm is not None
+        self.rank = 0 if comm is None else comm.rank
+        self.e_local = cfg.num_experts // ep
+        self.router = Router(cfg, seed, dtype, device)
+        self.experts = Experts(cfg, self.rank * self.e_local, self.e_local, seed, dtype, device)
+        self.shared = (SharedExpert(cfg, seed, dtype, device) if cfg.num_shared_experts
+                       else None)
+        self.aux_loss = torch.zeros((), dtype=dtype, device=device)
+        self.stats: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; collective (see the class docstring)."""
+        cfg = self.cfg
+        routing = self.router(x)
+        keep = (capacity_keep(routing.experts, cfg) if cfg.capacity_factor is not None
+                else None)
+        chosen = routing.experts if keep is None else routing.experts[keep]
+        local = np.zeros(cfg.num_experts + 1, dtype=np.int64)
+        local[:-1] = torch.bincount(chosen.reshape(-1), minlength=cfg.num_experts).cpu().numpy()
+        local[-1] = x.shape[0]
+        load = self._all_reduce(local)
+        global_load = torch.from_numpy(load[:-1]).to(x.device)
+        self.aux_loss = (balance_loss(routing.probs, global_load, int(load[-1]), cfg)
+                         if cfg.aux_loss_coef else routing.probs.sum() * 0)
+        row_bytes = x.element_size() * cfg.hidden
+        if self.dedup:
+            rows, handle = dispatch_dedup(x, routing.experts, routing.weights, keep,
+                                          cfg.num_experts, self.comm)
+            y = combine_dedup(self.experts(rows, handle.inner.expert_counts), handle)
+            self.stats = self._stats(load[:-1], [handle, handle.inner], row_bytes,
+                                     2 * row_bytes * handle.inter_node_rows_saved)
+        else:
+            rows, handle = dispatch(x, routing.experts, keep, cfg.num_experts, self.comm)
+            y = combine(self.experts(rows, handle.expert_counts), routing.weights, handle)
+            self.stats = self._stats(load[:-1], [handle], row_bytes, 0)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        if self.training and cfg.bias_update_rate:
+            self.router.update_bias(global_load)
+        return y
+
+    def _all_reduce(self, v: np.ndarray) -> np.ndarray:
+        """Sum of int64 vector v over ranks (an equal-split all-to-all of EP copies)."""
+        return exchange_counts(np.tile(v, (self.ep, 1)), self.comm).sum(axis=0)
+
+    def _stats(self, load: np.ndarray, handles: list, row_bytes: int, saved: int) -> dict:
+        """handles: the exchanges of this forward (each with send_splits / recv_splits)."""
+        intra = inter = 0
+        if self.comm is not None:
+            for r in range(self.ep):
+                if r == self.rank:
+                    continue
+                b = sum(h.send_splits[r] + h.recv_splits[r] for h in handles) * row_bytes
+                if self.comm._node_of[r] == self.comm.node:
+                    intra += b
+                else:
+                    inter += b
+        return {"tokens_per_expert": [int(n) for n in load], "bytes_sent_intra_node": intra,
+                "bytes_sent_inter_node": inter, "bytes_saved_by_dedup": saved}
+
+    # -- whole-model state across layouts
+    def global_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model (all experts, global order) as detached CPU tensors. Collective."""
+        sd = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        for key in EXPERT_KEYS:
+            mine = sd[key]
+            if self.comm is not None:
+                tiled = mine.unsqueeze(0).expand(self.ep, *mine.shape).reshape(
+                    -1, *mine.shape[1:]).contiguous()
+                sd[key] = self.comm.all_to_all(tiled)
+        return sd
+
+    def load_global_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Loads a full model (as global_state_dict returns, from any layout): this rank's
+        expert slice and the replicated tensors. Local; every rank passes the same sd."""
+        lo, hi = self.rank * self.e_local, (self.rank + 1) * self.e_local
+        self.load_state_dict({k: (v[lo:hi] if k in EXPERT_KEYS else v) for k, v in sd.items()})

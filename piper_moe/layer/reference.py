@@ -1,0 +1,50 @@
+"""ReferenceMoE: the plain single-process MoE the tests (and the benchmark) compare against.
+
+Same parameters, names and initialisation as MoELayer with comm=None (so state dicts move
+between them), but the textbook computation: for each expert, index_select its tokens, run the
+SwiGLU, index_add the weighted result. No sorting, no all-to-all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import MoEConfig
+from .experts import Experts, SharedExpert, swiglu
+from .router import Router, balance_loss, capacity_keep
+
+
+class ReferenceMoE(nn.Module):
+    """y = ref(x) for the whole batch x [T, hidden] -> [T, hidden]; ref.aux_loss after it.
+    Training-mode bias updates behave as in MoELayer."""
+
+    def __init__(self, cfg: MoEConfig, seed: int = 0, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg, seed, dtype, device)
+        self.experts = Experts(cfg, 0, cfg.num_experts, seed, dtype, device)
+        self.shared = (SharedExpert(cfg, seed, dtype, device) if cfg.num_shared_experts
+                       else None)
+        self.aux_loss = torch.zeros((), dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        routing = self.router(x)
+        chosen = routing.experts
+        if cfg.capacity_factor is not None:
+            chosen = chosen.masked_fill(~capacity_keep(chosen, cfg), -1)
+        out = torch.zeros_like(x)
+        for e in range(cfg.num_experts):
+            token, choice = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                h = swiglu(x.index_select(0, token), self.experts.w1[e], self.experts.w3[e],
+                           self.experts.w2[e])
+                out = out.index_add(0, token, h * routing.weights[token, choice].unsqueeze(1))
+        load = torch.bincount(chosen[chosen >= 0], minlength=cfg.num_experts)
+        self.aux_loss = balance_loss(routing.probs, load, x.shape[0], cfg)
+        if self.training and cfg.bias_update_rate:
+            self.router.update_bias(load)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
