@@ -21,7 +21,8 @@ class MoELayer(nn.Module):
         comm: a piper_comm.Communicator (EP = comm.size) or None (one process, EP = 1).
         dedup: node-level dedup (dispatch_dedup): a token crosses to each node once and is
             replicated there; its partial outputs are summed there before crossing back. Same
-            results as dedup=False (up to summation order); needs comm.
+            results as dedup=False (up to summation order); used when comm spans several
+            nodes.
         Expert e lives on rank e // (num_experts // EP). Weights depend on (seed, global
         expert id) only, so every EP layout holds the same global model. Construction is
         collective when comm is given (every rank builds its layer).
@@ -52,7 +53,8 @@ class MoELayer(nn.Module):
         if comm is not None:
             import piper_comm.torch  # noqa: F401  (collective on first import under MPI)
         self.cfg, self.comm, self.ep = cfg, comm, ep
-        self.dedup = dedup and comm is not None
+        # On one node dedup has nothing to save and only adds a hop through the gateway.
+        self.dedup = dedup and comm is not None and comm.num_nodes > 1
         self.rank = 0 if comm is None else comm.rank
         self.e_local = cfg.num_experts // ep
         self.router = Router(cfg, seed, dtype, device)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Records the MoE layer benchmark (piper_moe.bench_layer: Piper's expert-parallel MoELayer,
+# with and without node dedup, vs the plain data-parallel PyTorch ReferenceMoE; forward +
+# backward) on this CPU host into bench/results/moe_layer_cpu_np{N}_ls{K}[_TAG].{txt,json}:
+#   np4_ls2       4 ranks as 2 emulated nodes of 2, default shape (16 experts, top-4)
+#   np8_ls4       8 ranks as 2 emulated nodes of 4, default shape
+#   np4_ls2_e64   4 ranks, 64 experts top-6 (8 groups, 4 chosen): more experts per rank
+# Each .txt starts with a header (date, git, machine, exact command); about 1-2 minutes in all.
+# Usage: bench/run_moe_layer.sh [extra bench flags, e.g. --iters 20]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=bench/results
+mkdir -p "$OUT"
+run() {  # run NP LS TAG [bench flags...]
+  local np=$1 ls=$2 tag=$3
+  shift 3
+  local base="$OUT/moe_layer_cpu_np${np}_ls${ls}${tag}"
+  local cmd=(.venv/bin/mpirun -genv PIPER_LOCAL_SIZE "$ls" -n "$np" .venv/bin/python
+             -m piper_moe.bench_layer --json "$base.json" "$@")
+  {
+    echo "# date -u: $(date -u '+%Y-%m-%dT%H:%M:%SZ')  git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)  machine: nproc $(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
+    echo "# command: ${cmd[*]}"
+  } > "$base.txt"
+  echo "== $base" >&2
+  local start
+  start=$(date +%s)
+  "${cmd[@]}" >> "$base.txt"
+  echo "# wall time: $(( $(date +%s) - start )) s" >> "$base.txt"
+}
+run 4 2 "" "$@"
+run 8 4 "" "$@"
+run 4 2 _e64 --iters 5 --warmup 2 --num-experts 64 --top-k 6 --num-groups 8 --topk-groups 4 "$@"
