@@ -146,6 +146,6 @@ def test_same_model_any_layout():
     """Expert e's weights depend on (seed, e) only: rank 1 of EP=2 holds experts 4..7."""
     cfg = MoEConfig(**BASE)
     full = MoELayer(cfg, seed=7)
-    half = MoELayer(cfg, comm=SimpleNamespace(size=2, rank=1), seed=7)
+    half = MoELayer(cfg, comm=SimpleNamespace(size=2, rank=1, num_nodes=2), seed=7)
     assert torch.equal(half.experts.w2, full.experts.w2[4:])
     assert torch.equal(half.router.weight, full.router.weight)
