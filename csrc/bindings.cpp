@@ -57,6 +57,35 @@ py::dict build_info() {
   return info;
 }
 
+// CUDA block copies (csrc/cuda/api.hpp). Without CUDA the same names exist and raise
+// PiperUsageError "built without CUDA": a CUDA call never does nothing silently.
+void cuda_copy_blocks(uintptr_t src, uintptr_t dst, uintptr_t blocks, int64_t num_blocks,
+                      uintptr_t stream) {
+#ifdef PIPER_WITH_CUDA
+  piper::cuda::copy_blocks(reinterpret_cast<const void*>(src), reinterpret_cast<void*>(dst),
+                           reinterpret_cast<const int64_t*>(blocks), num_blocks, stream);
+#else
+  (void)src, (void)dst, (void)blocks, (void)num_blocks, (void)stream;
+  throw piper::Error(piper::ErrorCode::kUsage,
+                     "piper: cuda_copy_blocks: piper_comm._C was built without CUDA");
+#endif
+}
+
+void cuda_alltoallv(bool pack, uintptr_t src, uintptr_t dst, uintptr_t counts, int64_t num_peers,
+                    int64_t row_bytes, int64_t slot_bytes, uintptr_t stream) {
+#ifdef PIPER_WITH_CUDA
+  auto* fn = pack ? &piper::cuda::pack_alltoallv : &piper::cuda::unpack_alltoallv;
+  fn(reinterpret_cast<const void*>(src), reinterpret_cast<void*>(dst),
+     reinterpret_cast<const int64_t*>(counts), num_peers, row_bytes, slot_bytes, stream);
+#else
+  (void)src, (void)dst, (void)counts, (void)num_peers, (void)row_bytes, (void)slot_bytes,
+      (void)stream;
+  throw piper::Error(piper::ErrorCode::kUsage,
+                     piper::fmt("piper: cuda_", pack ? "pack" : "unpack",
+                                "_alltoallv: piper_comm._C was built without CUDA"));
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -136,6 +165,37 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("src"), py::arg("src_bytes"), py::arg("dst"), py::arg("dst_bytes"),
       py::arg("blocks"), "Copies every block of `blocks` from address src to address dst.");
+
+  m.def("cuda_copy_blocks", &cuda_copy_blocks, py::arg("src_ptr"), py::arg("dst_ptr"),
+        py::arg("blocks_dev_ptr"), py::arg("num_blocks"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Copies blocks between device buffers in one launch on `stream`, no host sync.\n"
+        "src_ptr, dst_ptr: device addresses (int). blocks_dev_ptr: device address of int64\n"
+        "[3, num_blocks] (src offsets, dst offsets, byte counts; a CopyList). stream: a\n"
+        "cudaStream_t as int (torch: torch.cuda.current_stream().cuda_stream). Units: bytes.");
+  m.def(
+      "cuda_pack_alltoallv",
+      [](uintptr_t src, uintptr_t dst, uintptr_t counts, int64_t num_peers, int64_t row_bytes,
+         int64_t slot_bytes, uintptr_t stream) {
+        cuda_alltoallv(true, src, dst, counts, num_peers, row_bytes, slot_bytes, stream);
+      },
+      py::arg("src_ptr"), py::arg("dst_ptr"), py::arg("counts_dev_ptr"), py::arg("num_peers"),
+      py::arg("row_bytes"), py::arg("slot_bytes"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "All-to-all(v) pack on `stream`, no host sync: src holds counts[p] rows (row_bytes each)\n"
+      "per peer p back to back; peer p's rows go to dst + p * slot_bytes. counts_dev_ptr: device\n"
+      "address of int64 [num_peers] (rows; counts[p] * row_bytes <= slot_bytes, unchecked).");
+  m.def(
+      "cuda_unpack_alltoallv",
+      [](uintptr_t src, uintptr_t dst, uintptr_t counts, int64_t num_peers, int64_t row_bytes,
+         int64_t slot_bytes, uintptr_t stream) {
+        cuda_alltoallv(false, src, dst, counts, num_peers, row_bytes, slot_bytes, stream);
+      },
+      py::arg("src_ptr"), py::arg("dst_ptr"), py::arg("counts_dev_ptr"), py::arg("num_peers"),
+      py::arg("row_bytes"), py::arg("slot_bytes"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Inverse of cuda_pack_alltoallv: counts[p] rows from src + p * slot_bytes go to dst,\n"
+      "back to back in peer order. Same arguments and units.");
 
   using piper::host::NodeChannel;
   py::class_<NodeChannel>(m, "NodeChannel", "Shared memory of one node (csrc/host/node_channel.hpp).")
