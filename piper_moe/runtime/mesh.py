@@ -1,0 +1,150 @@
+"""The PP x DP (x EP) process mesh of a training run, and its groups.
+
+Rank order, innermost first: ep, edp, pp. A pipeline stage owns `dp` consecutive ranks
+(its data-parallel replicas); inside a stage, the routed experts are spread over `ep`
+consecutive ranks (an EP group) and the dp / ep EP groups hold copies of them (EDP). This is
+the resource model's layout (piper_moe/model/strategy.py, "MoE parallel folding" with tp=1),
+and it keeps an EP group inside one node whenever ep divides the ranks per node: the
+paper's point, the all-to-all stays on the fast local fabric. `Mesh.describe()` says where
+each group landed; an EP group that spans nodes still works (HALO then aggregates it).
+
+Groups built here (every rank builds all of them, in the same order: collective):
+    ep_comm:  piper_comm Communicator of this rank's EP group (MoE dispatch/combine), with the
+              node ids of the world, so emulated nodes stay what they are.
+    dp_comm:  piper_comm Communicator of the stage's dp ranks (the MoE balancing statistics
+              of the whole data-parallel micro-batch); None when dp == 1.
+    dp_group / edp_group: torch.distributed groups for the gradient all-reduce of replicated
+              weights (dp) and of expert weights (dp / ep copies); None when of size 1.
+    prev_rank / next_rank: the neighbouring pipeline ranks of this replica (None at the ends).
+One process (world 1) needs no torch.distributed: every group is None.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("piper.moe")
+
+
+@dataclass
+class Mesh:
+    pp: int
+    dp: int
+    ep: int
+    rank: int = 0
+    world: int = 1
+    node_of: list[int] = field(default_factory=lambda: [0])
+    ep_comm: Any = None
+    dp_comm: Any = None
+    dp_group: Any = None
+    edp_group: Any = None
+    world_group: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("pp", "dp", "ep"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"mesh: {name} must be a positive int, got {v!r}")
+        if self.pp * self.dp != self.world:
+            raise ValueError(f"mesh: pp * dp = {self.pp} * {self.dp} = {self.pp * self.dp} "
+                             f"but the job has {self.world} ranks")
+        if self.dp % self.ep:
+            raise ValueError(f"mesh: ep={self.ep} must divide dp={self.dp} (the experts of a "
+                             f"stage are spread over its data-parallel ranks)")
+
+    # -- coordinates
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank % self.dp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep
+
+    def stage_ranks(self, pp_rank: int | None = None) -> list[int]:
+        s = self.pp_rank if pp_rank is None else pp_rank
+        return list(range(s * self.dp, (s + 1) * self.dp))
+
+    def ep_ranks(self) -> list[int]:
+        base = self.pp_rank * self.dp + (self.dp_rank // self.ep) * self.ep
+        return list(range(base, base + self.ep))
+
+    def edp_ranks(self) -> list[int]:
+        base = self.pp_rank * self.dp + self.ep_rank
+        return list(range(base, base + self.dp, self.ep))
+
+    @property
+    def prev_rank(self) -> int | None:
+        return self.rank - self.dp if self.pp_rank > 0 else None
+
+    @property
+    def next_rank(self) -> int | None:
+        return self.rank + self.dp if self.pp_rank < self.pp - 1 else None
+
+    def rank_of_stage(self, pp_rank: int) -> int:
+        """The rank that runs pipeline rank `pp_rank` for this replica."""
+        return pp_rank * self.dp + self.dp_rank
+
+    def describe(self) -> str:
+        spans = len({self.node_of[r] for r in self.ep_ranks()})
+        where = "inside one node" if spans == 1 else f"across {spans} nodes (HALO aggregates)"
+        return (f"mesh pp={self.pp} x dp={self.dp} (ep={self.ep}, edp={self.dp // self.ep}) "
+                f"on {self.world} ranks / {len(set(self.node_of))} nodes; EP group "
+                f"{self.ep_ranks()} {where}")
+
+
+def build_mesh(pp: int, dp: int, ep: int) -> Mesh:
+    """Builds the mesh and its groups (collective over the job). torch.distributed must be
+    initialised when the job has more than one rank (see piper_moe.train.launch)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        mesh = Mesh(pp, dp, ep)
+        if ep != 1:
+            mesh.ep_comm = None  # one process: EP == 1 by construction (Mesh checks dp % ep)
+        return mesh
+    from piper_comm.torch import resolve
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    world_comm = resolve(None)
+    node_of = [int(n) for n in world_comm._node_of]
+    mesh = Mesh(pp, dp, ep, rank=rank, world=world, node_of=node_of,
+                world_group=dist.group.WORLD)
+
+    def groups(lists: list[list[int]]) -> Any:
+        mine = None
+        for ranks in lists:  # every rank creates every group, same order
+            g = dist.new_group(ranks, backend="gloo") if len(ranks) > 1 else None
+            if rank in ranks:
+                mine = g
+        return mine
+
+    stages = [list(range(s * dp, (s + 1) * dp)) for s in range(pp)]
+    ep_lists = [st[i:i + ep] for st in stages for i in range(0, dp, ep)]
+    edp_lists = [st[j::ep] for st in stages for j in range(ep)]
+    mesh.dp_group = groups(stages)
+    mesh.edp_group = groups(edp_lists)
+    ep_group = groups(ep_lists)
+    mesh.ep_comm = _communicator(mesh.ep_ranks(), ep_group, node_of) if ep > 1 else None
+    if dp > 1 and dp != ep:
+        mesh.dp_comm = _communicator(mesh.stage_ranks(), mesh.dp_group, node_of)
+    elif dp > 1:
+        mesh.dp_comm = mesh.ep_comm
+    log.info("piper_moe: %s", mesh.describe())
+    return mesh
+
+
+def _communicator(ranks: list[int], group: Any, node_of: list[int]):
+    """A piper_comm Communicator over `ranks` (a torch group), keeping the world's node ids."""
+    from piper_comm.bootstrap import connect
+    from piper_comm.transport import TorchTransport
+
+    first: dict[int, int] = {}
+    ids = [first.setdefault(node_of[r], len(first)) for r in ranks]  # renumbered 0, 1, ...
+    return connect(TorchTransport(group), node_ids=ids)

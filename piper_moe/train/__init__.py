@@ -1,0 +1,1 @@
+"""Training: atomic multi-rank checkpoints (checkpoint.py) and the training loop."""

@@ -1,0 +1,127 @@
+"""Training configuration: one YAML file (``piper_moe/configs/train/<name>.yaml`` or a path).
+
+    model: tiny-moe                 # a model file of piper_moe/configs/models (or a path)
+    platform: cpu-host              # for strategy: auto and the end-of-run prediction
+    seed: 0
+    steps: 200
+    moe: {aux_loss_coef: 0.01, bias_update_rate: 0.0}      # MoEConfig overrides
+    strategy: {pp: 2, dp: 2, ep: 2, schedule: 1f1b, vpp: 1}  # or: strategy: auto
+    batch: {micro_batch: 2, global_batch: 16, seq_len: 64}   # sequences; micro_batch per replica
+    optim: {lr: 3.0e-3, min_lr: 3.0e-4, warmup: 10, weight_decay: 0.0, betas: [0.9, 0.95],
+            eps: 1.0e-8, clip: 1.0}
+    data: {kind: markov, seed: 0, branching: 8}               # or {kind: tokens, path: ...}
+    rebalance: {enabled: true, threshold: 1.3, patience: 3, max_swaps: 2, window: 5}
+    checkpoint: {dir: runs/tiny, every: 50, keep: 2}          # dir null: no checkpoints
+    log_every: 10
+
+Unknown keys are errors (a typo must not silently fall back to a default). With
+``strategy: auto`` the resource model's planner picks pp, dp, ep and the schedule for the
+job's world size (runtime limits: tp = 1, no recompute; see plan_for_world).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
+
+DEFAULTS: dict[str, Any] = {
+    "model": "tiny-moe",
+    "platform": "cpu-host",
+    "seed": 0,
+    "steps": 100,
+    "moe": {},
+    "strategy": {"pp": 1, "dp": 1, "ep": 1, "schedule": "1f1b", "vpp": 1},
+    "batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 64},
+    "optim": {"lr": 3.0e-3, "min_lr": 3.0e-4, "warmup": 10, "weight_decay": 0.0,
+              "betas": [0.9, 0.95], "eps": 1.0e-8, "clip": 1.0},
+    "data": {"kind": "markov", "seed": 0, "branching": 8},
+    "rebalance": {"enabled": False, "threshold": 1.3, "patience": 3, "max_swaps": 2,
+                  "window": 5},
+    "checkpoint": {"dir": None, "every": 50, "keep": 2},
+    "log_every": 10,
+    "dtype": "float32",
+    "device": "cpu",
+}
+FREE_FORM = {"moe", "data"}  # passed through to MoEConfig / data.make_source (they validate)
+
+
+def _merge(base: dict, over: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key not in base:
+            raise ValueError(f"train config: unknown key {where}{key!r}; known: "
+                             f"{sorted(base)}")
+        if isinstance(base[key], dict) and key not in FREE_FORM and value != "auto":
+            if not isinstance(value, dict):
+                raise ValueError(f"train config: {where}{key} must be a mapping, got {value!r}")
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise FileNotFoundError(f"train config {p} not found")
+        return p
+    q = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not q.exists():
+        shipped = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no train config named {name_or_path!r}; shipped: {shipped}")
+    return q
+
+
+def load(name_or_path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """The merged config dict (defaults <- file <- overrides), validated."""
+    data: dict = {}
+    if name_or_path is not None:
+        with open(resolve_path(name_or_path)) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"train config {name_or_path}: top level must be a mapping")
+    cfg = _merge(DEFAULTS, data, "")
+    if overrides:
+        cfg = _merge(cfg, overrides, "")
+    b = cfg["batch"]
+    for k in ("micro_batch", "global_batch", "seq_len"):
+        if not isinstance(b[k], int) or b[k] < 1:
+            raise ValueError(f"train config: batch.{k} must be a positive int, got {b[k]!r}")
+    if not isinstance(cfg["steps"], int) or cfg["steps"] < 0:
+        raise ValueError(f"train config: steps must be an int >= 0, got {cfg['steps']!r}")
+    return cfg
+
+
+def num_micro(cfg: dict, dp: int) -> int:
+    b = cfg["batch"]
+    per = b["micro_batch"] * dp
+    if b["global_batch"] % per:
+        raise ValueError(f"train config: global_batch={b['global_batch']} must be a multiple "
+                         f"of micro_batch * dp = {b['micro_batch']} * {dp}")
+    return b["global_batch"] // per
+
+
+def plan_for_world(cfg: dict, world: int) -> dict:
+    """strategy: auto -> the fastest strategy the runtime can run (tp=1, recompute none) that
+    the resource model predicts for this world size; returns the strategy mapping."""
+    from ..model import load_model, load_platform
+    from ..model.planner import plan
+
+    model, platform = load_model(cfg["model"]), load_platform(cfg["platform"])
+    b = cfg["batch"]
+    result = plan(model, platform, world, global_batch=b["global_batch"],
+                  seq_len=b["seq_len"], top=10_000)
+    for e in result.plans:
+        s = e.strategy
+        if s.tp == 1 and s.etp == 1 and s.recompute == "none" and s.global_batch % (
+                b["micro_batch"] * s.dp) == 0 and s.micro_batch == b["micro_batch"]:
+            return {"pp": s.pp, "dp": s.dp, "ep": s.ep, "schedule": s.schedule, "vpp": s.vpp,
+                    "predicted_step_s": e.time["step"]}
+    raise ValueError(f"strategy: auto found no runnable strategy for {world} ranks "
+                     f"({result.num_fit} fit of {result.num_candidates})")

@@ -1,0 +1,89 @@
+"""Rank-side cases of the pipeline-engine tests (run through tests/launch.py).
+
+A toy model of plain MLP chunks (no MoE, so only the engine is under test): every rank builds
+the whole model locally as the reference, runs its own chunks under the schedule, and
+compares its chunks' gradients (summed over data-parallel replicas) and the loss with the
+reference's on the whole global batch. float64, so the only differences are summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from piper_moe.runtime.engine import PipelineEngine
+from piper_moe.runtime.mesh import build_mesh
+from piper_moe.train.main import launch
+
+H, V, S = 8, 16, 5
+
+
+class Chunk(nn.Module):
+    def __init__(self, v: int, first: bool, last: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(1000 + v)
+        self.embed = nn.Parameter(torch.randn(V, H, generator=g, dtype=torch.float64)) \
+            if first else None
+        self.w = nn.Parameter(torch.randn(H, H, generator=g, dtype=torch.float64) / H ** .5)
+        self.head = nn.Parameter(torch.randn(H, V, generator=g, dtype=torch.float64)) \
+            if last else None
+        self.aux_w = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x):
+        if self.embed is not None:
+            x = self.embed[x]
+        y = torch.tanh(x @ self.w) + x
+        self._aux = (y.pow(2).sum() * self.aux_w) * 1e-3  # a stand-in (additive) aux loss
+        return y @ self.head if self.head is not None else y
+
+    def aux_loss(self):
+        return self._aux
+
+
+def engine_matches_reference(pp: int, dp: int, vpp: int, schedule: str, num_micro: int,
+                             mb: int = 2) -> int:
+    _rank, _world = launch()
+    mesh = build_mesh(pp, dp, 1)
+    n = pp * vpp
+    chunks = {v: Chunk(v, v == 0, v == n - 1) for v in range(mesh.pp_rank, n, pp)}
+    g = torch.Generator().manual_seed(7)
+    data = torch.randint(0, V, (num_micro * mb * dp, S + 1), generator=g)
+    tokens = num_micro * mb * dp * S
+    ins, tgs = [], []
+    for m in range(num_micro):
+        lo = m * mb * dp + mesh.dp_rank * mb
+        ins.append(data[lo:lo + mb, :-1])
+        tgs.append(data[lo:lo + mb, 1:])
+    eng = PipelineEngine(chunks, mesh, schedule=schedule, num_micro=num_micro,
+                         act_shape=(mb, S, H), loss_scale=1 / tokens, aux_scale=1 / num_micro,
+                         vpp=vpp, dtype=torch.float64)
+    out = eng.run(ins, tgs)
+    checks = 0
+    if mesh.dp_group is not None:
+        for ch in chunks.values():
+            for p in ch.parameters():
+                torch.distributed.all_reduce(p.grad, group=mesh.dp_group)
+    loss = torch.tensor([out["loss_sum"]], dtype=torch.float64)
+    torch.distributed.all_reduce(loss)
+
+    # The reference: the whole model on the whole batch, micro-batch by micro-batch.
+    ref = [Chunk(v, v == 0, v == n - 1) for v in range(n)]
+    total = 0.0
+    for m in range(num_micro):
+        x = data[m * mb * dp:(m + 1) * mb * dp]
+        h, aux = x[:, :-1], 0
+        for c in ref:
+            h = c(h)
+            aux = aux + c.aux_loss()
+        ce = nn.functional.cross_entropy(h.reshape(-1, V), x[:, 1:].reshape(-1),
+                                         reduction="sum")
+        total += float(ce.detach())
+        (ce / tokens + aux / num_micro).backward()
+    assert abs(float(loss) - total) <= 1e-9 * abs(total), (float(loss), total)
+    for v, ch in chunks.items():
+        for (name, p), q in zip(ch.named_parameters(), ref[v].parameters()):
+            assert p.grad is not None, f"stage {v} {name}: no gradient"
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-12,
+                                       msg=f"stage {v} {name} ({schedule})")
+            checks += 1
+    return checks

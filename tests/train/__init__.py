@@ -1,0 +1,1 @@
+"""Single-process tests of the training pieces: data sources and checkpoints."""
