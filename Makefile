@@ -27,8 +27,12 @@ lint: $(VENV)/.stamp
 test: build lint
 	$(PY) -m pytest -q tests
 
-# The main job on a small default: the all-to-all benchmark on 8 ranks as 2 emulated nodes.
+# The main job on a small default: MoE training of tiny-moe on 4 CPU ranks as 2 emulated nodes
+# (PP=2 x EP=2, a pipeline stage per node), loss curve and expert-load plots in runs/demo/,
+# then the all-to-all bandwidth benchmark on 8 ranks as 2 emulated nodes.
 demo: build
+	$(MPIRUN) -genv PIPER_LOCAL_SIZE 2 -genv OMP_NUM_THREADS 1 -n 4 $(PY) -m piper_moe.train \
+	    --config tiny --out runs/demo --plot
 	$(MPIRUN) -n 8 $(PY) -m piper_comm.bench --local-size 4 -b 8 -e 4M -f 4 \
 	    --algos halo,flat,mpi,gloo
 

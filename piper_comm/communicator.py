@@ -1,11 +1,14 @@
 """Communicator: the object `pc.init()` returns. Owns the transport, the topology, the node
-segment and the call counter; runs all_to_all / all_to_all_v (see design.md, Public API)."""
+segment, the call counter and (once an async call was made) the progress thread; runs
+all_to_all / all_to_all_v (see design.md, Public API), synchronously or, with async_op=True,
+on the progress thread (see work.py for the async contract)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +19,7 @@ from .algorithms import HaloState, flat, halo
 from .cost import Links, choose
 from .errors import PiperError, PiperPeerError, PiperTimeoutError, PiperUsageError
 from .transport import Transport
+from .work import ProgressThread, Work
 
 log = logging.getLogger("piper")
 
@@ -46,7 +50,8 @@ class Communicator:
     Attributes: rank, size, node, num_nodes, local_rank, local_size (ints);
     last_algorithm: "halo" | "flat" | "pairwise" after a call, None before ("halo" on a
     topology of one-rank nodes runs the flat schedule, which is what HALO reduces to there).
-    Every rank must make the same sequence of collective calls. Not thread-safe.
+    Every rank must make the same sequence of collective calls (async ones included). Not
+    thread-safe: one thread issues the calls (the progress thread is Piper's own).
     """
 
     def __init__(self, transport: Transport, node_of: Sequence[int], segment,
@@ -67,6 +72,8 @@ class Communicator:
         self._seq = 0
         self._failed: PiperError | None = None
         self._closed = False
+        self._progress: ProgressThread | None = None  # started by the first async call
+        self._async_refused: str | None = None        # why async_op cannot run (thread level)
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, node={self.node}/"
@@ -76,10 +83,19 @@ class Communicator:
     # -- lifecycle
     def close(self) -> None:
         """Releases the node segment and the transport. Idempotent; a collective is not
-        required, but every rank should close before the launcher's finalisation."""
+        required, but every rank should close before the launcher's finalisation. Pending
+        async operations are completed first (bounded: see work.py); wait() on their Work
+        still returns their result or error afterwards."""
         if self._closed:
             return
         self._closed = True
+        # Drain the progress thread: queued operations complete (or fail: each is bounded by
+        # PIPER_TIMEOUT, and after a failure the rest fail at once); their Work keeps the result.
+        if self._progress is not None and not self._progress.stop(self.timeout + 10.0):
+            # Never unmap memory an operation may still touch: leak it instead.
+            log.warning("piper: close on rank %d: the progress thread is still running; the "
+                        "segment and transport are left open", self.rank)
+            return
         self._halo.segment.close()
         self._transport.close()
 
@@ -93,14 +109,57 @@ class Communicator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _begin(self, op: str) -> tuple[int, str, float]:
+    def _begin(self, op: str) -> tuple[int, str]:
+        """Numbers a call when it is issued (the issuing thread, in issue order)."""
         if self._closed:
             raise PiperUsageError(f"piper: {op} on rank {self.rank}: communicator is closed")
-        if self._failed is not None:
-            raise PiperError(f"piper: {op} on rank {self.rank}: communicator is unusable after "
-                             f"an earlier failure: {self._failed}")
+        self._check_usable(op)
         self._seq += 1
-        return self._seq, f"{op} #{self._seq}", time.monotonic() + self.timeout
+        return self._seq, f"{op} #{self._seq}"
+
+    def _check_usable(self, what: str) -> None:
+        if self._failed is not None:
+            raise PiperError(f"piper: {what} on rank {self.rank}: communicator is unusable "
+                             f"after an earlier failure: {self._failed}")
+
+    def _start(self, what: str) -> float:
+        """The deadline of a call that starts running now (queued calls start late)."""
+        self._check_usable(what)
+        return time.monotonic() + self.timeout
+
+    # -- issue: directly, or through the progress thread's queue
+    def _submit(self, what: str, fn: Callable[[], Any], async_op: bool) -> Any:
+        """Runs fn now when nothing is queued (the synchronous fast path), else queues it
+        behind the pending operations; returns a Work when async_op, else fn's result."""
+        if async_op:
+            if self._progress is None:
+                self._progress = ProgressThread(f"piper-progress-r{self.rank}", self._crashed,
+                                                drain_s=self.timeout + 10.0)
+        elif self._progress is None or self._progress.pending == 0:
+            return fn()
+        work = self._progress.submit(Work(what, self.rank), fn)
+        return work if async_op else work.wait()
+
+    def _check_async(self, what: str) -> None:
+        """MPI must allow calls from several threads (the caller may use MPI meanwhile)."""
+        if self._async_refused is None:
+            self._async_refused = ""
+            MPI = getattr(self._transport, "MPI", None) if self._transport.name == "mpi" \
+                else None
+            if MPI is not None and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+                names = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE",
+                         MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
+                         MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED"}
+                self._async_refused = (
+                    f"MPI was initialised with {names.get(MPI.Query_thread(), 'a lower level')}"
+                    f", but async_op=True calls MPI from a progress thread and needs "
+                    f"MPI_THREAD_MULTIPLE (mpi4py's default; check mpi4py.rc.thread_level "
+                    f"and MPI4PY_RC_THREAD_LEVEL), or call with async_op=False")
+        if self._async_refused:
+            raise PiperUsageError(f"piper: {what} on rank {self.rank}: {self._async_refused}")
+
+    def _crashed(self, error: BaseException) -> None:
+        self._failed = PiperError(f"piper: rank {self.rank}: the progress thread died: {error}")
 
     def _tag(self, seq: int, phase: int) -> int:
         return 2 * (seq % _TAG_SPACE) + phase
@@ -108,12 +167,17 @@ class Communicator:
     # -- collectives
     def barrier(self) -> None:
         """Returns once every rank has called barrier (bounded by PIPER_TIMEOUT)."""
-        seq, what, deadline = self._begin("barrier")
+        seq, what = self._begin("barrier")
+        self._submit(what, functools.partial(self._barrier_now, seq, what), False)
+
+    def _barrier_now(self, seq: int, what: str) -> None:
+        deadline = self._start(what)
         mine = np.array([seq], dtype=np.int64)
         self._guard(validate.exchange, self._transport, mine, self._tag(seq, 0), what, deadline,
                     self.timeout)
 
-    def all_to_all(self, send: Any, recv: Any = None, algorithm: str = "auto") -> Any:
+    def all_to_all(self, send: Any, recv: Any = None, algorithm: str = "auto",
+                   async_op: bool = False) -> Any:
         """Equal-split all-to-all.
 
         Arguments:
@@ -121,14 +185,19 @@ class Communicator:
             recv: optional array of shape [>= size * m, ...], same dtype and trailing shape
                 (filled in place: no copy); allocated like `send` when None.
             algorithm: "auto" | "halo" | "flat" | "pairwise" (PIPER_ALGO overrides).
+            async_op: return a Work at once; the call runs on the progress thread and
+                work.wait() returns the result. send and recv must stay untouched until then
+                (see piper_comm/work.py for the whole contract).
         Returns:
-            recv's first size * m rows: block i (rows i*m .. (i+1)*m) came from rank i.
+            recv's first size * m rows: block i (rows i*m .. (i+1)*m) came from rank i
+            (or a Work whose wait() returns them).
         """
-        return self._run(1, "all_to_all", send, None, recv, None, algorithm)[0]
+        return self._run(1, "all_to_all", send, None, recv, None, algorithm, async_op=async_op,
+                         recv_only=True)
 
     def all_to_all_v(self, send: Any, send_counts: Sequence[int], recv: Any = None,
                      recv_counts: Sequence[int] | None = None,
-                     algorithm: str = "auto") -> tuple[Any, list[int]]:
+                     algorithm: str = "auto", async_op: bool = False) -> tuple[Any, list[int]]:
         """All-to-all with per-rank counts: MPI_Alltoallv semantics on rows (dim 0).
 
         Arguments:
@@ -138,10 +207,14 @@ class Communicator:
             recv: optional array [>= sum(recv_counts), ...] filled in place.
             recv_counts: optional `size` ints, rows expected from each rank; exchanged when
                 None. When given they must match what the peers send (checked, PIPER_CHECK).
+            async_op: return a Work at once (as all_to_all); the counts are read when the
+                call runs, so they too must stay unchanged until wait() returns.
         Returns:
-            (recv rows ordered by source rank, recv_counts as a list of ints).
+            (recv rows ordered by source rank, recv_counts as a list of ints), or a Work whose
+            wait() returns that tuple.
         """
-        return self._run(2, "all_to_all_v", send, send_counts, recv, recv_counts, algorithm)
+        return self._run(2, "all_to_all_v", send, send_counts, recv, recv_counts, algorithm,
+                         async_op=async_op)
 
     # -- implementation
     def _guard(self, fn, *args, **kwargs):
@@ -152,10 +225,22 @@ class Communicator:
             raise
 
     def _run(self, op: int, name: str, send, send_counts, recv, recv_counts, algorithm,
-             exact_recv: bool = False):
-        """exact_recv (torch.distributed semantics): recv must have exactly the rows that
+             exact_recv: bool = False, async_op: bool = False, recv_only: bool = False):
+        """Issues one all-to-all(v) (op 1: equal split, 2: with counts); returns
+        (recv, recv_counts), recv alone when recv_only, or a Work of that when async_op.
+        exact_recv (torch.distributed semantics): recv must have exactly the rows that
         arrive (sum of recv_counts, or send's rows for the equal split)."""
-        seq, what, deadline = self._begin(name)
+        if async_op:
+            self._check_async(name)
+        seq, what = self._begin(name)
+        fn = functools.partial(self._execute, seq, what, op, send, send_counts, recv,
+                               recv_counts, algorithm, exact_recv, recv_only)
+        return self._submit(what, fn, async_op)
+
+    def _execute(self, seq: int, what: str, op: int, send, send_counts, recv, recv_counts,
+                 algorithm, exact_recv: bool, recv_only: bool):
+        """Runs call `seq` now (the issuing thread or the progress thread)."""
+        deadline = self._start(what)
         P, me = self.size, self.rank
         t0 = time.perf_counter()
         forced = envs.algorithm()
@@ -237,4 +322,5 @@ class Communicator:
             log.info("%s rank %d: %s, sent %d B, received %d B, %.1f us", what, me, algo,
                      int(send_bytes.sum()), int(recv_bytes.sum()),
                      1e6 * (time.perf_counter() - t0))
-        return A.head_rows(rv, total), [int(c) for c in rcounts]
+        out = A.head_rows(rv, total)
+        return out if recv_only else (out, [int(c) for c in rcounts])

@@ -1,9 +1,11 @@
-"""The MoE layer: MoEConfig (no torch needed) and MoELayer (imported on first use, so that
-importing piper_moe stays light and starts nothing distributed)."""
+"""The MoE layer: MoEConfig (no torch needed), MoELayer and the expert rebalancing tools
+(LoadTracker, plan_swaps, apply_swaps, migrate), imported on first use, so that importing
+piper_moe stays light and starts nothing distributed."""
 
 from .config import MoEConfig
 
-__all__ = ["MoEConfig", "MoELayer"]
+__all__ = ["LoadTracker", "MoEConfig", "MoELayer", "apply_swaps", "migrate", "plan_swaps"]
+_REBALANCE = ("LoadTracker", "apply_swaps", "migrate", "plan_swaps")
 
 
 def __getattr__(name: str):
@@ -11,4 +13,8 @@ def __getattr__(name: str):
         from .moe import MoELayer
 
         return MoELayer
+    if name in _REBALANCE:
+        from . import rebalance
+
+        return getattr(rebalance, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,12 @@ dispatch): a token crosses to each destination node once and is replicated there
 dispatch among that node's ranks; on the way back its weighted expert outputs are summed on
 that node before the one row crosses back. Replication is an index_select, so the backward
 sums gradients inside the node too.
+
+Placement: the router's ids are logical experts; slot_of (int64 [num_experts], a permutation,
+None = identity) maps them to physical slots, slot s living on rank s // E_local at local index
+s % E_local. Rows travel by slot, but on the token side every gather and every sum runs over
+the pairs in logical order (what the identity placement does), so a placement changes neither
+which rows an expert computes, nor their order, nor the summation order of the plain path.
 """
 
 from __future__ import annotations
@@ -27,13 +33,18 @@ import torch
 class DispatchHandle:
     """What combine needs to undo a dispatch. Built by `dispatch`, consumed by `combine`.
 
-    pair_order: int64 [N_send], the (token, choice) pair indices (flat, token-major) in the
-        order they were sent; pair_token: int64 [N_send], the token of each sent pair.
+    pair_order: int64 [N_send], the sent (token, choice) pair indices (flat, token-major),
+        by logical expert then token (the send order under the identity placement);
+        pair_token: int64 [N_send], the token of each of those pairs.
     send_splits / recv_splits: rows sent to / received from each rank (EP ints each).
     to_expert_order: int64 [N_recv], received row -> position grouped by local expert;
         from_expert_order: its inverse.
     expert_counts: rows each local expert gets (E_local ints).
     tokens: this rank's token count; comm: the communicator (None: single process).
+    to_send_order / from_send_order: None under the identity placement (pair_order is then
+        the send order); else int64 [N_send], pair_order position -> send position
+        permutations: sent rows = gathered rows [to_send_order], and returned rows
+        [from_send_order] are back in pair_order (logical expert, then token-major) order.
     """
 
     pair_order: torch.Tensor
@@ -45,6 +56,8 @@ class DispatchHandle:
     expert_counts: list[int]
     tokens: int
     comm: object
+    to_send_order: torch.Tensor | None = None
+    from_send_order: torch.Tensor | None = None
 
 
 def exchange(x: torch.Tensor, send: list[int], recv: list[int], comm) -> torch.Tensor:
@@ -65,33 +78,53 @@ def exchange_counts(counts: np.ndarray, comm) -> np.ndarray:
 
 
 def dispatch(x: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor | None,
-             num_experts: int, comm) -> tuple[torch.Tensor, DispatchHandle]:
-    """x [T, hidden], experts int64 [T, k] global ids, keep bool [T, k] or None (all kept) ->
-    (rows [sum(expert_counts), hidden] grouped by this rank's local experts, handle)."""
+             num_experts: int, comm, slot_of: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, DispatchHandle]:
+    """x [T, hidden], experts int64 [T, k] logical expert ids (entries that keep drops may be
+    -1), keep bool [T, k] or None (all kept), slot_of int64 [num_experts] on x's device or None
+    (identity placement) -> (rows [sum(expert_counts), hidden] grouped by this rank's local
+    slots, handle)."""
     ep = 1 if comm is None else comm.size
     e_local = num_experts // ep
     T, k = experts.shape
     flat = experts.reshape(-1)
+    slot = flat if slot_of is None else slot_of[flat.clamp(min=0)]
     if keep is not None:
         kept = keep.reshape(-1).nonzero().squeeze(1)
-        pair_order = kept[torch.argsort(flat[kept], stable=True)]
+        send_pairs = kept[torch.argsort(slot[kept], stable=True)]
     else:
-        pair_order = torch.argsort(flat, stable=True)
-    per_expert = torch.bincount(flat[pair_order], minlength=num_experts).cpu().numpy()
-    send_counts = per_expert.reshape(ep, e_local)
+        send_pairs = torch.argsort(slot, stable=True)
+    per_slot = torch.bincount(slot[send_pairs], minlength=num_experts).cpu().numpy()
+    send_counts = per_slot.reshape(ep, e_local)
     recv_counts = exchange_counts(send_counts, comm)
     send = [int(s) for s in send_counts.sum(axis=1)]
     recv = [int(r) for r in recv_counts.sum(axis=1)]
-    # Received rows are ordered (source rank, local expert); regroup them by local expert.
+    # Received rows are ordered (source rank, local slot); regroup them by local slot.
     local_ids = np.repeat(np.tile(np.arange(e_local), ep), recv_counts.reshape(-1))
     to_expert = torch.from_numpy(np.argsort(local_ids, kind="stable")).to(x.device)
-    from_expert = torch.empty_like(to_expert)
-    from_expert[to_expert] = torch.arange(len(to_expert), device=x.device)
+    from_expert = _inverse(to_expert)
+    to_send = from_send = None
+    pair_order = send_pairs
+    if slot_of is not None:
+        # Logical order (stable, so token-major within an expert): gathers and sums run in it.
+        from_send = torch.argsort(flat[send_pairs], stable=True)
+        to_send = _inverse(from_send)
+        pair_order = send_pairs[from_send]
     pair_token = pair_order // k
-    rows = exchange(x.index_select(0, pair_token), send, recv, comm)
+    gathered = x.index_select(0, pair_token)
+    if to_send is not None:
+        gathered = gathered.index_select(0, to_send)
+    rows = exchange(gathered, send, recv, comm)
     handle = DispatchHandle(pair_order, pair_token, send, recv, to_expert, from_expert,
-                            [int(c) for c in recv_counts.sum(axis=0)], T, comm)
+                            [int(c) for c in recv_counts.sum(axis=0)], T, comm, to_send,
+                            from_send)
     return rows.index_select(0, to_expert), handle
+
+
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm), device=perm.device)
+    return inv
 
 
 def combine(y: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
@@ -99,6 +132,8 @@ def combine(y: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> t
     out[t] = sum over t's kept choices c of weights[t, c] * expert_output(t, c)."""
     back = exchange(y.index_select(0, handle.from_expert_order), handle.recv_splits,
                     handle.send_splits, handle.comm)
+    if handle.from_send_order is not None:
+        back = back.index_select(0, handle.from_send_order)
     w = weights.reshape(-1).index_select(0, handle.pair_order).unsqueeze(1)
     out = back.new_zeros(handle.tokens, back.shape[1])
     return out.index_add(0, handle.pair_token, back * w)
@@ -137,8 +172,8 @@ def gateways(comm) -> np.ndarray:
 
 
 def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
-                   keep: torch.Tensor | None, num_experts: int,
-                   comm) -> tuple[torch.Tensor, DedupHandle]:
+                   keep: torch.Tensor | None, num_experts: int, comm,
+                   slot_of: torch.Tensor | None = None) -> tuple[torch.Tensor, DedupHandle]:
     """Node-level deduplicated dispatch: each token crosses to a node once, whatever the number
     of its experts there, then is replicated inside that node.
 
@@ -146,13 +181,16 @@ def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     to the node's gateway (`gateways`), with the token's expert ids there (int64 [k], -1 for
     slots of other nodes) and their weights ([k], differentiable). Stage 2: the gateway
     dispatches the received rows to the experts of its node (`dispatch`, intra-node only).
-    x [T, hidden], experts int64 [T, k], weights [T, k], keep bool [T, k] or None ->
-    (rows grouped by this rank's local experts, handle). Collective, like dispatch.
+    x [T, hidden], experts int64 [T, k] logical ids, weights [T, k], keep bool [T, k] or None,
+    slot_of as in dispatch -> (rows grouped by this rank's local slots, handle). Collective,
+    like dispatch. Logical ids travel to the gateway; a placement that moves an expert to
+    another node changes which outputs are summed on which node (rounding, for top_k >= 3).
     """
     ep, T = comm.size, experts.shape[0]
     e_local = num_experts // ep
     node_of = torch.from_numpy(np.asarray(comm._node_of, dtype=np.int64)).to(x.device)
-    pair_node = node_of[experts // e_local]
+    slots = experts if slot_of is None else slot_of[experts]
+    pair_node = node_of[slots // e_local]
     valid = torch.ones_like(experts, dtype=torch.bool) if keep is None else keep
     pair_gw = torch.from_numpy(gateways(comm)).to(x.device)[pair_node]
     sent = torch.zeros(ep, T, dtype=torch.bool, device=x.device)
@@ -169,7 +207,7 @@ def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     w_recv = exchange(w, send, recv, comm)
     ids_recv, _ = comm.all_to_all_v(ids.cpu().contiguous(), send, recv_counts=recv)
     ids_recv = ids_recv.to(x.device)
-    rows, inner = dispatch(x_recv, ids_recv, ids_recv >= 0, num_experts, comm)
+    rows, inner = dispatch(x_recv, ids_recv, ids_recv >= 0, num_experts, comm, slot_of)
     remote = pair_node[valid] != comm.node
     remote_rows = int((node_of[row_gw] != comm.node).sum())
     handle = DedupHandle(row_token, send, recv, w_recv, inner, T,

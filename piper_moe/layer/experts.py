@@ -24,16 +24,18 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class Experts(nn.Module):
-    """The E_local routed experts of one rank, global ids first .. first + E_local - 1.
+    """The E_local routed experts of one rank: global ids first .. first + E_local - 1, or
+    `ids` (the logical expert of each local slot, under a non-identity placement).
 
-    Parameters w1, w3 [E_local, hidden, ffn] and w2 [E_local, ffn, hidden]; expert `first + j`
-    is initialised from generator(seed, first + j) alone.
+    Parameters w1, w3 [E_local, hidden, ffn] and w2 [E_local, ffn, hidden]; the expert in
+    local slot j is initialised from generator(seed, its global id) alone.
     """
 
-    def __init__(self, cfg: MoEConfig, first: int, count: int, seed: int, dtype, device):
+    def __init__(self, cfg: MoEConfig, first: int, count: int, seed: int, dtype, device,
+                 ids: list[int] | None = None):
         super().__init__()
-        ws = [swiglu_weights(generator(seed, first + j), cfg.hidden, cfg.ffn_hidden, dtype)
-              for j in range(count)]
+        ids = list(range(first, first + count)) if ids is None else [int(i) for i in ids]
+        ws = [swiglu_weights(generator(seed, e), cfg.hidden, cfg.ffn_hidden, dtype) for e in ids]
         self.first, self.count = first, count
         self.w1 = nn.Parameter(torch.stack([w[0] for w in ws]).to(device))
         self.w3 = nn.Parameter(torch.stack([w[1] for w in ws]).to(device))

@@ -17,26 +17,40 @@ EXPERT_KEYS = ("experts.w1", "experts.w3", "experts.w2")
 class MoELayer(nn.Module):
     """A DeepSeek-style MoE layer whose routed experts are spread over the ranks of `comm`.
 
-    MoELayer(cfg, comm=None, seed=0, dtype=torch.float32, device="cpu", dedup=True)
+    MoELayer(cfg, comm=None, seed=0, dtype=torch.float32, device="cpu", dedup=True, *,
+             stats_comm=None, slot_of=None)
         comm: a piper_comm.Communicator (EP = comm.size) or None (one process, EP = 1).
         dedup: node-level dedup (dispatch_dedup): a token crosses to each node once and is
             replicated there; its partial outputs are summed there before crossing back. Same
             results as dedup=False (up to summation order); used when comm spans several
             nodes.
-        Expert e lives on rank e // (num_experts // EP). Weights depend on (seed, global
-        expert id) only, so every EP layout holds the same global model. Construction is
-        collective when comm is given (every rank builds its layer).
+        stats_comm: the Communicator over which the routing load (the per-expert counts of
+            the balancing loss and of the bias update) is summed; None: comm. Give the
+            data-parallel group when it is larger than the EP group (e.g. EP = 1 on DP = 2
+            ranks): the balancing statistics are then those of the union of its ranks'
+            batches, as in one process running that whole batch. Its ranks must call forward
+            together, like comm's.
+        slot_of: the placement, int64 [num_experts], a permutation: logical expert e lives in
+            slot slot_of[e], slot s on rank s // E_local at local index s % E_local (E_local =
+            num_experts // EP); None: identity (expert e on rank e // E_local). Expert weights
+            (experts.w1/w3/w2, so also state_dict()) are stored by slot;
+            global_state_dict() is in logical order, the same under every placement. See
+            `slot_of` and rebalance.migrate.
+        Weights depend on (seed, global expert id) only, so every EP layout and placement holds
+        the same global model. Construction is collective when comm is given (every rank
+        builds its layer).
 
     y = layer(x): x [T, hidden], this rank's tokens (T may differ per rank, including 0);
         returns [T, hidden]. Collective: every rank calls forward, and backward through y, in
         the same order. After forward:
-        layer.aux_loss: 0-d tensor, this rank's share of the balancing loss (shares sum to the
-            global-batch loss; add it to this rank's loss);
-        layer.stats: tokens_per_expert (global, all experts), bytes_sent_intra_node and
-            bytes_sent_inter_node (hidden-state rows this rank sends to other ranks in dispatch
-            and combine, by whether the peer shares this rank's node; the routing metadata of
-            dedup, k ids and weights per row, is not counted), bytes_saved_by_dedup (the
-            inter-node bytes of this rank's tokens, there and back, that dedup avoided).
+        layer.aux_loss: 0-d tensor, this rank's share of the balancing loss (the shares of the
+            stats_comm ranks sum to the loss of their whole batch; add it to this rank's loss);
+        layer.stats: tokens_per_expert (summed over stats_comm, all experts, logical order),
+            bytes_sent_intra_node and bytes_sent_inter_node (hidden-state rows this rank sends
+            to other ranks in dispatch and combine, by whether the peer shares this rank's
+            node; the routing metadata of dedup, k ids and weights per row, is not counted),
+            bytes_saved_by_dedup (the inter-node bytes of this rank's tokens, there and back,
+            that dedup avoided).
         In training mode with bias_update_rate > 0 the router bias then moves toward balance.
 
     Replicated parameters (router, shared expert) get per-rank partial gradients: sum them
@@ -44,7 +58,7 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, cfg: MoEConfig, comm=None, seed: int = 0, dtype=torch.float32,
-                 device="cpu", dedup: bool = True):
+                 device="cpu", dedup: bool = True, *, stats_comm=None, slot_of=None):
         super().__init__()
         ep = 1 if comm is None else comm.size
         if cfg.num_experts % ep:
@@ -52,17 +66,49 @@ class MoELayer(nn.Module):
                              f"expert-parallel size EP={ep} (comm.size)")
         if comm is not None:
             import piper_comm.torch  # noqa: F401  (collective on first import under MPI)
-        self.cfg, self.comm, self.ep = cfg, comm, ep
+        self.cfg, self.comm, self.ep, self.stats_comm = cfg, comm, ep, stats_comm
         # On one node dedup has nothing to save and only adds a hop through the gateway.
         self.dedup = dedup and comm is not None and comm.num_nodes > 1
         self.rank = 0 if comm is None else comm.rank
         self.e_local = cfg.num_experts // ep
         self.router = Router(cfg, seed, dtype, device)
-        self.experts = Experts(cfg, self.rank * self.e_local, self.e_local, seed, dtype, device)
+        self.slot_of = np.arange(cfg.num_experts) if slot_of is None else slot_of
+        self.experts = Experts(cfg, self.rank * self.e_local, self.e_local, seed, dtype, device,
+                               ids=self.local_experts.tolist())
         self.shared = (SharedExpert(cfg, seed, dtype, device) if cfg.num_shared_experts
                        else None)
         self.aux_loss = torch.zeros((), dtype=dtype, device=device)
         self.stats: dict = {}
+
+    @property
+    def slot_of(self) -> np.ndarray:
+        """int64 [num_experts] (read-only): the slot of each logical expert. Assigning it moves
+        no weights: use rebalance.migrate to move them, or assign it before
+        load_global_state_dict. Every rank must hold the same placement."""
+        return self._slot_of
+
+    @slot_of.setter
+    def slot_of(self, value) -> None:
+        E = self.cfg.num_experts
+        v = np.array(value.tolist() if hasattr(value, "tolist") else value, dtype=np.int64)
+        if v.shape != (E,) or not np.array_equal(np.sort(v), np.arange(E)):
+            raise ValueError(f"slot_of must be a permutation of 0..{E - 1} (num_experts={E}), "
+                             f"got {v.tolist()}")
+        v.setflags(write=False)
+        self._slot_of = v
+        # None under the identity placement: dispatch then runs exactly today's path.
+        self._slot_t = None if np.array_equal(v, np.arange(E)) else torch.from_numpy(v.copy())
+
+    def set_placement(self, slot_of) -> None:
+        """Assigns slot_of (a permutation, int [num_experts]) without moving any weight: for
+        restoring a checkpoint's placement before loading its per-slot state_dict."""
+        self.slot_of = slot_of
+
+    @property
+    def local_experts(self) -> np.ndarray:
+        """int64 [E_local]: the logical expert in each of this rank's slots."""
+        lo = self.rank * self.e_local
+        return np.argsort(self._slot_of, kind="stable")[lo:lo + self.e_local]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; collective (see the class docstring)."""
@@ -79,14 +125,18 @@ class MoELayer(nn.Module):
         self.aux_loss = (balance_loss(routing.probs, global_load, int(load[-1]), cfg)
                          if cfg.aux_loss_coef else routing.probs.sum() * 0)
         row_bytes = x.element_size() * cfg.hidden
+        slot_of = self._slot_t
+        if slot_of is not None and slot_of.device != x.device:
+            slot_of = self._slot_t = slot_of.to(x.device)
         if self.dedup:
             rows, handle = dispatch_dedup(x, routing.experts, routing.weights, keep,
-                                          cfg.num_experts, self.comm)
+                                          cfg.num_experts, self.comm, slot_of)
             y = combine_dedup(self.experts(rows, handle.inner.expert_counts), handle)
             self.stats = self._stats(load[:-1], [handle, handle.inner], row_bytes,
                                      2 * row_bytes * handle.inter_node_rows_saved)
         else:
-            rows, handle = dispatch(x, routing.experts, keep, cfg.num_experts, self.comm)
+            rows, handle = dispatch(x, routing.experts, keep, cfg.num_experts, self.comm,
+                                    slot_of)
             y = combine(self.experts(rows, handle.expert_counts), routing.weights, handle)
             self.stats = self._stats(load[:-1], [handle], row_bytes, 0)
         if self.shared is not None:
@@ -96,8 +146,11 @@ class MoELayer(nn.Module):
         return y
 
     def _all_reduce(self, v: np.ndarray) -> np.ndarray:
-        """Sum of int64 vector v over ranks (an equal-split all-to-all of EP copies)."""
-        return exchange_counts(np.tile(v, (self.ep, 1)), self.comm).sum(axis=0)
+        """Sum of int64 vector v over the stats_comm ranks (an equal-split all-to-all of
+        size copies)."""
+        comm = self.comm if self.stats_comm is None else self.stats_comm
+        n = 1 if comm is None else comm.size
+        return exchange_counts(np.tile(v, (n, 1)), comm).sum(axis=0)
 
     def _stats(self, load: np.ndarray, handles: list, row_bytes: int, saved: int) -> dict:
         """handles: the exchanges of this forward (each with send_splits / recv_splits)."""
@@ -116,7 +169,8 @@ class MoELayer(nn.Module):
 
     # -- whole-model state across layouts
     def global_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full model (all experts, global order) as detached CPU tensors. Collective."""
+        """The full model (all experts in logical order, whatever the placement) as detached
+        CPU tensors. Collective."""
         sd = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         for key in EXPERT_KEYS:
             mine = sd[key]
@@ -124,10 +178,14 @@ class MoELayer(nn.Module):
                 tiled = mine.unsqueeze(0).expand(self.ep, *mine.shape).reshape(
                     -1, *mine.shape[1:]).contiguous()
                 sd[key] = self.comm.all_to_all(tiled)
+            if self._slot_t is not None:  # slot order -> logical order
+                sd[key] = sd[key].index_select(0, torch.from_numpy(self._slot_of.copy()))
         return sd
 
     def load_global_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Loads a full model (as global_state_dict returns, from any layout): this rank's
-        expert slice and the replicated tensors. Local; every rank passes the same sd."""
-        lo, hi = self.rank * self.e_local, (self.rank + 1) * self.e_local
-        self.load_state_dict({k: (v[lo:hi] if k in EXPERT_KEYS else v) for k, v in sd.items()})
+        experts (under the current placement) and the replicated tensors. Local; every rank
+        passes the same sd."""
+        mine = torch.from_numpy(self.local_experts.copy())
+        self.load_state_dict({k: (v.index_select(0, mine.to(v.device)) if k in EXPERT_KEYS
+                                  else v) for k, v in sd.items()})

@@ -17,6 +17,7 @@ an uninterrupted one bitwise.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import math
@@ -54,7 +55,18 @@ def launch() -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         dist.init_process_group("piper")
+        # Tear the groups down before the interpreter does: gloo's threads must not be
+        # destroyed while running at exit ("terminate called without an active exception").
+        atexit.register(_shutdown)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while a peer still uses them
+        dist.destroy_process_group()
 
 
 def layer_ranges(num_layers: int, num_stages: int) -> list[range]:
@@ -428,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="tiny", help="train config name or YAML path")
     ap.add_argument("--steps", type=int, help="train up to this step (overrides the config)")
     ap.add_argument("--resume", help="checkpoint directory to resume from (if it has one)")
+    for k, kind in (("pp", int), ("dp", int), ("ep", int), ("vpp", int), ("schedule", str)):
+        ap.add_argument(f"--{k}", type=kind, help=f"strategy.{k} (overrides the config)")
     ap.add_argument("--out", default=None, help="run directory (metrics.json, plots)")
     ap.add_argument("--plot", action="store_true", help="write loss.png and expert_load.png")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -439,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.load(args.config)
     if args.steps is not None:
         cfg["steps"] = args.steps
+    given = {k: getattr(args, k) for k in ("pp", "dp", "ep", "vpp", "schedule")
+             if getattr(args, k) is not None}
+    if given:
+        base = {} if cfg["strategy"] == "auto" else cfg["strategy"]
+        cfg["strategy"] = {**C.DEFAULTS["strategy"], **base, **given}
     out = Path(args.out or f"runs/{Path(str(args.config)).stem}")
     if args.resume:
         cfg["checkpoint"]["dir"] = args.resume
