@@ -1,11 +1,13 @@
 """The PP x DP (x EP) process mesh of a training run, and its groups.
 
-Rank order, innermost first: ep, edp, pp. A pipeline stage owns `dp` consecutive ranks
-(its data-parallel replicas); inside a stage, the routed experts are spread over `ep`
-consecutive ranks (an EP group) and the dp / ep EP groups hold copies of them (EDP). This is
-the resource model's layout (piper_moe/model/strategy.py, "MoE parallel folding" with tp=1),
-and it keeps an EP group inside one node whenever ep divides the ranks per node: the
-paper's point, the all-to-all stays on the fast local fabric. `Mesh.describe()` says where
+A pipeline stage owns `dp` ranks (its data-parallel replicas); inside a stage the routed
+experts are spread over `ep` ranks (an EP group) and the dp / ep EP groups hold copies of
+them (EDP). This is the resource model's layout (piper_moe/model/strategy.py, "MoE parallel
+folding" with tp=1). Rank order, innermost first, is `order` (default "ep,edp,pp": a stage
+owns dp consecutive ranks and an EP group ep consecutive ones), which keeps an EP group inside
+one node whenever ep divides the ranks per node: the paper's point, the all-to-all stays on
+the fast local fabric. Another order, e.g. "pp,ep,edp" (pipeline neighbours on one node, EP
+across nodes), is configurable (strategy.order) for comparison. `Mesh.describe()` says where
 each group landed; an EP group that spans nodes still works (HALO then aggregates it).
 
 Groups built here (every rank builds all of them, in the same order: collective):
@@ -41,6 +43,7 @@ class Mesh:
     dp_group: Any = None
     edp_group: Any = None
     world_group: Any = None
+    order: str = "ep,edp,pp"
 
     def __post_init__(self) -> None:
         for name in ("pp", "dp", "ep"):
@@ -53,69 +56,92 @@ class Mesh:
         if self.dp % self.ep:
             raise ValueError(f"mesh: ep={self.ep} must divide dp={self.dp} (the experts of a "
                              f"stage are spread over its data-parallel ranks)")
+        dims = [d.strip() for d in self.order.split(",")]
+        if sorted(dims) != ["edp", "ep", "pp"]:
+            raise ValueError(f"mesh: order must list ep, edp and pp once each, innermost "
+                             f"first (got {self.order!r})")
+        self._dims = dims
+        self._size = {"ep": self.ep, "edp": self.dp // self.ep, "pp": self.pp}
 
-    # -- coordinates
+    # -- coordinates: rank <-> (ep, edp, pp)
+    def coords(self, rank: int | None = None) -> dict[str, int]:
+        r = self.rank if rank is None else rank
+        out = {}
+        for d in self._dims:
+            r, out[d] = divmod(r, self._size[d])
+        return out
+
+    def rank_at(self, ep: int, edp: int, pp: int) -> int:
+        c = {"ep": ep, "edp": edp, "pp": pp}
+        r, stride = 0, 1
+        for d in self._dims:
+            r += c[d] * stride
+            stride *= self._size[d]
+        return r
+
     @property
     def pp_rank(self) -> int:
-        return self.rank // self.dp
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank % self.dp
+        return self.coords()["pp"]
 
     @property
     def ep_rank(self) -> int:
-        return self.dp_rank % self.ep
+        return self.coords()["ep"]
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank among its stage's replicas (EP index innermost)."""
+        c = self.coords()
+        return c["edp"] * self.ep + c["ep"]
 
     def stage_ranks(self, pp_rank: int | None = None) -> list[int]:
+        """The dp ranks of a stage, ordered by dp_rank."""
         s = self.pp_rank if pp_rank is None else pp_rank
-        return list(range(s * self.dp, (s + 1) * self.dp))
+        return [self.rank_at(e, d, s) for d in range(self._size["edp"]) for e in range(self.ep)]
 
     def ep_ranks(self) -> list[int]:
-        base = self.pp_rank * self.dp + (self.dp_rank // self.ep) * self.ep
-        return list(range(base, base + self.ep))
+        c = self.coords()
+        return [self.rank_at(e, c["edp"], c["pp"]) for e in range(self.ep)]
 
     def edp_ranks(self) -> list[int]:
-        base = self.pp_rank * self.dp + self.ep_rank
-        return list(range(base, base + self.dp, self.ep))
-
-    @property
-    def prev_rank(self) -> int | None:
-        return self.rank - self.dp if self.pp_rank > 0 else None
-
-    @property
-    def next_rank(self) -> int | None:
-        return self.rank + self.dp if self.pp_rank < self.pp - 1 else None
+        c = self.coords()
+        return [self.rank_at(c["ep"], d, c["pp"]) for d in range(self._size["edp"])]
 
     def rank_of_stage(self, pp_rank: int) -> int:
         """The rank that runs pipeline rank `pp_rank` for this replica."""
-        return pp_rank * self.dp + self.dp_rank
+        c = self.coords()
+        return self.rank_at(c["ep"], c["edp"], pp_rank)
+
+    @property
+    def prev_rank(self) -> int | None:
+        return self.rank_of_stage(self.pp_rank - 1) if self.pp_rank > 0 else None
+
+    @property
+    def next_rank(self) -> int | None:
+        return self.rank_of_stage(self.pp_rank + 1) if self.pp_rank < self.pp - 1 else None
 
     def describe(self) -> str:
         spans = len({self.node_of[r] for r in self.ep_ranks()})
         where = "inside one node" if spans == 1 else f"across {spans} nodes (HALO aggregates)"
-        return (f"mesh pp={self.pp} x dp={self.dp} (ep={self.ep}, edp={self.dp // self.ep}) "
+        return (f"mesh pp={self.pp} x dp={self.dp} (ep={self.ep}, edp={self.dp // self.ep}, "
+                f"order {self.order}) "
                 f"on {self.world} ranks / {len(set(self.node_of))} nodes; EP group "
                 f"{self.ep_ranks()} {where}")
 
 
-def build_mesh(pp: int, dp: int, ep: int) -> Mesh:
+def build_mesh(pp: int, dp: int, ep: int, order: str = "ep,edp,pp") -> Mesh:
     """Builds the mesh and its groups (collective over the job). torch.distributed must be
     initialised when the job has more than one rank (see piper_moe.train.launch)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        mesh = Mesh(pp, dp, ep)
-        if ep != 1:
-            mesh.ep_comm = None  # one process: EP == 1 by construction (Mesh checks dp % ep)
-        return mesh
+        return Mesh(pp, dp, ep, order=order)  # one process: every group is None
     from piper_comm.torch import resolve
 
     world, rank = dist.get_world_size(), dist.get_rank()
     world_comm = resolve(None)
     node_of = [int(n) for n in world_comm._node_of]
     mesh = Mesh(pp, dp, ep, rank=rank, world=world, node_of=node_of,
-                world_group=dist.group.WORLD)
+                world_group=dist.group.WORLD, order=order)
 
     def groups(lists: list[list[int]]) -> Any:
         mine = None
@@ -125,9 +151,12 @@ def build_mesh(pp: int, dp: int, ep: int) -> Mesh:
                 mine = g
         return mine
 
-    stages = [list(range(s * dp, (s + 1) * dp)) for s in range(pp)]
-    ep_lists = [st[i:i + ep] for st in stages for i in range(0, dp, ep)]
-    edp_lists = [st[j::ep] for st in stages for j in range(ep)]
+    edp = dp // ep
+    stages = [mesh.stage_ranks(s) for s in range(pp)]
+    ep_lists = [[mesh.rank_at(e, d, s) for e in range(ep)] for s in range(pp)
+                for d in range(edp)]
+    edp_lists = [[mesh.rank_at(e, d, s) for d in range(edp)] for s in range(pp)
+                 for e in range(ep)]
     mesh.dp_group = groups(stages)
     mesh.edp_group = groups(edp_lists)
     ep_group = groups(ep_lists)

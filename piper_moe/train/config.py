@@ -6,6 +6,7 @@
     steps: 200
     moe: {aux_loss_coef: 0.01, bias_update_rate: 0.0}      # MoEConfig overrides
     strategy: {pp: 2, dp: 2, ep: 2, schedule: 1f1b, vpp: 1}  # or: strategy: auto
+                                    # (order: "ep,edp,pp" rank order, innermost first)
     batch: {micro_batch: 2, global_batch: 16, seq_len: 64}   # sequences; micro_batch per replica
     optim: {lr: 3.0e-3, min_lr: 3.0e-4, warmup: 10, weight_decay: 0.0, betas: [0.9, 0.95],
             eps: 1.0e-8, clip: 1.0}
@@ -35,7 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "steps": 100,
     "moe": {},
-    "strategy": {"pp": 1, "dp": 1, "ep": 1, "schedule": "1f1b", "vpp": 1},
+    "strategy": {"pp": 1, "dp": 1, "ep": 1, "schedule": "1f1b", "vpp": 1,
+                 "order": "ep,edp,pp"},
     "batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 64},
     "optim": {"lr": 3.0e-3, "min_lr": 3.0e-4, "warmup": 10, "weight_decay": 0.0,
               "betas": [0.9, 0.95], "eps": 1.0e-8, "clip": 1.0},
@@ -122,6 +124,6 @@ def plan_for_world(cfg: dict, world: int) -> dict:
         if s.tp == 1 and s.etp == 1 and s.recompute == "none" and s.global_batch % (
                 b["micro_batch"] * s.dp) == 0 and s.micro_batch == b["micro_batch"]:
             return {"pp": s.pp, "dp": s.dp, "ep": s.ep, "schedule": s.schedule, "vpp": s.vpp,
-                    "predicted_step_s": e.time["step"]}
+                    "order": "ep,edp,pp", "predicted_step_s": e.time["step"]}
     raise ValueError(f"strategy: auto found no runnable strategy for {world} ranks "
                      f"({result.num_fit} fit of {result.num_candidates})")

@@ -104,9 +104,14 @@ class Trainer:
         if st == "auto":
             st = C.plan_for_world(cfg, world)
             cfg["strategy"] = st
+            log.info("piper_moe.train: strategy auto: the resource model picked pp=%d dp=%d "
+                     "ep=%d %s (vpp %d) for %d ranks, predicted %.3g s/step on %s", st["pp"],
+                     st["dp"], st["ep"], st["schedule"], st["vpp"], world,
+                     st["predicted_step_s"], cfg["platform"])
         self.strategy = st
-        self.mesh: Mesh = build_mesh(int(st["pp"]), int(st["dp"]), int(st["ep"])) \
-            if self.dist else Mesh(int(st["pp"]), int(st["dp"]), int(st["ep"]))
+        order = st.get("order", "ep,edp,pp")
+        self.mesh: Mesh = build_mesh(int(st["pp"]), int(st["dp"]), int(st["ep"]), order) \
+            if self.dist else Mesh(int(st["pp"]), int(st["dp"]), int(st["ep"]), order=order)
         m = self.mesh
         self.rank, self.world = m.rank, m.world
         self.spec = load_model(cfg["model"])
@@ -140,6 +145,8 @@ class Trainer:
             aux_scale=1.0 / self.num_micro, vpp=self.vpp, dtype=self.dtype, device=self.device)
         self.moe_layers = [layer for v in sorted(self.chunks)
                            for layer in self.chunks[v].moe_layers()]
+        self.moe_layer_ids = [int(i) for v in sorted(self.chunks)
+                              for i, b in self.chunks[v].layers.items() if b.is_moe]
         self._hook_loads()
         self.step = 0
         self.history: list[dict] = []
@@ -404,9 +411,25 @@ class Trainer:
         self.load_state(state)
         return True
 
+    def all_expert_loads(self) -> dict[int, list[list[int]]]:
+        """{global layer: per-step tokens per expert} of every MoE layer of the model, gathered
+        from the first replica of every stage (collective over the job)."""
+        mine = {}
+        if self.mesh.dp_rank == 0:
+            for j, lid in enumerate(self.moe_layer_ids):
+                mine[lid] = [h["expert_load"][j] for h in self.history if h.get("expert_load")]
+        if not self.dist:
+            return mine
+        import torch.distributed as dist
+
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        return {k: v for p in parts for k, v in p.items()}
+
     def layout(self) -> dict:
         m = self.mesh
-        return {"pp": m.pp, "dp": m.dp, "ep": m.ep, "vpp": self.vpp, "world": m.world}
+        return {"pp": m.pp, "dp": m.dp, "ep": m.ep, "vpp": self.vpp, "world": m.world,
+                "order": m.order}
 
     # -- the end of a run
     def report(self) -> dict:
@@ -472,10 +495,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("piper_moe.train: resumed at step %d from %s", trainer.step, args.resume)
     trainer.train(cfg["steps"])
     report = trainer.report()
+    loads = trainer.all_expert_loads()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         result = {"config": cfg, "floor": trainer.source.entropy_rate(),
                   "history": trainer.history, "migrations": trainer.migrations,
+                  "expert_load": {str(k): v for k, v in sorted(loads.items())},
                   "report": report}
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         last = trainer.history[-1] if trainer.history else None

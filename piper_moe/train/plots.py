@@ -34,18 +34,23 @@ def plot_run(result: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    loads = [h.get("expert_load") or [] for h in hist]
-    if loads and loads[0]:
-        layers = len(loads[0])
-        fig, axes = plt.subplots(1, layers, figsize=(4 * layers, 3.5), squeeze=False)
-        for i in range(layers):
-            arr = np.array([ld[i] for ld in loads], dtype=float)
+    loads = result.get("expert_load") or {}
+    if loads:
+        fig, axes = plt.subplots(1, len(loads), figsize=(3.6 * len(loads) + 1, 3.6),
+                                 squeeze=False, layout="constrained")
+        im = None
+        for ax, (layer, per_step) in zip(axes[0], loads.items()):
+            arr = np.array(per_step, dtype=float)
             arr = arr / np.maximum(arr.sum(axis=1, keepdims=True), 1)
-            im = axes[0, i].imshow(arr.T, aspect="auto", origin="lower", cmap="viridis",
-                                   extent=(steps[0], steps[-1], -0.5, arr.shape[1] - 0.5))
-            axes[0, i].set(xlabel="step", ylabel="expert", title=f"MoE layer {i} (this stage)")
-        fig.colorbar(im, ax=axes[0, -1], label="share of routed tokens")
-        fig.tight_layout()
+            im = ax.imshow(arr.T, aspect="auto", origin="lower", cmap="viridis",
+                           extent=(steps[0], steps[-1], -0.5, arr.shape[1] - 0.5))
+            ax.set(xlabel="step", ylabel="expert", title=f"MoE layer {layer}")
+        for mig in result.get("migrations", []):
+            for ax in axes[0]:
+                ax.axvline(mig["step"], color="w", alpha=0.6, lw=1)
+        fig.colorbar(im, ax=list(axes[0]), label="share of routed tokens")
+        fig.suptitle("tokens per expert (logical ids); white lines: expert migrations",
+                     fontsize=10)
         paths.append(out / "expert_load.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)

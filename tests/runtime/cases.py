@@ -41,9 +41,9 @@ class Chunk(nn.Module):
 
 
 def engine_matches_reference(pp: int, dp: int, vpp: int, schedule: str, num_micro: int,
-                             mb: int = 2) -> int:
+                             mb: int = 2, order: str = "ep,edp,pp") -> int:
     _rank, _world = launch()
-    mesh = build_mesh(pp, dp, 1)
+    mesh = build_mesh(pp, dp, 1, order)
     n = pp * vpp
     chunks = {v: Chunk(v, v == 0, v == n - 1) for v in range(mesh.pp_rank, n, pp)}
     g = torch.Generator().manual_seed(7)

@@ -22,3 +22,11 @@ def test_engine_equals_unpipelined(nprocs, pp, dp, vpp, schedule, M):
                   {"pp": pp, "dp": dp, "vpp": vpp, "schedule": schedule, "num_micro": M})
     # every rank compared every parameter of its chunks (first/last chunks have 3-4)
     assert all(r["result"] >= 2 * vpp for r in run.ranks)
+
+
+def test_pipeline_innermost_order():
+    """order "pp,ep,edp": pipeline neighbours are consecutive ranks, replicas far apart."""
+    run = run_mpi(4, "runtime.cases:engine_matches_reference",
+                  {"pp": 2, "dp": 2, "vpp": 1, "schedule": "1f1b", "num_micro": 2,
+                   "order": "pp,ep,edp"})
+    assert all(r["result"] >= 2 for r in run.ranks)
