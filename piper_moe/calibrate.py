@@ -9,12 +9,16 @@ Measures (every rank runs; rank 0 writes the file):
   by least squares on 1/rate = 1/A + (half_dim/A) * (1/d);
 - copy bandwidth (``clone`` of a 64 MiB buffer: bytes copied per second) and memory bandwidth
   (bytes read + written per second);
-- all-to-all time through piper_comm, flat and HALO, for per-peer blocks of 1 KiB to 1 MiB (the
-  slowest rank's median), fitted to the alpha-beta models of ``piper_moe.model.comm`` by linear
-  least squares: flat rows [(g-1), (g-1)*b, (n-g), (n-g)*b] and HALO rows
-  [(g-1), (g-1)*N*b, (N-1), (N-1)*g*b] (after removing the 2*m/copy_bandwidth copies), unknowns
-  (alpha_intra, 1/beta_intra, alpha_inter, 1/beta_inter), b = bytes per peer. With one node only
-  the intra level is measured and the inter level is kept from ``--base``.
+- all-to-all time through piper_comm, flat and HALO, for per-peer blocks of 1 KiB to 1 MiB, timed
+  exactly as ``python -m piper_comm.bench`` times them (its ``measure``: preallocated send and
+  recv buffers, ``warmup`` calls, a barrier, the mean of ``iters`` back-to-back calls, max over
+  ranks), median of ``repeats`` such measurements; fitted to the alpha-beta models of
+  ``piper_moe.model.comm`` by non-negative least squares on relative residuals (each row divided
+  by its measured time, so a 1 ms row weighs as much as a 100 ms one): flat rows
+  [(g-1), (g-1)*b, (n-g), (n-g)*b] and HALO rows [(g-1), (g-1)*N*b, (N-1), (N-1)*g*b] (after
+  removing the 2*m/copy_bandwidth copies), unknowns (alpha_intra, 1/beta_intra, alpha_inter,
+  1/beta_inter), b = bytes per peer. With one node only the intra level is measured, with one
+  rank per node only the inter level; the other level is kept from ``--base``.
 ``PIPER_LOCAL_SIZE=k`` (read by piper_comm) emulates nodes of k ranks on one host.
 
 Numbers not measured (device memory, reserve, peak) are kept from ``--base``; the raw
@@ -110,42 +114,69 @@ def a2a_rows(algorithm: str, n: int, g: int, block: float) -> list[float]:
     return [g - 1, (g - 1) * nodes * block, nodes - 1, (nodes - 1) * g * block]
 
 
+def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """argmin ||x c - y|| over c >= 0, by trying every support (x has at most a few columns)."""
+    k = x.shape[1]
+    best, best_res = np.zeros(k), float(np.sum(y * y))
+    for mask in range(1, 2**k):
+        cols = [j for j in range(k) if mask >> j & 1]
+        sol, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+        if np.any(sol < 0):
+            continue
+        c = np.zeros(k)
+        c[cols] = sol
+        res = float(np.sum((x @ c - y) ** 2))
+        if res < best_res - 1e-30 * max(best_res, 1.0):
+            best, best_res = c, res
+    return best
+
+
 def fit_a2a(points: list[dict[str, Any]], n: int, g: int,
             copy_bandwidth: float) -> dict[str, float]:
-    """Least-squares alpha/beta per level from all-to-all timings (see module docstring).
-    Returns latency_intra, bandwidth_intra and, with several nodes, latency_inter,
-    bandwidth_inter."""
-    rows, rhs = [], []
+    """Non-negative least-squares alpha/beta per level from all-to-all timings, on relative
+    residuals (see module docstring). Returns latency_<level> and bandwidth_<level> for each
+    level the run exercises: intra when g > 1, inter when n > g."""
+    rows, rhs, weights = [], [], []
     for p in points:
         rows.append(a2a_rows(p["algorithm"], n, g, p["block"]))
         t = p["seconds"]
+        weights.append(1.0 / t)
         if p["algorithm"] == "halo" and n > g:
             t -= 2 * p["block"] * n / copy_bandwidth
         rhs.append(t)
-    x = np.array(rows, dtype=float)
-    y = np.array(rhs, dtype=float)
-    cols = [0, 1] if n == g else [0, 1, 2, 3]
-    sol, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
-    full = dict(zip(cols, sol, strict=True))
-    out = {"latency_intra": max(float(full[0]), 0.0),
-           "bandwidth_intra": 1.0 / float(full[1]) if full[1] > 0 else float("inf")}
-    if n > g:
-        out["latency_inter"] = max(float(full[2]), 0.0)
-        out["bandwidth_inter"] = 1.0 / float(full[3]) if full[3] > 0 else float("inf")
+    x = np.array(rows, dtype=float) * np.array(weights)[:, None]
+    y = np.array(rhs, dtype=float) * np.array(weights)
+    levels = [lv for lv, used in (("intra", g > 1), ("inter", n > g)) if used]
+    cols = [j for lv in levels for j in ((0, 1) if lv == "intra" else (2, 3))]
+    sol = dict(zip(cols, _nnls(x[:, cols], y), strict=True))
+    out: dict[str, float] = {}
+    for lv in levels:
+        a, inv_b = (sol[0], sol[1]) if lv == "intra" else (sol[2], sol[3])
+        out[f"latency_{lv}"] = float(a)
+        out[f"bandwidth_{lv}"] = 1.0 / float(inv_b) if inv_b > 0 else float("inf")
     return out
 
 
-def measure_a2a(comm, blocks=A2A_BLOCKS, iters: int = 10) -> list[dict[str, Any]]:
-    """Slowest-rank median all-to-all seconds per (algorithm, bytes per peer)."""
+def measure_a2a(comm, blocks=A2A_BLOCKS, iters: int = 20, warmup: int = 5,
+                repeats: int = 3) -> list[dict[str, Any]]:
+    """All-to-all seconds per (algorithm, bytes per peer), timed by ``piper_comm.bench.measure``
+    (the benchmark's own loop, max over ranks) on preallocated buffers; median of ``repeats``."""
+    from mpi4py import MPI
+
+    from piper_comm.bench import measure
+
+    world = MPI.COMM_WORLD
     out = []
-    for algorithm in ("flat", "halo"):
-        for block in blocks:
-            send = np.zeros(comm.size * block, dtype=np.uint8)
-            t = _timeit(lambda send=send, a=algorithm: comm.all_to_all(send, algorithm=a),
-                        iters, sync=comm.barrier)
-            # slowest rank: every rank sends its time to every rank
-            times = comm.all_to_all(np.full(comm.size, t, dtype=np.float64), algorithm="flat")
-            out.append({"algorithm": algorithm, "block": block, "seconds": float(times.max())})
+    for block in blocks:
+        send = np.zeros(comm.size * block, dtype=np.uint8)
+        recv = np.empty_like(send)
+        for algorithm in ("halo", "flat"):
+            def run(a=algorithm):
+                comm.all_to_all(send, recv=recv, algorithm=a)
+            samples = [measure(run, world, warmup, iters) for _ in range(repeats)]
+            out.append({"algorithm": algorithm, "block": block,
+                        "seconds": float(statistics.median(samples)),
+                        "samples": [float(x) for x in samples]})
     return out
 
 
@@ -201,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     a2a_fit: dict[str, float] = {}
     if comm is not None and comm.size > 1:
         blocks = A2A_BLOCKS[::2] if args.quick else A2A_BLOCKS
-        a2a_points = measure_a2a(comm, blocks, iters)
+        a2a_points = measure_a2a(comm, blocks, iters=5 if args.quick else 20,
+                                 warmup=2 if args.quick else 5, repeats=1 if args.quick else 3)
         a2a_fit = fit_a2a(a2a_points, comm.size, comm.local_size, copy["copy_bandwidth"])
         a2a_fit["ranks"], a2a_fit["ranks_per_node"] = comm.size, comm.local_size
     elif comm is not None:

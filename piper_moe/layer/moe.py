@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
 
+from .chunked import ChunkSchedule, chunked_forward
 from .config import MoEConfig
 from .dispatch import combine, combine_dedup, dispatch, dispatch_dedup, exchange_counts
 from .experts import Experts, SharedExpert
+from .ppmoe import DISPATCHERS, ppmoe_forward
 from .router import Router, balance_loss, capacity_keep
 
 EXPERT_KEYS = ("experts.w1", "experts.w3", "experts.w2")
+
+
+def _check_dispatcher(dispatcher: str, comm, sequence_sharded: bool) -> None:
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"dispatcher must be one of {DISPATCHERS}, got {dispatcher!r}")
+    if dispatcher == "ppmoe" and comm is None:
+        raise ValueError("dispatcher='ppmoe' needs comm (the tensor-parallel group)")
+    if dispatcher == "ppmoe" and comm.num_nodes > 1:
+        raise ValueError(f"dispatcher='ppmoe' needs comm inside one node (its all-reduce "
+                         f"runs on the intra-node link), got {comm.num_nodes} nodes")
+    if sequence_sharded and dispatcher != "ppmoe":
+        raise ValueError("sequence_sharded=True needs dispatcher='ppmoe'")
 
 
 class MoELayer(nn.Module):
@@ -53,13 +69,33 @@ class MoELayer(nn.Module):
             that dedup avoided).
         In training mode with bias_update_rate > 0 the router bias then moves toward balance.
 
+    dispatcher: "alltoall" (above) or "ppmoe" (layer/ppmoe.py): comm is then a tensor-parallel
+        group inside one node whose ranks hold the same tokens (x the same [T, hidden] on every
+        rank, or with sequence_sharded=True each rank's shard, all-gathered first); each rank
+        computes its own experts' pairs and an all-reduce (reduce-scatter when sharded) sums
+        them. Gradient, aux_loss and stats_comm conventions: the ppmoe module docstring.
+
+    pipeline_chunks: 1 (default: the path above), an int C > 1, or "auto": the alltoall
+        dispatcher without node dedup splits this rank's tokens into C chunks and overlaps
+        each chunk's experts with the other chunks' asynchronous all-to-alls (layer/chunked.py;
+        same results as C = 1, bitwise in float64). "auto" tries C in (1, 2, 4) on the first
+        forwards and again every pipeline_recheck forwards, and picks the same C on every rank
+        (logged on "piper.moe"). The dedup path and comm=None run C = 1 (dedup logs it once).
+        layer.stats then also has chunks, comm_seconds_exposed (forward seconds blocked on
+        communication) and comm_seconds_total (forward communication issue-to-completion
+        seconds); both None when C = 1 (synchronous, nothing hidden).
+
     Replicated parameters (router, shared expert) get per-rank partial gradients: sum them
     over ranks (data-parallel all-reduce) to get the global-batch gradient.
     """
 
     def __init__(self, cfg: MoEConfig, comm=None, seed: int = 0, dtype=torch.float32,
-                 device="cpu", dedup: bool = True, *, stats_comm=None, slot_of=None):
+                 device="cpu", dedup: bool = True, *, stats_comm=None, slot_of=None,
+                 dispatcher: str = "alltoall", sequence_sharded: bool = False,
+                 pipeline_chunks=1, pipeline_recheck: int = 50):
         super().__init__()
+        _check_dispatcher(dispatcher, comm, sequence_sharded)
+        self.dispatcher, self.sequence_sharded = dispatcher, sequence_sharded
         ep = 1 if comm is None else comm.size
         if cfg.num_experts % ep:
             raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the "
@@ -68,11 +104,14 @@ class MoELayer(nn.Module):
             import piper_comm.torch  # noqa: F401  (collective on first import under MPI)
         self.cfg, self.comm, self.ep, self.stats_comm = cfg, comm, ep, stats_comm
         # On one node dedup has nothing to save and only adds a hop through the gateway.
-        self.dedup = dedup and comm is not None and comm.num_nodes > 1
+        self.dedup = (dedup and comm is not None and comm.num_nodes > 1
+                      and dispatcher == "alltoall")
         self.rank = 0 if comm is None else comm.rank
         self.e_local = cfg.num_experts // ep
         self.router = Router(cfg, seed, dtype, device)
         self.slot_of = np.arange(cfg.num_experts) if slot_of is None else slot_of
+        self.pipeline = ChunkSchedule(pipeline_chunks, comm, pipeline_recheck)
+        self._pipeline_warned = False
         self.experts = Experts(cfg, self.rank * self.e_local, self.e_local, seed, dtype, device,
                                ids=self.local_experts.tolist())
         self.shared = (SharedExpert(cfg, seed, dtype, device) if cfg.num_shared_experts
@@ -112,6 +151,8 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]; collective (see the class docstring)."""
+        if self.dispatcher == "ppmoe":
+            return ppmoe_forward(self, x)
         cfg = self.cfg
         routing = self.router(x)
         keep = (capacity_keep(routing.experts, cfg) if cfg.capacity_factor is not None
@@ -128,22 +169,43 @@ class MoELayer(nn.Module):
         slot_of = self._slot_t
         if slot_of is not None and slot_of.device != x.device:
             slot_of = self._slot_t = slot_of.to(x.device)
+        chunks = self._chunks()
         if self.dedup:
             rows, handle = dispatch_dedup(x, routing.experts, routing.weights, keep,
                                           cfg.num_experts, self.comm, slot_of)
             y = combine_dedup(self.experts(rows, handle.inner.expert_counts), handle)
             self.stats = self._stats(load[:-1], [handle, handle.inner], row_bytes,
                                      2 * row_bytes * handle.inter_node_rows_saved)
+        elif chunks > 1:
+            y, splits, timing = chunked_forward(self, x, routing, keep, slot_of, chunks)
+            self.stats = {**self._stats(load[:-1], [splits], row_bytes, 0), **timing}
         else:
             rows, handle = dispatch(x, routing.experts, keep, cfg.num_experts, self.comm,
                                     slot_of)
             y = combine(self.experts(rows, handle.expert_counts), routing.weights, handle)
             self.stats = self._stats(load[:-1], [handle], row_bytes, 0)
+        if chunks == 1:  # synchronous exchanges: nothing hidden, their time not measured
+            self.stats.update(chunks=1, comm_seconds_exposed=None, comm_seconds_total=None)
         if self.shared is not None:
             y = y + self.shared(x)
         if self.training and cfg.bias_update_rate:
             self.router.update_bias(global_load)
         return y
+
+    def _chunks(self) -> int:
+        """This forward's pipeline chunk count (collective under "auto"); 1 without comm
+        and on the node-dedup path (logged once)."""
+        if self.comm is None:
+            return 1
+        if self.dedup:
+            if self.pipeline.setting != 1 and not self._pipeline_warned:
+                self._pipeline_warned = True
+                logging.getLogger("piper.moe").warning(
+                    "piper.moe: pipeline_chunks=%r is not supported on the node-dedup path "
+                    "(dedup=True over %d nodes): running unchunked (C=1)",
+                    self.pipeline.setting, self.comm.num_nodes)
+            return 1
+        return self.pipeline.next()
 
     def _all_reduce(self, v: np.ndarray) -> np.ndarray:
         """Sum of int64 vector v over the stats_comm ranks (an equal-split all-to-all of

@@ -165,7 +165,7 @@ def build_mesh(pp: int, dp: int, ep: int, order: str = "ep,edp,pp") -> Mesh:
         mesh.dp_comm = _communicator(mesh.stage_ranks(), mesh.dp_group, node_of)
     elif dp > 1:
         mesh.dp_comm = mesh.ep_comm
-    log.info("piper_moe: %s", mesh.describe())
+    log.debug("piper_moe: %s", mesh.describe())
     return mesh
 
 

@@ -151,7 +151,9 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.out_dir = Path(out_dir) if out_dir else None
-        self.progress = progress and self.rank == 0
+        # A bar on an interactive terminal; a log line every log_every steps otherwise.
+        self.progress = progress and self.rank == 0 and sys.stderr.isatty()
+        self.log_every = int(cfg["log_every"]) if progress else 0
         self.migrations: list[dict] = []
         self._trackers: list = []
         rb = cfg["rebalance"]
@@ -331,6 +333,7 @@ class Trainer:
         peak = self._peak_flops()
         flops_tok = 3 * self._flops_per_token()
         ck = self.cfg["checkpoint"]
+        saved = True
         while self.step < steps:
             rec = self.train_step()
             rec["mfu"] = flops_tok * rec["tokens_per_s"] / (peak * self.world) if peak else 0.0
@@ -338,10 +341,18 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
                                 mfu=f"{100 * rec['mfu']:.2f}%")
-            if ck["dir"] and ck["every"] and self.step % ck["every"] == 0:
+            elif self.rank == 0 and self.log_every and (
+                    self.step % self.log_every == 0 or self.step == steps):
+                log.info("step %d/%d loss %.4f aux %.4f grad-norm %.3f lr %.2e %.0f tok/s "
+                         "MFU %.2f%%", self.step, steps, rec["loss"], rec["aux"],
+                         rec["grad_norm"], rec["lr"], rec["tokens_per_s"], 100 * rec["mfu"])
+            saved = ck["dir"] and ck["every"] and self.step % ck["every"] == 0
+            if saved:
                 self.save(ck["dir"])
         if bar is not None:
             bar.close()
+        if ck["dir"] and self.history and not saved:
+            self.save(ck["dir"])  # the final state, whatever `every` is
         return self.history
 
     def _flops_per_token(self) -> float:
