@@ -9,6 +9,13 @@ Variants, all built from the same seed (so the same global weights) and fed the 
     piper        MoELayer(cfg, comm, dedup=True): experts spread over the EP = comm.size ranks,
                  tokens dispatched and combined through piper_comm all-to-all-v with node dedup.
     piper-nodedup  MoELayer(cfg, comm, dedup=False): the same without node-level dedup.
+    piper-C<c>   with --chunks c1,c2,..: MoELayer(cfg, comm, dedup=False, pipeline_chunks=c)
+                 (c an int or "auto"): the chunked pipeline of layer/chunked.py. Reported
+                 besides the time: the fraction of the forward communication hidden behind
+                 expert compute (1 - sum exposed / sum total seconds over the timed steps, from
+                 layer.stats), and the bytes of tensors saved for backward by one forward
+                 (torch.autograd.graph.saved_tensors_hooks, parameters excluded, each storage
+                 once). Without --variants only these (and the reference) run.
 
 One timed step: comm.barrier() on every rank, then perf_counter around
 y = layer(x); (y.sum() + layer.aux_loss).backward(). Variants are interleaved step by step
@@ -51,14 +58,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads per rank (default 1: ranks oversubscribe cores)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated subset of {','.join(VARIANTS)} (default: all, or "
+                   f"reference alone with --chunks)")
+    p.add_argument("--chunks", default=None, metavar="LIST",
+                   help="comma-separated pipeline_chunks settings (ints and/or auto), each "
+                   "a variant piper-C<setting> (dedup off)")
+    p.add_argument("--recheck", type=int, default=50, help="pipeline_recheck for auto")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (rank 0)")
     a = p.parse_args(argv)
+    if a.variants is None:
+        a.variants = "reference" if a.chunks else ",".join(VARIANTS)
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad or not a.variants:
         p.error(f"--variants: unknown {bad}; choose from {VARIANTS}")
+    a.chunk_settings = {}
+    for c in (a.chunks.split(",") if a.chunks else []):
+        c = c.strip()
+        if c != "auto" and not (c.isdigit() and int(c) >= 1):
+            p.error(f"--chunks: {c!r} is neither an int >= 1 nor auto")
+        a.chunk_settings[f"piper-C{c}"] = c if c == "auto" else int(c)
+    a.variants += list(a.chunk_settings)
     if a.iters < 1 or a.warmup < 0 or a.tokens < 0 or a.threads < 1:
         p.error("--iters >= 1, --warmup >= 0, --tokens >= 0, --threads >= 1")
     return a
@@ -104,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     for v in a.variants:  # construction order is the same on every rank (it is collective)
         if v == "reference":
             layers[v] = ReferenceMoE(cfg, seed=a.seed, dtype=dtype)
+        elif v in a.chunk_settings:
+            layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, dedup=False,
+                                 pipeline_chunks=a.chunk_settings[v],
+                                 pipeline_recheck=a.recheck)
         else:
             layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, dedup=v == "piper")
     g = torch.Generator().manual_seed(a.seed * 1000003 + me)
@@ -116,8 +141,16 @@ def main(argv: list[str] | None = None) -> int:
         comm.barrier()
         t0 = time.perf_counter()
         y = layer(x)
+        t_fwd = time.perf_counter() - t0
         (y.sum() + layer.aux_loss).backward()
-        return time.perf_counter() - t0, y.detach()
+        t = time.perf_counter() - t0
+        if v in a.chunk_settings:
+            st = layer.stats
+            comm_s[v].append((st["comm_seconds_exposed"] or 0.0,
+                              st["comm_seconds_total"] or 0.0, st["chunks"], t_fwd))
+        return t, y.detach()
+
+    comm_s: dict[str, list] = {v: [] for v in a.chunk_settings}
 
     # sanity: Piper's outputs equal the reference's on the same tokens (same global model)
     outs = {v: step(v)[1] for v in a.variants}
@@ -127,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         for v in a.variants:
             step(v)
     times: dict[str, list[float]] = {v: [] for v in a.variants}
+    for v in comm_s:  # the timed steps only
+        comm_s[v].clear()
     for _ in range(a.iters):
         for v in a.variants:
             times[v].append(step(v)[0])
+    chunk_rows = chunk_summary(a, comm, layers, x0, comm_s, torch) if a.chunk_settings else []
 
     med = np.array([statistics.median(times[v]) for v in a.variants])
     all_med = gather(comm, med)                                         # [P, variants]
@@ -141,13 +177,58 @@ def main(argv: list[str] | None = None) -> int:
                                        for k in stat_keys], dtype=np.float64))
     if me == 0:
         report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_vs,
-               stat_keys, layers)
+               stat_keys, layers, chunk_rows)
     comm.close()
     return 0
 
 
+def saved_bytes(layer, x0, torch) -> int:
+    """Bytes of the tensors one forward saves for backward (parameters excluded, each storage
+    counted once); runs the backward too (it is collective)."""
+    params = {p.data_ptr() for p in layer.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    layer.zero_grad(set_to_none=True)
+    x = x0.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    (y.sum() + layer.aux_loss).backward()
+    return sum(seen.values())
+
+
+def chunk_summary(a, comm, layers, x0, comm_s, torch) -> list[dict]:
+    """Per chunk setting (gathered over ranks): hidden fraction, exposed / total comm ms, saved
+    bytes, the C the steps ran with."""
+    rows = []
+    for v in a.chunk_settings:
+        ex = np.array([e for e, _, _, _ in comm_s[v]])
+        tot = np.array([t for _, t, _, _ in comm_s[v]])
+        used = sorted({c for _, _, c, _ in comm_s[v]})
+        fwd = float(np.median([f for _, _, _, f in comm_s[v]]))
+        saved = saved_bytes(layers[v], x0, torch)
+        mine = np.array([ex.sum(), tot.sum(), float(np.median(ex)), float(np.median(tot)),
+                         saved, fwd])
+        allr = gather(comm, mine)
+        hidden = [float(1 - e / t) if t > 0 else None for e, t in zip(allr[:, 0], allr[:, 1])]
+        rows.append({"variant": v, "setting": a.chunk_settings[v], "chunks_used": used,
+                     "auto_choice": layers[v].pipeline.choice,
+                     "auto_measured_s": layers[v].pipeline.measured,
+                     "hidden_fraction_per_rank": hidden,
+                     "exposed_ms_median_per_rank": [1e3 * float(t) for t in allr[:, 2]],
+                     "total_ms_median_per_rank": [1e3 * float(t) for t in allr[:, 3]],
+                     "saved_for_backward_bytes_max_rank": int(allr[:, 4].max()),
+                     "forward_ms_median_max_rank": 1e3 * float(allr[:, 5].max())})
+    return rows
+
+
 def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_vs, stat_keys,
-           layers) -> None:
+           layers, chunk_rows=()) -> None:
     P = comm.size
     global_tokens = a.tokens * P
     worst = all_med.max(axis=0)                          # max over ranks of per-rank median
@@ -198,6 +279,31 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
         tpe = layers[piper_vs[0]].stats["tokens_per_expert"]
         imb = f"{max(tpe) / (sum(tpe) / len(tpe)):.2f}" if sum(tpe) else "-"
         print(f"#   tokens per expert (global): {tpe}  (max/mean {imb})")
+    if chunk_rows:
+        print("#")
+        print("# chunked pipeline (forward communication; C=1 is synchronous: nothing hidden, "
+              "its comm time is not measured):")
+        print(f"# {'variant':>14} {'C used':>8} {'fwd(ms)':>9} {'hidden(mean/min rank)':>22} "
+              f"{'exposed(ms)':>12} {'total(ms)':>10} {'saved-for-bwd(MB)':>18}")
+        for r in chunk_rows:
+            h = [x for x in r["hidden_fraction_per_rank"] if x is not None]
+            hid = f"{np.mean(h):+.2f}/{min(h):+.2f}" if h else "-"
+            used = ",".join(map(str, r["chunks_used"]))
+            sync = r["chunks_used"] == [1]
+            exp = "-" if sync else f"{max(r['exposed_ms_median_per_rank']):.2f}"
+            tot = "-" if sync else f"{max(r['total_ms_median_per_rank']):.2f}"
+            hid = "- (sync)" if sync else hid
+            mb = r["saved_for_backward_bytes_max_rank"] / 2**20
+            print(f"  {r['variant']:>14} {used:>8} {r['forward_ms_median_max_rank']:9.2f} "
+                  f"{hid:>22} {exp:>12} {tot:>10} {mb:18.2f}")
+            if r["setting"] == "auto":
+                print(f"#   {r['variant']}: chose C={r['auto_choice']} from fwd-to-fwd seconds "
+                      f"(max over ranks) {r['auto_measured_s']}")
+        print("#  fwd = forward alone (median per rank, max over ranks); exposed / total: "
+              "medians per step, max over ranks")
+        print("#  hidden = 1 - exposed/total summed over the timed steps (per rank; exposed: "
+              "blocked in wait or in the synchronous count exchange; total: union of "
+              "issue-to-completion intervals, completion observed at stage boundaries)")
     notes = [
         "the reference is data-parallel with all experts on every rank: it does no "
         "communication at all; Piper's EP layer adds the all-to-alls (dispatch, combine and "
@@ -225,7 +331,8 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
                "torch": torch.__version__, "machine": machine(), "cpu_count": os.cpu_count(),
                "loadavg_at_end": list(os.getloadavg()),
                "timing": "max over ranks of the per-rank median of forward+backward seconds",
-               "results": rows, "stats_summed_over_ranks": stats, "notes": notes}
+               "results": rows, "stats_summed_over_ranks": stats, "chunked": list(chunk_rows),
+               "notes": notes}
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
 

@@ -11,7 +11,9 @@ Step time is assembled on the critical (slowest) pipeline stage, for m micro-bat
 - a2a: dispatch + combine forward and their two duals backward (and again under full recompute),
   ``m = T_m * top_k * h * e * imbalance`` bytes per rank over the EP group, flat or HALO; with
   ``overlap_a2a`` (not gpipe, m >= 2) a layer's all-to-all hides behind another micro-batch's
-  compute of that layer and only the excess shows;
+  compute of that layer and only the excess shows; with ``dispatcher`` "ppmoe" there is none:
+  the MoE block's TP all-gather + reduce-scatter sums the experts' partial outputs
+  (``ppmoe.ppmoe_time``, charged to tp_comm);
 - pp_comm: one activation send forward and one gradient send backward per micro-batch;
 - bubble: ``pipeline.bubble``;
 - dp_comm: gradient reduce-scatter + weight all-gather (all-reduce for ZeRO-0) over DP (dense)
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from . import comm
+from . import comm, ppmoe
 from .compute import head_compute, layer_compute, model_flops_per_token
 from .memory import PRECISION_BYTES, memory, shapes, stage_layer_kinds, stage_params
 from .pipeline import bubble
@@ -74,7 +76,11 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
             cache[moe_layer] = layer_compute(model, platform, s, moe_layer)
         lc = cache[moe_layer]
         a2a = tp_extra = 0.0
-        if moe_layer and s.ep > 1:
+        tp_l = tp_layer
+        if moe_layer and s.dispatcher == "ppmoe":  # attention's two, then the PPMoE sum
+            tp_l = tp_layer / 2 + ppmoe.ppmoe_time(sh.tokens, model.hidden, e, s.tp, platform,
+                                                   sequence_sharded=True)
+        elif moe_layer and s.ep > 1:
             m_bytes = sh.moe_tokens * model.moe.top_k * model.hidden * e
             m_bytes *= s.capacity_factor or s.expert_imbalance
             g = comm.per_node(s.ep, s.etp, G)
@@ -86,7 +92,7 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
         re = 0.0
         re_a2a = 0.0
         if s.recompute == "full":
-            re = lc.total + tp_layer + tp_extra
+            re = lc.total + tp_l + tp_extra
             re_a2a = a2a
         elif s.recompute == "selective":
             re = lc.elementwise
@@ -95,9 +101,9 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
             a2a_total = max(0.0, a2a_total - comp)
         out["compute"] += n * comp
         out["recompute"] += n * re
-        out["tp_comm"] += n * 2 * (tp_layer + tp_extra)
+        out["tp_comm"] += n * 2 * (tp_l + tp_extra)
         out["a2a"] += n * a2a_total
-        fwd += n * (lc.total + tp_layer + tp_extra + a2a_total / 2)
+        fwd += n * (lc.total + tp_l + tp_extra + a2a_total / 2)
         wgrad += n * lc.gemm
     if stage == s.pp - 1:
         hc = head_compute(model, platform, s)

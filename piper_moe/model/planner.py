@@ -4,8 +4,9 @@ rank by predicted step time.
 Searched: tp in powers of two up to a node, pp dividing gpus/tp (at most num_layers), ep dividing
 num_experts and dp*tp/etp, etp in {1, tp}, micro_batch in {1, 2, 4}, recompute in
 {none, selective, full}, schedule in {1f1b, zb-h1, interleaved (vpp 2)} (1f1b only without PP),
-all-to-all in {flat, halo} (flat only when the EP group fits one node). ZeRO stage, global batch
-and sequence length are fixed by the caller.
+all-to-all in {flat, halo} (flat only when the EP group fits one node), and the PPMoE dispatcher
+where it applies (ep == tp > 1, etp 1). ZeRO stage, global batch and sequence length are fixed
+by the caller.
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ def candidates(model: ModelSpec, platform: PlatformSpec, gpus: int, *, global_ba
                         continue
                     # HALO equals flat when the EP group sits in one node
                     one_node = comm.per_node(ep, etp, platform.devices_per_node) >= ep
-                    algos = ("flat",) if ep == 1 or one_node else ("flat", "halo")
+                    algos = [(a, "alltoall") for a in
+                             (("flat",) if ep == 1 or one_node else ("flat", "halo"))]
+                    if tp > 1 and ep == tp and etp == 1 and one_node:
+                        algos.append(("flat", "ppmoe"))
                     for mb in micro_batches:
                         if global_batch % (mb * dp):
                             continue
@@ -69,12 +73,13 @@ def candidates(model: ModelSpec, platform: PlatformSpec, gpus: int, *, global_ba
                                 schedules.append(("interleaved", 2))
                         for recompute in ("none", "selective", "full"):
                             for schedule, vpp in schedules:
-                                for algo in algos:
+                                for algo, dispatcher in algos:
                                     yield Strategy(
                                         dp=dp, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp,
                                         micro_batch=mb, global_batch=global_batch,
                                         seq_len=seq_len, zero=zero, recompute=recompute,
                                         schedule=schedule, a2a=algo, overlap_a2a=overlap_a2a,
+                                        dispatcher=dispatcher,
                                     )
 
 

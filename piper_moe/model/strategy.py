@@ -17,6 +17,7 @@ from .spec import ModelSpec
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved", "zb-h1", "gpipe")
 A2A = ("flat", "halo")
+DISPATCHERS = ("alltoall", "ppmoe")
 PRECISIONS = ("bf16", "fp32")
 
 
@@ -41,7 +42,11 @@ class Strategy:
     ``expert_imbalance`` is max/mean routed rows per rank for padding-free buffers (1 = balanced).
     ``layers_per_stage`` gives an uneven pipeline split (None: as even as possible, extra layers to
     the first stages). ``overlap_a2a`` lets the schedule hide all-to-all behind another
-    micro-batch's compute (not with gpipe or a single micro-batch).
+    micro-batch's compute (not with gpipe or a single micro-batch). ``dispatcher`` "alltoall"
+    (expert-parallel all-to-all, ``a2a``) or "ppmoe" (the TP group is the EP group, ``ep == tp``,
+    ``etp == 1``, inside one node: the MoE block's TP collective sums the experts' partial
+    outputs and no all-to-all runs; ``model/ppmoe.py``); ppmoe needs ``sequence_parallel``
+    (the expert-row model assumes each TP rank routes T / tp tokens' worth of rows).
     """
 
     dp: int
@@ -63,6 +68,7 @@ class Strategy:
     layers_per_stage: tuple[int, ...] | None = None
     overlap_a2a: bool = False
     sequence_parallel: bool = True
+    dispatcher: str = "alltoall"
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "ep", "etp", "vpp", "micro_batch", "global_batch",
@@ -73,7 +79,7 @@ class Strategy:
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"Strategy.zero must be 0, 1, 2 or 3 (got {self.zero!r})")
         for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("a2a", A2A),
-                              ("precision", PRECISIONS)):
+                              ("precision", PRECISIONS), ("dispatcher", DISPATCHERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"Strategy.{name} must be one of {allowed} (got {getattr(self, name)!r})"
@@ -86,6 +92,13 @@ class Strategy:
         if (self.dp * self.tp) % (self.ep * self.etp):
             raise ValueError(
                 f"ep ({self.ep}) x etp ({self.etp}) must divide dp ({self.dp}) x tp ({self.tp})"
+            )
+        if self.dispatcher == "ppmoe" and not (self.tp > 1 and self.ep == self.tp
+                                               and self.etp == 1 and self.sequence_parallel):
+            raise ValueError(
+                f"dispatcher 'ppmoe' needs tp > 1, ep == tp, etp == 1 and sequence_parallel "
+                f"(got tp={self.tp}, ep={self.ep}, etp={self.etp}, "
+                f"sequence_parallel={self.sequence_parallel})"
             )
         if self.vpp > 1 and self.schedule != "interleaved":
             raise ValueError(f"vpp ({self.vpp}) > 1 needs schedule 'interleaved' "
