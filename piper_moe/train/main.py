@@ -125,12 +125,12 @@ class Trainer:
         ranges = layer_ranges(self.spec.num_layers, m.pp * self.vpp)
         last = m.pp * self.vpp - 1
         self.chunks: dict[int, torch.nn.Module] = {}
+        moe_kwargs = self._moe_kwargs(cfg["moe_layer"])
         for v in range(m.pp_rank, m.pp * self.vpp, m.pp):
             self.chunks[v] = Stage(self.spec, ranges[v], first=v == 0, last=v == last,
                                    ep_comm=m.ep_comm, seed=cfg["seed"], dtype=self.dtype,
                                    device=self.device, moe_overrides=dict(cfg["moe"]),
-                                   moe_kwargs={"stats_comm": m.dp_comm}
-                                   if m.dp_comm is not None else {})
+                                   moe_kwargs=moe_kwargs)
         self.params = [(f"{v}.{n}", p) for v, ch in self.chunks.items()
                        for n, p in ch.named_parameters()]
         o = cfg["optim"]
@@ -163,6 +163,27 @@ class Trainer:
             self._trackers = [LoadTracker(self.spec.moe.num_experts, window=rb["window"])
                               for _ in self.moe_layers]
         self._above = 0
+
+    def _moe_kwargs(self, ml: dict) -> dict:
+        """MoELayer keyword arguments from the config's moe_layer section and the mesh.
+        Balancing statistics cover the stage's whole data-parallel micro-batch (stats_comm =
+        the dp group), so any layout computes the one-process loss; under ppmoe the EP group
+        already holds its group's tokens, so no sum is needed when ep == dp."""
+        m = self.mesh
+        kw = {"dedup": bool(ml["dedup"]), "pipeline_chunks": ml["pipeline_chunks"],
+              "pipeline_recheck": int(ml["pipeline_recheck"])}
+        if ml["dispatcher"] == "ppmoe":
+            if m.ep != m.dp or m.ep == 1:
+                raise ValueError(f"moe_layer.dispatcher ppmoe needs ep == dp > 1 (the EP group "
+                                 f"is the stage's tensor-parallel-like group), got ep={m.ep} "
+                                 f"dp={m.dp}")
+            kw.update(dispatcher="ppmoe", sequence_sharded=True)
+        elif ml["dispatcher"] != "alltoall":
+            raise ValueError(f"moe_layer.dispatcher must be alltoall or ppmoe, got "
+                             f"{ml['dispatcher']!r}")
+        elif m.dp_comm is not None:
+            kw["stats_comm"] = m.dp_comm
+        return kw
 
     # -- expert load bookkeeping: summed over the micro-batches of a step
     def _hook_loads(self) -> None:

@@ -11,10 +11,11 @@ ENV = {"PIPER_LOCAL_SIZE": "2"}  # 4 ranks = 2 emulated nodes; a pipeline stage 
 STEPS = 20
 
 
-def _curve(nprocs, strategy, micro_batch, steps=STEPS, dtype="float32"):
-    run = run_mpi(nprocs, "train.train_cases:curve",
-                  {"strategy": strategy, "steps": steps, "micro_batch": micro_batch,
-                   "dtype": dtype}, env=ENV)
+def _curve(nprocs, strategy, micro_batch, steps=STEPS, dtype="float32", moe_layer=None):
+    args = {"strategy": strategy, "steps": steps, "micro_batch": micro_batch, "dtype": dtype}
+    if moe_layer:
+        args["moe_layer"] = moe_layer
+    run = run_mpi(nprocs, "train.train_cases:curve", args, env=ENV)
     curves = [r["result"] for r in run.ranks]
     assert all(c == curves[0] for c in curves), "ranks disagree on the loss"
     return np.array(curves[0])
@@ -45,6 +46,16 @@ def test_layout_matches_one_rank(one_rank64, strategy):
     summation orders (expert GEMMs over other row counts, the gradient all-reduce), ~1e-15
     per step, so 20 steps agree to 1e-10."""
     got = _curve(4, strategy, micro_batch=2, dtype="float64")
+    np.testing.assert_allclose(got, one_rank64, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("moe_layer", [{"dispatcher": "ppmoe"}, {"pipeline_chunks": 2}],
+                         ids=["ppmoe", "chunks2"])
+def test_dispatchers_match_one_rank(one_rank64, moe_layer):
+    """PPMoE (all-gather + index slicing + reduce-scatter) and MPipeMoE-style chunking train
+    the same model as the all-to-all layer."""
+    got = _curve(4, {"pp": 2, "dp": 2, "ep": 2, "schedule": "1f1b"}, micro_batch=2,
+                 dtype="float64", moe_layer=moe_layer)
     np.testing.assert_allclose(got, one_rank64, rtol=1e-10, atol=0)
 
 
