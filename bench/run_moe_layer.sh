@@ -7,6 +7,10 @@
 #   np4_ls2_e64   4 ranks, 64 experts top-6 (8 groups, 4 chosen): more experts per rank
 # Each .txt starts with a header (date, git, machine, exact command); about 1-2 minutes in all.
 # Usage: bench/run_moe_layer.sh [extra bench flags, e.g. --iters 20]
+#        bench/run_moe_layer.sh dispatchers [extra bench flags]
+#   the dispatcher comparison alone (--dispatchers alltoall,halo,ppmoe --chunks 1,2,auto, with
+#   the resource model's prediction), 4 ranks as 2 nodes of 2 then as 1 node of 4, into
+#   bench/results/moe_dispatchers_cpu.txt and moe_dispatchers_cpu_np4_ls{2,4}.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=bench/results
@@ -27,6 +31,29 @@ run() {  # run NP LS TAG [bench flags...]
   "${cmd[@]}" >> "$base.txt"
   echo "# wall time: $(( $(date +%s) - start )) s" >> "$base.txt"
 }
+dispatchers() {  # dispatchers [bench flags...]: both runs appended to one .txt
+  local txt="$OUT/moe_dispatchers_cpu.txt"
+  echo "# date -u: $(date -u '+%Y-%m-%dT%H:%M:%SZ')  git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)  machine: nproc $(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), no GPU" > "$txt"
+  local ls
+  for ls in 2 4; do
+    local cmd=(.venv/bin/mpirun -genv PIPER_LOCAL_SIZE "$ls" -n 4 .venv/bin/python
+               -m piper_moe.bench_layer --dispatchers alltoall,halo,ppmoe --chunks 1,2,auto
+               --json "$OUT/moe_dispatchers_cpu_np4_ls${ls}.json" "$@")
+    echo "== $txt (PIPER_LOCAL_SIZE $ls)" >&2
+    {
+      echo
+      echo "# uptime before: $(uptime)"
+      echo "# command: ${cmd[*]}"
+    } >> "$txt"
+    "${cmd[@]}" >> "$txt"
+    echo "# uptime after: $(uptime)" >> "$txt"
+  done
+}
+if [[ ${1:-} == dispatchers ]]; then
+  shift
+  dispatchers "$@"
+  exit 0
+fi
 run 4 2 "" "$@"
 run 8 4 "" "$@"
 run 4 2 _e64 --iters 5 --warmup 2 --num-experts 64 --top-k 6 --num-groups 8 --topk-groups 4 "$@"

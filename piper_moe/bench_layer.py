@@ -16,6 +16,20 @@ Variants, all built from the same seed (so the same global weights) and fed the 
                  layer.stats), and the bytes of tensors saved for backward by one forward
                  (torch.autograd.graph.saved_tensors_hooks, parameters excluded, each storage
                  once). Without --variants only these (and the reference) run.
+    --dispatchers LIST  (subset of alltoall,halo,ppmoe; combinable with --chunks, which then
+                 apply to alltoall only and name its variants alltoall-C<c>):
+      alltoall   MoELayer(cfg, comm, dedup=False): padding-free all-to-all dispatch over EP =
+                 comm.size (algorithm auto).
+      halo       MoELayer(cfg, comm, dedup=True): node-level dedup (a token crosses to each node
+                 once); the same as alltoall when comm spans one node.
+      ppmoe      MoELayer(cfg, node_comm, dispatcher="ppmoe", sequence_sharded=True), node_comm
+                 the ranks of this rank's (emulated) node: EP = ranks per node, experts
+                 replicated across nodes (data parallel over nodes). Dispatch is an index select;
+                 the traffic is the all-gather of the node's shards and the reduce-scatter of the
+                 partial outputs, all intra-node.
+                 Reported besides the time: bytes of tensors saved for backward, expert
+                 parameter bytes per rank, and the resource model's (--platform) per-layer
+                 communication time of each dispatcher next to the measured difference.
 
 One timed step: comm.barrier() on every rank, then perf_counter around
 y = layer(x); (y.sum() + layer.aux_loss).backward(). Variants are interleaved step by step
@@ -37,6 +51,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 VARIANTS = ("reference", "piper", "piper-nodedup")
+DISPATCHERS = ("alltoall", "halo", "ppmoe")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,21 +80,38 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated pipeline_chunks settings (ints and/or auto), each "
                    "a variant piper-C<setting> (dedup off)")
     p.add_argument("--recheck", type=int, default=50, help="pipeline_recheck for auto")
+    p.add_argument("--dispatchers", default=None, metavar="LIST",
+                   help=f"comma-separated subset of {','.join(DISPATCHERS)}, each a variant "
+                   "(module docstring)")
+    p.add_argument("--platform", default="cpu-host",
+                   help="resource-model platform (name or YAML path) for the predicted "
+                   "communication time of --dispatchers (default cpu-host)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (rank 0)")
     a = p.parse_args(argv)
     if a.variants is None:
-        a.variants = "reference" if a.chunks else ",".join(VARIANTS)
+        a.variants = "reference" if a.chunks or a.dispatchers else ",".join(VARIANTS)
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in a.variants if v not in VARIANTS]
     if bad or not a.variants:
         p.error(f"--variants: unknown {bad}; choose from {VARIANTS}")
+    a.dispatchers = [d.strip() for d in (a.dispatchers or "").split(",") if d.strip()]
+    bad = [d for d in a.dispatchers if d not in DISPATCHERS]
+    if bad:
+        p.error(f"--dispatchers: unknown {bad}; choose from {DISPATCHERS}")
+    # with --dispatchers alltoall, --chunks splits the alltoall variant by chunk setting
+    prefix = "alltoall-C" if "alltoall" in a.dispatchers else "piper-C"
     a.chunk_settings = {}
     for c in (a.chunks.split(",") if a.chunks else []):
         c = c.strip()
         if c != "auto" and not (c.isdigit() and int(c) >= 1):
             p.error(f"--chunks: {c!r} is neither an int >= 1 nor auto")
-        a.chunk_settings[f"piper-C{c}"] = c if c == "auto" else int(c)
-    a.variants += list(a.chunk_settings)
+        a.chunk_settings[f"{prefix}{c}"] = c if c == "auto" else int(c)
+    for d in a.dispatchers:
+        if d == "alltoall" and a.chunk_settings:
+            a.variants += list(a.chunk_settings)
+        elif d not in a.variants:
+            a.variants.append(d)
+    a.variants += [v for v in a.chunk_settings if v not in a.variants]
     if a.iters < 1 or a.warmup < 0 or a.tokens < 0 or a.threads < 1:
         p.error("--iters >= 1, --warmup >= 0, --tokens >= 0, --threads >= 1")
     return a
@@ -121,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                     top_k=a.top_k, num_shared_experts=a.num_shared_experts, router=a.router,
                     num_groups=a.num_groups, topk_groups=a.topk_groups,
                     aux_loss_coef=a.aux_loss_coef)
+    node_comm = node_communicator(comm) if "ppmoe" in a.dispatchers else None
     layers = {}
     for v in a.variants:  # construction order is the same on every rank (it is collective)
         if v == "reference":
@@ -129,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
             layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, dedup=False,
                                  pipeline_chunks=a.chunk_settings[v],
                                  pipeline_recheck=a.recheck)
+        elif v == "ppmoe":
+            layers[v] = MoELayer(cfg, node_comm, seed=a.seed, dtype=dtype, dispatcher="ppmoe",
+                                 sequence_sharded=True)
         else:
-            layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, dedup=v == "piper")
+            layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype,
+                                 dedup=v in ("piper", "halo"))
     g = torch.Generator().manual_seed(a.seed * 1000003 + me)
     x0 = torch.randn(a.tokens, a.hidden, generator=g).to(dtype)
 
@@ -166,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in a.variants:
             times[v].append(step(v)[0])
     chunk_rows = chunk_summary(a, comm, layers, x0, comm_s, torch) if a.chunk_settings else []
+    memory = memory_summary(a, comm, layers, x0, torch) if a.dispatchers else {}
 
     med = np.array([statistics.median(times[v]) for v in a.variants])
     all_med = gather(comm, med)                                         # [P, variants]
@@ -177,9 +215,71 @@ def main(argv: list[str] | None = None) -> int:
                                        for k in stat_keys], dtype=np.float64))
     if me == 0:
         report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_vs,
-               stat_keys, layers, chunk_rows)
+               stat_keys, layers, chunk_rows, memory)
+    if node_comm is not None:
+        node_comm.close()
     comm.close()
     return 0
+
+
+def node_communicator(comm):
+    """A piper_comm Communicator over the ranks of this rank's (emulated) node, for ppmoe
+    (collective over comm: MPI split by node, then a bootstrap on the split)."""
+    from mpi4py import MPI
+
+    from piper_comm.bootstrap import connect
+    from piper_comm.transport import MpiTransport
+
+    sub = MPI.COMM_WORLD.Split(color=comm.node, key=comm.rank)
+    node_comm = connect(MpiTransport(sub, comm.timeout), node_ids=[0] * sub.Get_size())
+    sub.Free()  # MpiTransport works on its own duplicate
+    return node_comm
+
+
+def memory_summary(a, comm, layers, x0, torch) -> dict:
+    """Per variant (max over ranks): bytes saved for backward by one forward and parameter
+    bytes (all, and routed experts alone); plus this process's peak RSS (all variants of the
+    run together, so an upper bound for each)."""
+    import resource
+
+    out = {}
+    for v in a.variants:
+        params = sum(p.numel() * p.element_size() for p in layers[v].parameters())
+        experts = getattr(layers[v], "experts", None)
+        exp_b = (sum(p.numel() * p.element_size() for p in experts.parameters())
+                 if isinstance(experts, torch.nn.Module) else float("nan"))
+        mine = np.array([saved_bytes(layers[v], x0, torch), params, exp_b], dtype=np.float64)
+        allr = gather(comm, mine)
+        out[v] = {"saved_for_backward_bytes_max_rank": int(allr[:, 0].max()),
+                  "param_bytes_max_rank": int(allr[:, 1].max()),
+                  "expert_param_bytes_max_rank": (None if np.isnan(allr[:, 2]).any()
+                                                  else int(allr[:, 2].max()))}
+    rss = gather(comm, np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0]))
+    out["peak_rss_bytes_per_rank"] = [int(x) for x in rss[:, 0]]
+    return out
+
+
+def model_comm(a, cfg, comm, dtype_bytes: int) -> dict:
+    """The resource model's per-layer communication seconds (forward; backward runs the duals
+    at the same cost, so fwd+bwd is twice) of each --dispatchers entry on --platform as given
+    and with the inter-node link set to the intra-node one (as the emulated nodes are)."""
+    from dataclasses import replace
+
+    from piper_moe.model import load_platform
+    from piper_moe.model.ppmoe import a2a_bytes, a2a_time, ppmoe_bytes, ppmoe_time
+
+    plat = load_platform(a.platform)
+    P, g = comm.size, comm.local_size
+    h, k, T = cfg.hidden, cfg.top_k, a.tokens
+    out = {"platform": plat.name, "ranks": P, "per_node": g, "tokens_per_rank": T,
+           "bytes_per_rank_fwd": {"alltoall": a2a_bytes(T, k, h, dtype_bytes, P),
+                                  "halo": a2a_bytes(T, k, h, dtype_bytes, P),
+                                  "ppmoe": ppmoe_bytes(T * g, h, dtype_bytes, g)}}
+    for tag, pl in (("as_given", plat), ("inter_eq_intra", replace(plat, inter=plat.intra))):
+        out[tag] = {"alltoall": a2a_time(T, k, h, dtype_bytes, P, g, pl, "flat"),
+                    "halo": a2a_time(T, k, h, dtype_bytes, P, g, pl, "halo"),
+                    "ppmoe": ppmoe_time(T * g, h, dtype_bytes, g, pl, sequence_sharded=True)}
+    return out
 
 
 def saved_bytes(layer, x0, torch) -> int:
@@ -228,12 +328,17 @@ def chunk_summary(a, comm, layers, x0, comm_s, torch) -> list[dict]:
 
 
 def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_vs, stat_keys,
-           layers, chunk_rows=()) -> None:
+           layers, chunk_rows=(), memory=None) -> None:
     P = comm.size
     global_tokens = a.tokens * P
     worst = all_med.max(axis=0)                          # max over ranks of per-rank median
     ref_t = worst[a.variants.index("reference")] if "reference" in a.variants else None
     ep_note = f"EP={P}: {cfg.num_experts // P} experts per rank"
+    if "ppmoe" in a.variants:
+        g = comm.local_size
+        ep_note += (f"; ppmoe: EP={g} (ranks per node), {cfg.num_experts // g} experts per rank, "
+                    f"experts replicated on each of the {comm.num_nodes} node(s) "
+                    f"(data parallel across nodes)")
     print(f"# piper_moe.bench_layer: {' '.join(sys.argv)}")
     print(f"# nranks {P}  local_size {comm.local_size}  nodes {comm.num_nodes}  {ep_note}")
     print(f"# shape: hidden {cfg.hidden} ffn_hidden {cfg.ffn_hidden} experts {cfg.num_experts} "
@@ -304,6 +409,9 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
         print("#  hidden = 1 - exposed/total summed over the timed steps (per rank; exposed: "
               "blocked in wait or in the synchronous count exchange; total: union of "
               "issue-to-completion intervals, completion observed at stage boundaries)")
+    model = None
+    if a.dispatchers:
+        model = report_dispatchers(a, cfg, comm, torch, worst, ref_t, memory, stats)
     notes = [
         "the reference is data-parallel with all experts on every rank: it does no "
         "communication at all; Piper's EP layer adds the all-to-alls (dispatch, combine and "
@@ -332,9 +440,73 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
                "loadavg_at_end": list(os.getloadavg()),
                "timing": "max over ranks of the per-rank median of forward+backward seconds",
                "results": rows, "stats_summed_over_ranks": stats, "chunked": list(chunk_rows),
-               "notes": notes}
+               "memory": memory or {}, "model_comm_seconds_fwd": model,
+               "platform": a.platform if a.dispatchers else None, "notes": notes}
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def report_dispatchers(a, cfg, comm, torch, worst, ref_t, memory, stats) -> dict:
+    """Prints the --dispatchers summary (time, memory, the model's communication time next to
+    the measured difference); returns the model's numbers."""
+    elem = torch.empty((), dtype=getattr(torch, a.dtype)).element_size()
+    model = model_comm(a, cfg, comm, elem)
+    t = {v: float(worst[i]) for i, v in enumerate(a.variants)}
+    # the alltoall time: its unchunked (C=1) variant when --chunks split it
+    a2a = "alltoall" if "alltoall" in t else next(
+        (v for v, c in a.chunk_settings.items() if c == 1 and v.startswith("alltoall-")), None)
+    print("#")
+    print("# dispatchers (fwd+bwd; memory max over ranks; peak RSS is the whole process, every "
+          "variant of this run together):")
+    print(f"# {'variant':>14} {'time(ms)':>10} {'vs ref':>7} {'saved-for-bwd(MB)':>18} "
+          f"{'params(MB)':>11} {'experts(MB)':>12}")
+    for v in a.variants:
+        m = memory.get(v, {})
+        exp = m.get("expert_param_bytes_max_rank")
+        print(f"  {v:>14} {1e3 * t[v]:10.2f} "
+              f"{(ref_t / t[v]) if ref_t else float('nan'):7.3f} "
+              f"{m.get('saved_for_backward_bytes_max_rank', 0) / 2**20:18.2f} "
+              f"{m.get('param_bytes_max_rank', 0) / 2**20:11.2f} "
+              f"{'-' if exp is None else f'{exp / 2**20:.2f}':>12}")
+    rss = memory.get("peak_rss_bytes_per_rank", [])
+    if rss:
+        print(f"#   peak RSS per rank (MB): {' '.join(f'{r / 2**20:.0f}' for r in rss)}")
+    print("#")
+    print(f"# resource model ({model['platform']}; piper_moe.model.ppmoe a2a_time / ppmoe_time): "
+          f"per-layer communication, forward x2 for fwd+bwd, {model['ranks']} ranks, "
+          f"{model['per_node']} per node, {a.tokens} tokens/rank, imbalance 1")
+    print(f"# {'dispatcher':>14} {'bytes/rank fwd':>15} {'measured':>11} "
+          f"{'model as given(ms)':>19} {'model inter=intra(ms)':>22}")
+    for d in a.dispatchers:
+        st = stats.get(a2a if d == "alltoall" else d)
+        got = ("-" if st is None else
+               f"{(st['bytes_sent_intra_node'] + st['bytes_sent_inter_node']) / comm.size:,.0f}")
+        print(f"  {d:>14} {model['bytes_per_rank_fwd'][d]:15,.0f} {got:>11} "
+              f"{2e3 * model['as_given'][d]:19.3f} {2e3 * model['inter_eq_intra'][d]:22.3f}")
+    print("#  bytes/rank fwd: the model's bytes one rank sends in a forward; measured: "
+          "layer.stats summed over ranks / ranks (halo: after dedup)")
+    def winner(diff: float, scale: float) -> str:  # a tie within 2% of the larger time
+        return "tie" if abs(diff) <= 0.02 * scale else "ppmoe" if diff < 0 else "alltoall"
+
+    if a2a and "ppmoe" in t:
+        meas = 1e3 * (t["ppmoe"] - t[a2a])
+        for tag, what in (("as_given", "as given"), ("inter_eq_intra", "inter=intra")):
+            pred = 2e3 * (model[tag]["ppmoe"] - model[tag]["alltoall"])
+            scale = 2e3 * max(model[tag]["ppmoe"], model[tag]["alltoall"])
+            print(f"#   ppmoe - alltoall ({a2a}), fwd+bwd: measured {meas:+.2f} ms, model "
+                  f"({what}) {pred:+.3f} ms of communication: model picks "
+                  f"{winner(pred, scale)}, measurement "
+                  f"{winner(meas, 1e3 * max(t['ppmoe'], t[a2a]))}")
+    if a2a and "halo" in t:
+        meas = 1e3 * (t["halo"] - t[a2a])
+        pred = 2e3 * (model["as_given"]["halo"] - model["as_given"]["alltoall"])
+        print(f"#   halo - alltoall ({a2a}), fwd+bwd: measured {meas:+.2f} ms, model (as given) "
+              f"{pred:+.3f} ms (the model's HALO is the all-to-all algorithm; the halo variant "
+              f"is node dedup, which also cuts inter-node bytes)")
+    print("#  the model covers communication only (no compute, routing, copies or the "
+          "oversubscription of this host); ppmoe's data-parallel expert-gradient all-reduce "
+          "across nodes is per step, not per layer, and not in either number")
+    return model
 
 
 if __name__ == "__main__":
