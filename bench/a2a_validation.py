@@ -1,19 +1,29 @@
 """All-to-all time: calibrated resource model vs ``piper_comm.bench`` (issue 6, point 7).
 
-    PIPER_LOCAL_SIZE=2 mpirun -n 4 python -m piper_moe.calibrate --out /tmp/cal4.yaml
-    mpirun -genv PIPER_LOCAL_SIZE k -n N python -m piper_comm.bench --op alltoall \
-        -b $((N*1024)) -e $((N*1048576)) -f 4 -n 10 -w 3 --algos halo,flat \
-        --json /tmp/a2a/npN_lsk.json            # and again into /tmp/a2a_rep/ (run-to-run noise)
-    python bench/a2a_validation.py --platform /tmp/cal4.yaml /tmp/a2a/np*_ls*.json \
-        --repeat /tmp/a2a_rep/np*_ls*.json
+For each (N ranks, k ranks per emulated node), on the same host:
 
-The bench's size is the bytes one rank sends in total (all N blocks), i.e. ``m`` of
-``piper_moe.model.comm.a2a_flat/a2a_halo`` (block per peer = m / N); its time is the per-rank mean
-over the timed iterations, max over ranks. Predictions use the calibrated platform as written by
-``piper_moe.calibrate`` ("model"). As a diagnostic only, a second prediction ("refit") uses
-alpha/beta fitted with ``piper_moe.calibrate.fit_a2a`` to the bench's own (4, 2) rows (in-sample
-for (4, 2), out-of-sample for the 8-rank runs). Writes bench/results/a2a_validation.{md,json};
-the raw bench rows and the calibrated numbers are copied into the JSON.
+    mpirun -genv PIPER_LOCAL_SIZE k -genv OMP_NUM_THREADS 1 -n N \
+        python -m piper_moe.calibrate --repeats 5 --out cal_npN_lsk.yaml
+    for r in a b c d e; do
+      mpirun -genv PIPER_LOCAL_SIZE k -n N python -m piper_comm.bench --op alltoall \
+          -b $((N*1024)) -e $((N*1048576)) -f 4 -n 20 -w 5 --algos halo,flat \
+          --json npN_lsk_$r.json
+    done
+    python bench/a2a_validation.py [--refit] --cal cal_np*_ls*.yaml -- np*_ls*_?.json
+
+``calibrate`` times each all-to-all with the benchmark's own loop (``piper_comm.bench.measure``:
+preallocated buffers, warm-up, a barrier, the mean of 20 calls, max over ranks; median of the
+repeats) and
+fits alpha/beta per link level by non-negative least squares on relative residuals. The bench's
+size is the bytes one rank sends in total (``m`` of ``piper_moe.model.comm.a2a_flat/a2a_halo``;
+bytes per peer = m / N); "measured" is the median over the bench repeats.
+
+Predictions: **same** = the platform calibrated at the same (N, k) in a separate run (how the
+tool is meant to be used: calibrate the machine, then predict); **cross** = the platform
+calibrated at the other node split of the same N (out of sample; a level that calibration did
+not exercise keeps the base platform's value). Errors are reported per size band of bytes per
+peer. Writes bench/results/a2a_validation.{md,json}; ``summary_md`` in the JSON is the paragraph
+that bench/model_validation.py copies into model_validation.md.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from piper_moe.model.comm import all_to_all
 from piper_moe.model.spec import LinkSpec, load_platform
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BANDS = (("small (1-4 KiB/peer)", 0, 4096), ("medium (16-64 KiB/peer)", 4097, 65536),
+         ("large (256 KiB-1 MiB/peer)", 65537, math.inf))
 
 
 def _fmt_bytes(b: float) -> str:
@@ -40,10 +52,6 @@ def _fmt_bytes(b: float) -> str:
         if b >= scale:
             return f"{b / scale:g} {unit}"
     return f"{b:g} B"
-
-
-def _median_or_none(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
 
 
 def _finite(x):
@@ -57,12 +65,22 @@ def _finite(x):
     return x
 
 
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0f}%"
 
 
-def _load_runs(paths: list[str]) -> list[dict]:
-    runs = []
+def _band(bytes_per_peer: float) -> str:
+    return next(name for name, lo, hi in BANDS if lo <= bytes_per_peer <= hi)
+
+
+def load_bench(paths: list[str]) -> dict:
+    """{(N, k): {"meta", "paths", "times": {(algo, bytes per rank): [us per repeat]}}}."""
+    runs: dict = {}
     for p in paths:
         with open(p, encoding="utf-8") as f:
             d = json.load(f)
@@ -70,203 +88,253 @@ def _load_runs(paths: list[str]) -> list[dict]:
         sizes = set(meta["node_sizes"])
         if len(sizes) != 1:
             raise SystemExit(f"{p}: uneven node sizes {meta['node_sizes']}")
-        runs.append({"path": p, "n": meta["ranks"], "g": sizes.pop(), "meta": meta,
-                     "rows": d["rows"]})
-    return sorted(runs, key=lambda r: (r["n"], -r["g"]))
+        run = runs.setdefault((meta["ranks"], sizes.pop()), {"meta": meta, "paths": [],
+                                                              "times": {}})
+        run["paths"].append(p)
+        for r in d["rows"]:
+            run["times"].setdefault((r["algo"], r["size"]), []).append(r["time_us"])
+    return runs
 
 
-def _refit_platform(platform, runs):
-    """Platform with alpha/beta fitted to the bench rows of the first run (diagnostic)."""
-    ref = runs[0]
-    points = [{"algorithm": r["algo"], "block": r["size"] / ref["n"],
-               "seconds": r["time_us"] * 1e-6} for r in ref["rows"]]
-    fit = fit_a2a(points, ref["n"], ref["g"], platform.copy_bandwidth)
-    links = {}
-    for level in ("intra", "inter"):
-        old = getattr(platform, level)
-        bw = fit.get(f"bandwidth_{level}", old.bandwidth)
-        if bw == float("inf"):
-            bw = old.bandwidth
-        links[level] = LinkSpec(latency=fit.get(f"latency_{level}", old.latency), bandwidth=bw)
-    return dataclasses.replace(platform, **links), fit, (ref["n"], ref["g"])
+def _refit(platform, cal: dict, n: int, g: int) -> tuple:
+    """The platform with alpha/beta (and HALO's copy rate) fitted again, by the current
+    ``calibrate.fit_a2a``, to the raw timings the calibration file stores."""
+    fit = fit_a2a(cal["a2a"], n, g, cal["copy"]["copy_bandwidth"])
+    links = {lv: LinkSpec(latency=fit[f"latency_{lv}"], bandwidth=fit[f"bandwidth_{lv}"])
+             for lv in ("intra", "inter") if f"latency_{lv}" in fit}
+    copy = fit.get("copy_bandwidth", cal["copy"]["copy_bandwidth"])
+    return dataclasses.replace(platform, copy_bandwidth=copy, **links), {
+        **fit, "ranks": n, "ranks_per_node": g}
 
 
-def _findings(rows, summary, cal_fit, cal_key) -> list[str]:
-    """Prose read off the numbers (the causal parts are labelled as such)."""
-    model = [x["median_abs_error_pct"] for x in summary]
-    noise = [x["repeat_median_abs_diff_pct"] for x in summary
-             if x["repeat_median_abs_diff_pct"] is not None]
-    ratios = [r["calibrate_measured_us"] / r["measured_us"] for r in rows
-              if r["calibrate_measured_us"] and r["algo"] == "halo"]
-    out = [
-        f"- **The calibrated model misses by far more than the 15% target**: median |error| "
-        f"{min(model):.0f}% to {max(model):.0f}% per (N, k, algo), always over-predicting. The "
-        f"calibration fit put {cal_fit.get('latency_intra', 0) * 1e6:.0f} us into the intra "
-        f"latency (alpha_intra) and 0 into alpha_inter, with an unresolved (infinite) intra "
-        f"bandwidth, so the base platform's intra bandwidth was kept. The reason is in calibrate's "
-        f"own timings at (N, k) = {cal_key}: its HALO times are "
-        + (f"{min(ratios):.1f}x to {max(ratios):.1f}x" if ratios else "several times")
-        + " the bench's HALO times at the same sizes (flat agrees better), and with rows flat "
-        "[1, b, 2, 2b] and HALO [1, 2b, 1, 2b] (4 ranks, 2 nodes) the least-squares fit can only "
-        "make HALO slow and flat fast by clamping alpha_inter to 0 and inflating alpha_intra, "
-        "which then over-predicts both algorithms everywhere.",
-        "- Calibration is not reproducible on this host either: two more runs of the same "
-        "command gave alpha_intra 5.5 ms and (with OMP_NUM_THREADS=1) 3.1 ms, copy bandwidth "
-        "5.5 and 9.2 GB/s instead of 14.6 GB/s. Why calibrate's HALO timings are slower than the "
-        "bench's was not established; a candidate (unverified) is that calibrate calls "
-        "`comm.all_to_all(send)` without `recv=` (allocating per call) and times each call "
-        "after a barrier (median), while the bench passes a preallocated `recv` (mean).",
-        f"- **Noise floor**: repeating every bench run gives a median run-to-run difference of "
-        f"{min(noise):.0f}% to {max(noise):.0f}% per (N, k, algo), already above the 15% target: "
-        "with 4 to 8 ranks on 2 cores, timings depend on the OS scheduler."
-        if noise else "- No repeat runs given: run-to-run noise not measured.",
-        "- **Even the best alpha-beta fit does not transfer across rank counts here.** Fitted to "
-        "the bench's own (4, 2) rows (refit column), the model is within noise in-sample "
-        "(24-29% median) and on (8, 4), but under-predicts (8, 2) by about 60%: its per-message "
-        "cost (~0.7 ms) is not a link latency but the cost of a 2x oversubscribed collective, and "
-        "at 8 ranks on 2 cores (4x oversubscribed) every message costs more whatever its link "
-        "level. The intra/inter split is emulated (both are shared memory), so the two link "
-        "levels the model distinguishes do not exist physically on this host.",
-        "- Conclusion: on this 2-core host the all-to-all part of point 7 is **not validated** "
-        "(the 15% target is not met, and the measurements are too noisy to meet it). It needs a "
-        "host with at least one core per rank, or real nodes, and a calibration whose timing "
-        "method matches the bench's.",
-    ]
-    return out
+def load_cals(paths: list[str], refit: bool = False) -> dict:
+    """{(N, k): {"path", "platform", "fit", "points"}} from calibrate's YAML files."""
+    cals = {}
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+        cal = raw.get("calibrated") or {}
+        fit = cal.get("a2a_fit") or {}
+        if "ranks" not in fit:
+            raise SystemExit(f"{p}: no all-to-all calibration (a2a_fit.ranks missing)")
+        platform = load_platform(p)
+        if refit:
+            platform, fit = _refit(platform, cal, fit["ranks"], fit["ranks_per_node"])
+        cals[(fit["ranks"], fit["ranks_per_node"])] = {
+            "path": p, "platform": platform, "fit": fit,
+            "points": {(q["algorithm"], q["block"]): q["seconds"] * 1e6
+                       for q in cal.get("a2a") or []}}
+    return cals
+
+
+def validate(runs: dict, cals: dict) -> tuple[list[dict], list[dict]]:
+    """Rows (one per (N, k, algo, size)) and the summary per (N, k, algo)."""
+    rows = []
+    for (n, g), run in sorted(runs.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        same = cals.get((n, g))
+        other = next((c for (cn, cg), c in sorted(cals.items()) if cn == n and cg != g), None)
+        for (algo, m), times in sorted(run["times"].items()):
+            meas = statistics.median(times)
+            row = {"n": n, "g": g, "algo": algo, "bytes_per_rank": m, "bytes_per_peer": m / n,
+                   "band": _band(m / n), "measured_us": meas, "repeats_us": times,
+                   "repeat_dev_pct": 100 * max(abs(t - meas) for t in times) / meas,
+                   "calibrate_us": same["points"].get((algo, m // n)) if same else None}
+            for name, cal in (("same", same), ("cross", other)):
+                pred = all_to_all(m, n, g, cal["platform"], algo) * 1e6 if cal else None
+                row[f"{name}_us"] = pred
+                row[f"{name}_error_pct"] = 100 * (pred - meas) / meas if cal else None
+            rows.append(row)
+    summary = []
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["n"], r["g"], r["algo"]), []).append(r)
+    for (n, g, algo), rs in groups.items():
+        s = {"n": n, "g": g, "algo": algo}
+        for name in ("same", "cross"):
+            errs = [abs(r[f"{name}_error_pct"]) for r in rs if r[f"{name}_error_pct"] is not None]
+            s[f"{name}_median_abs_error_pct"] = _med(errs)
+            for band, _, _ in BANDS:
+                s[f"{name}_{band}"] = _med([abs(r[f"{name}_error_pct"]) for r in rs
+                                            if r["band"] == band
+                                            and r[f"{name}_error_pct"] is not None])
+        s["repeat_dev_pct"] = _med([r["repeat_dev_pct"] for r in rs])
+        s["calibrate_vs_bench"] = _med([r["calibrate_us"] / r["measured_us"] for r in rs
+                                        if r["calibrate_us"]])
+        summary.append(s)
+    return rows, summary
+
+
+def _band_table(summary: list[dict], name: str) -> list[str]:
+    head = " | ".join(b for b, _, _ in BANDS)
+    lines = [f"| N | k | algo | all sizes | {head} | bench repeat deviation |",
+             "|---|---|---|---|" + "---|" * len(BANDS) + "---|"]
+    for s in summary:
+        lines.append(f"| {s['n']} | {s['g']} | {s['algo']} | "
+                     f"{_pct(s[f'{name}_median_abs_error_pct'])} | "
+                     + " | ".join(_pct(s[f"{name}_{b}"]) for b, _, _ in BANDS)
+                     + f" | {_pct(s['repeat_dev_pct'])} |")
+    return lines
+
+
+def _summary_md(rows, summary, load_note: str) -> str:
+    """The paragraph for model_validation.md, read off the numbers."""
+    def band_range(band):
+        xs = [s[f"same_{band}"] for s in summary if s[f"same_{band}"] is not None]
+        return f"{min(xs):.0f}-{max(xs):.0f}%" if xs else "-"
+
+    def configs(pred):
+        return ", ".join(f"({s['n']}, {s['g']}, {s['algo']})" for s in summary if pred(s)) or "none"
+    within = [r for r in rows if r["same_error_pct"] is not None
+              and abs(r["same_error_pct"]) <= 15]
+    ratio = [s["calibrate_vs_bench"] for s in summary if s["calibrate_vs_bench"]]
+    noise = [s["repeat_dev_pct"] for s in summary if s["repeat_dev_pct"] is not None]
+    ok = configs(lambda s: s["same_median_abs_error_pct"] <= 15)
+
+    def cross(pred):
+        xs = [s["cross_median_abs_error_pct"] for s in summary
+              if pred(s) and s["cross_median_abs_error_pct"] is not None]
+        return f"{min(xs):.0f}-{max(xs):.0f}%" if xs else "-"
+    quiet = configs(lambda s: s["repeat_dev_pct"] <= 15)
+    return (
+        "**15% is met only when calibration and benchmark both run while the host is quiet** "
+        "(details: "
+        "`bench/results/a2a_validation.md`). `piper_moe.calibrate` now times the all-to-all "
+        "with the benchmark's own loop (`piper_comm.bench.measure`: preallocated buffers, "
+        "warm-up, barrier, mean of 20 calls, max over ranks; median of repeats); the median "
+        f"ratio of its timings to the bench's is {min(ratio):.2f}-{max(ratio):.2f} per "
+        "(N, k, algorithm) (was 1.5-9.4x for HALO before), and it fits alpha/beta per link "
+        "level by non-negative least squares on relative errors. Calibrated at the same (N, k) "
+        "and compared with separate bench runs (median of the repeats), the median |error| "
+        f"over all sizes is within 15% for {ok}; per size band it is "
+        f"{band_range('small (1-4 KiB/peer)')} for 1-4 KiB per peer, "
+        f"{band_range('medium (16-64 KiB/peer)')} for 16-64 KiB and "
+        f"{band_range('large (256 KiB-1 MiB/peer)')} for 256 KiB-1 MiB (ranges over the 12 "
+        f"(N, k, algorithm)); {len(within)} of {len(rows)} rows are within 15%. Where it "
+        "misses, the bench does not repeat either: repeats of one bench command deviate from "
+        f"their median by {min(noise):.0f}-{max(noise):.0f}% (median per configuration; "
+        f"within 15% only for {quiet}). The host has 2 cores for 2-8 ranks and was shared with "
+        f"other jobs (load averages {load_note}); ranks spin and yield while they wait, so a "
+        "call's time depends on what else the scheduler runs. Both link levels are shared "
+        "memory here, so the fitted alphas describe scheduling, not links, and do not transfer "
+        f"between node splits (cross-split table: {cross(lambda s: s['n'] > 2)} where the "
+        "other split measured both levels; for N = 2 each split exercises one level only and "
+        f"the other comes from the base platform, {cross(lambda s: s['n'] == 2)}). A real 15% "
+        "check needs a host with a core per rank, or nodes.")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bench_json", nargs="+", help="piper_comm.bench --json files")
-    ap.add_argument("--platform", required=True, help="platform YAML from piper_moe.calibrate")
-    ap.add_argument("--repeat", nargs="*", default=[],
-                    help="a second set of bench JSONs (same N, k, sizes): run-to-run noise")
+    ap.add_argument("bench_json", nargs="+", help="piper_comm.bench --json files (repeats too)")
+    ap.add_argument("--cal", nargs="+", required=True,
+                    help="platform YAMLs written by piper_moe.calibrate, one per (N, k)")
+    ap.add_argument("--load", default="", help="load averages during the runs (for the text)")
+    ap.add_argument("--summary-note", default="",
+                    help="a sentence appended to summary_md (e.g. about other runs)")
+    ap.add_argument("--refit", action="store_true",
+                    help="refit each calibration's raw timings with the current fit_a2a")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a further finding (markdown) for the Findings section")
     ap.add_argument("--out", default=str(RESULTS / "a2a_validation"), help="output stem")
     args = ap.parse_args(argv)
 
-    platform = load_platform(args.platform)
-    with open(args.platform, encoding="utf-8") as f:
-        cal_raw = yaml.safe_load(f).get("calibrated", {})
-    runs = _load_runs(args.bench_json)
-    refit, refit_fit, refit_from = _refit_platform(platform, runs)
-    repeat = {(run["n"], run["g"], r["algo"], r["size"]): r["time_us"]
-              for run in _load_runs(args.repeat) for r in run["rows"]}
-    cal_fit = cal_raw.get("a2a_fit") or {}
-    cal_key = (cal_fit.get("ranks"), cal_fit.get("ranks_per_node"))
-    cal_meas = {(p["algorithm"], p["block"]): p["seconds"] * 1e6 for p in cal_raw.get("a2a") or []}
-
-    rows = []
-    for run in runs:
-        n, g = run["n"], run["g"]
-        for r in run["rows"]:
-            m = r["size"]
-            meas = r["time_us"]
-            pred = all_to_all(m, n, g, platform, r["algo"]) * 1e6
-            pred_refit = all_to_all(m, n, g, refit, r["algo"]) * 1e6
-            rows.append({"n": n, "g": g, "algo": r["algo"], "bytes_per_rank": m,
-                         "bytes_per_peer": m / n, "measured_us": meas, "predicted_us": pred,
-                         "error_pct": 100 * (pred - meas) / meas,
-                         "refit_us": pred_refit,
-                         "refit_error_pct": 100 * (pred_refit - meas) / meas,
-                         "repeat_us": repeat.get((n, g, r["algo"], m)),
-                         "calibrate_measured_us": cal_meas.get((r["algo"], m // n))
-                         if (n, g) == cal_key else None})
-
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["n"], r["g"], r["algo"]), []).append(r)
-    summary = [{"n": n, "g": g, "algo": a,
-                "median_abs_error_pct": statistics.median(abs(x["error_pct"]) for x in rs),
-                "max_abs_error_pct": max(abs(x["error_pct"]) for x in rs),
-                "refit_median_abs_error_pct": statistics.median(abs(x["refit_error_pct"])
-                                                                for x in rs),
-                "repeat_median_abs_diff_pct": _median_or_none(
-                    [abs(100 * (x["repeat_us"] - x["measured_us"]) / x["measured_us"])
-                     for x in rs if x["repeat_us"]])}
-               for (n, g, a), rs in groups.items()]
-
-    meta0 = runs[0]["meta"]
-    out = {"platform_file": args.platform,
-           "platform": {"intra": dataclasses.asdict(platform.intra),
-                        "inter": dataclasses.asdict(platform.inter),
-                        "copy_bandwidth": platform.copy_bandwidth},
-           "calibrated": {"a2a_fit": cal_raw.get("a2a_fit"), "a2a": cal_raw.get("a2a")},
-           "refit": {"from": {"n": refit_from[0], "g": refit_from[1]}, "fit": refit_fit},
-           "host": {"host": meta0.get("host"), "cpu": meta0.get("cpu"), "mpi": meta0.get("mpi"),
-                    "git": meta0.get("git")},
-           "summary": summary, "rows": rows,
-           "bench": [{"path": r["path"], "meta": r["meta"], "rows": r["rows"]} for r in runs]}
+    runs, cals = load_bench(args.bench_json), load_cals(args.cal, args.refit)
+    rows, summary = validate(runs, cals)
+    load_note = args.load or "load not recorded"
+    summary_md = " ".join(x for x in (_summary_md(rows, summary, load_note), args.summary_note)
+                          if x)
+    meta0 = next(iter(runs.values()))["meta"]
+    out = {"summary_md": summary_md, "load": args.load,
+           "host": {"host": meta0.get("host"), "cpu": meta0.get("cpu"),
+                    "mpi": meta0.get("mpi"), "git": meta0.get("git"), "cores": os.cpu_count()},
+           "calibrations": {f"{n},{g}": {"path": c["path"], "fit": c["fit"],
+                                          "intra": dataclasses.asdict(c["platform"].intra),
+                                          "inter": dataclasses.asdict(c["platform"].inter),
+                                          "copy_bandwidth": c["platform"].copy_bandwidth}
+                            for (n, g), c in sorted(cals.items())},
+           "bench": {f"{n},{g}": {"paths": r["paths"], "command": r["meta"].get("command")}
+                     for (n, g), r in sorted(runs.items())},
+           "summary": summary, "rows": rows}
     stem = Path(args.out)
     stem.with_suffix(".json").write_text(
         json.dumps(_finite(out), indent=1, default=float, allow_nan=False) + "\n",
         encoding="utf-8")
 
-    def us(x: float) -> str:
-        return f"{x:.0f}" if x >= 10 else f"{x:.2f}"
+    def us(x):
+        return "-" if x is None else (f"{x:.0f}" if x >= 10 else f"{x:.2f}")
 
-    lines = ["| N | k | algo | bytes/peer | bytes/rank | measured us | predicted us | error | "
-             "refit us | refit error | repeat us | calibrate's own us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def err(x):
+        return "-" if x is None else f"{x:+.0f}%"
+
+    cal_lines = ["| calibrated at (N, k) | intra alpha us | intra beta GB/s | inter alpha us | "
+                 "inter beta GB/s | copy GB/s |", "|---|---|---|---|---|---|"]
+    for (n, g), c in sorted(cals.items()):
+        fit = c["fit"]
+
+        def lv(level, fit=fit):
+            if f"latency_{level}" not in fit:
+                return "(base)", "(base)"
+            bw = fit[f"bandwidth_{level}"]
+            return (f"{fit[f'latency_{level}'] * 1e6:.0f}",
+                    "inf (latency only)" if not math.isfinite(bw) else f"{bw / 1e9:.3g}")
+        (ia, ib), (ea, eb) = lv("intra"), lv("inter")
+        cal_lines.append(f"| ({n}, {g}) | {ia} | {ib} | {ea} | {eb} | "
+                         f"{c['platform'].copy_bandwidth / 1e9:.3g} |")
+    row_lines = ["| N | k | algo | bytes/peer | measured us (median) | repeats us | "
+                 "calibrate's own us | same us | same error | cross us | cross error |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['n']} | {r['g']} | {r['algo']} | {_fmt_bytes(r['bytes_per_peer'])} | "
-                     f"{_fmt_bytes(r['bytes_per_rank'])} | {us(r['measured_us'])} | "
-                     f"{us(r['predicted_us'])} | {r['error_pct']:+.0f}% | {us(r['refit_us'])} | "
-                     f"{r['refit_error_pct']:+.0f}% | "
-                     f"{us(r['repeat_us']) if r['repeat_us'] else '-'} | "
-                     f"{us(r['calibrate_measured_us']) if r['calibrate_measured_us'] else '-'} |")
-    slines = ["| N | k | algo | median abs error (model) | max abs error (model) | "
-              "median abs error (refit) | median run-to-run diff |",
-              "|---|---|---|---|---|---|---|"]
-    for s in summary:
-        slines.append(f"| {s['n']} | {s['g']} | {s['algo']} | {s['median_abs_error_pct']:.0f}% | "
-                      f"{s['max_abs_error_pct']:.0f}% | {s['refit_median_abs_error_pct']:.0f}% | "
-                      f"{_pct(s['repeat_median_abs_diff_pct'])} |")
-    pi, pe = platform.intra, platform.inter
-    fi = refit_fit
+        row_lines.append(
+            f"| {r['n']} | {r['g']} | {r['algo']} | {_fmt_bytes(r['bytes_per_peer'])} | "
+            f"{us(r['measured_us'])} | {', '.join(us(t) for t in r['repeats_us'])} | "
+            f"{us(r['calibrate_us'])} | {us(r['same_us'])} | {err(r['same_error_pct'])} | "
+            f"{us(r['cross_us'])} | {err(r['cross_error_pct'])} |")
     text = "\n".join([
         "# All-to-all time: calibrated model vs piper_comm.bench",
         "",
-        f"Produced by `.venv/bin/python bench/a2a_validation.py --platform {args.platform} "
-        + " ".join(r["path"] for r in runs)
-        + (" --repeat " + " ".join(args.repeat) if args.repeat else "")
+        "Produced by `.venv/bin/python bench/a2a_validation.py "
+        + ("--refit " if args.refit else "") + "[--load/--note text] --cal "
+        + " ".join(c["path"] for c in cals.values()) + " -- "
+        + " ".join(p for r in runs.values() for p in r["paths"])
         + "`; the commands that made the inputs are in the script's docstring. Host `"
         + str(meta0.get("host")) + "` (" + str(meta0.get("cpu"))
-        + f", **{os.cpu_count()} cores** when this script ran), " + str(meta0.get("mpi"))
-        + ", git " + str(meta0.get("git"))[:10] + ".",
+        + f", **{os.cpu_count()} cores**), " + str(meta0.get("mpi"))
+        + ", git " + str(meta0.get("git"))[:10] + f". Load averages (1, 5, 15 min) during the "
+        f"runs: {load_note}.",
         "",
-        "**Setting.** Every run is on one VM with 2 cores (`nproc`), so N ranks share 2 "
-        "cores: 4 ranks are 2x "
-        "oversubscribed, 8 ranks 4x. The \"nodes\" are emulated with `PIPER_LOCAL_SIZE=k` "
-        "(k ranks per node): intra- and inter-node traffic both go through shared memory, so the "
-        "two link levels differ only in which code path (HALO phase) moves the bytes, not in "
-        "hardware. Times are the bench's (per-rank mean of 10 iterations after 3 warm-up, max "
-        "over ranks). bytes/rank = the bench's size (`m` of `a2a_flat/a2a_halo`), bytes/peer = "
-        "m / N.",
+        "**Setting.** One VM with 2 cores shared with other jobs: 2 ranks fill it, 4 ranks are "
+        "2x and 8 ranks 4x oversubscribed. Nodes are emulated with `PIPER_LOCAL_SIZE=k`: "
+        "flat sends every block through MPI (shared memory) whatever the level, HALO packs "
+        "through the node's shared segment and sends one message per node pair through MPI; "
+        "so \"intra\" and \"inter\" differ in code path, not in hardware.",
         "",
-        f"**Model** = `piper_moe.model.comm.a2a_flat/a2a_halo` with the platform written once by "
-        f"`PIPER_LOCAL_SIZE=2 mpirun -n 4 python -m piper_moe.calibrate` (4 ranks, 2 per node): "
-        f"intra alpha {pi.latency * 1e6:.0f} us, beta {pi.bandwidth / 1e9:.3g} GB/s; inter alpha "
-        f"{pe.latency * 1e6:.0f} us, beta {pe.bandwidth / 1e9:.3g} GB/s; copy "
-        f"{platform.copy_bandwidth / 1e9:.3g} GB/s. "
-        f"**Refit** (diagnostic, not a validation) = the same formulas with alpha/beta fitted by "
-        f"`calibrate.fit_a2a` to the bench's own (N={refit_from[0]}, k={refit_from[1]}) rows: "
-        f"intra alpha {fi.get('latency_intra', 0) * 1e6:.0f} us, beta "
-        f"{fi.get('bandwidth_intra', 0) / 1e9:.3g} GB/s; inter alpha "
-        f"{fi.get('latency_inter', 0) * 1e6:.0f} us, beta "
-        f"{fi.get('bandwidth_inter', 0) / 1e9:.3g} GB/s.",
+        "## Summary: median |error| of the model calibrated at the same (N, k) (target 15%)",
         "",
-        "## Summary (target: 15%)",
+        *_band_table(summary, "same"),
         "",
-        *slines,
+        "\"bench repeat deviation\": median over sizes of the largest deviation of one of the "
+        f"{max(len(r['repeats_us']) for r in rows)} bench repeats from their median; an error "
+        "below it is within noise.",
+        "",
+        "## Cross-split: calibrated at the other node split of the same N",
+        "",
+        *_band_table(summary, "cross"),
         "",
         "## Findings",
         "",
-        *_findings(rows, summary, cal_fit, cal_key),
+        summary_md
+        + (" Fits recomputed from the calibrations' raw timings with the current `fit_a2a` "
+           "(`--refit`)." if args.refit else ""),
+        "",
+        *[line for n in args.note for line in (f"- {n}", "")],
+        "",
+        "## Calibrations (`piper_moe.calibrate`, one per (N, k))",
+        "",
+        *cal_lines,
         "",
         "## Rows",
         "",
-        *lines,
+        *row_lines,
         "",
     ])
     stem.with_suffix(".md").write_text(text, encoding="utf-8")

@@ -1,7 +1,7 @@
 """Measure this machine and write a platform YAML that ``piper_moe.model`` accepts.
 
     mpirun -np N python -m piper_moe.calibrate --out my-host.yaml [--base cpu-host]
-        [--name my-host] [--skip-a2a] [--quick]
+        [--name my-host] [--skip-a2a] [--quick] [--repeats 3]
 
 Measures (every rank runs; rank 0 writes the file):
 - GEMM throughput of torch.matmul over shapes with the smallest dimension from 8 to 2048 (bf16 on
@@ -15,10 +15,15 @@ Measures (every rank runs; rank 0 writes the file):
   ranks), median of ``repeats`` such measurements; fitted to the alpha-beta models of
   ``piper_moe.model.comm`` by non-negative least squares on relative residuals (each row divided
   by its measured time, so a 1 ms row weighs as much as a 100 ms one): flat rows
-  [(g-1), (g-1)*b, (n-g), (n-g)*b] and HALO rows [(g-1), (g-1)*N*b, (N-1), (N-1)*g*b] (after
-  removing the 2*m/copy_bandwidth copies), unknowns (alpha_intra, 1/beta_intra, alpha_inter,
-  1/beta_inter), b = bytes per peer. With one node only the intra level is measured, with one
-  rank per node only the inter level; the other level is kept from ``--base``.
+  [(g-1), (g-1)*b, (n-g), (n-g)*b, 0] and HALO rows [(g-1), (g-1)*N*b, (N-1), (N-1)*g*b, 2*m],
+  unknowns (alpha_intra, 1/beta_intra, alpha_inter, 1/beta_inter, 1/copy_bandwidth), b = bytes
+  per peer, m = n*b. With one node only the intra level is measured (and HALO is flat), with one
+  rank per node only the inter level; the other level is kept from ``--base``. With one rank
+  per node, HALO minus flat isolates the copies, so 1/copy_bandwidth is fitted too and the
+  fitted rate (HALO's copies as they cost inside the all-to-all) replaces the memcpy
+  measurement in the platform (which stays under ``calibrated.copy``); otherwise the copy
+  term is collinear with the link bandwidths, so it is charged at the memcpy rate and
+  subtracted from the HALO timings before the fit.
 ``PIPER_LOCAL_SIZE=k`` (read by piper_comm) emulates nodes of k ranks on one host.
 
 Numbers not measured (device memory, reserve, peak) are kept from ``--base``; the raw
@@ -107,11 +112,12 @@ def measure_copy(nbytes: int = 64 * 2**20, iters: int = 5,
 
 
 def a2a_rows(algorithm: str, n: int, g: int, block: float) -> list[float]:
-    """Coefficients of (alpha_i, 1/beta_i, alpha_e, 1/beta_e) in the alpha-beta model."""
+    """Coefficients of (alpha_i, 1/beta_i, alpha_e, 1/beta_e, 1/copy_bandwidth) in the
+    alpha-beta model (the last: HALO's 2*m bytes of local copies, m = n * block)."""
     nodes = n // g
     if algorithm == "flat" or nodes == 1:
-        return [g - 1, (g - 1) * block, n - g, (n - g) * block]
-    return [g - 1, (g - 1) * nodes * block, nodes - 1, (nodes - 1) * g * block]
+        return [g - 1, (g - 1) * block, n - g, (n - g) * block, 0.0]
+    return [g - 1, (g - 1) * nodes * block, nodes - 1, (nodes - 1) * g * block, 2 * n * block]
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -132,28 +138,34 @@ def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_a2a(points: list[dict[str, Any]], n: int, g: int,
-            copy_bandwidth: float) -> dict[str, float]:
+            copy_bandwidth: float | None = None) -> dict[str, float]:
     """Non-negative least-squares alpha/beta per level from all-to-all timings, on relative
     residuals (see module docstring). Returns latency_<level> and bandwidth_<level> for each
-    level the run exercises: intra when g > 1, inter when n > g."""
-    rows, rhs, weights = [], [], []
-    for p in points:
-        rows.append(a2a_rows(p["algorithm"], n, g, p["block"]))
-        t = p["seconds"]
-        weights.append(1.0 / t)
-        if p["algorithm"] == "halo" and n > g:
-            t -= 2 * p["block"] * n / copy_bandwidth
-        rhs.append(t)
-    x = np.array(rows, dtype=float) * np.array(weights)[:, None]
-    y = np.array(rhs, dtype=float) * np.array(weights)
+    level the run exercises (intra when g > 1, inter when n > g). HALO's copies: with one rank
+    per node (g = 1) their rate is fitted too and returned as copy_bandwidth (HALO minus flat
+    isolates it); with g > 1 their size term is collinear with the two link bandwidths, so they
+    are charged at the measured ``copy_bandwidth`` and removed from the HALO timings first."""
+    x = np.array([a2a_rows(p["algorithm"], n, g, p["block"]) for p in points], dtype=float)
+    t = np.array([p["seconds"] for p in points], dtype=float)
+    y = t.copy()
+    fit_copy = n > g and g == 1
+    if n > g and not fit_copy:
+        if not copy_bandwidth:
+            raise ValueError(f"fit_a2a: {n} ranks in nodes of {g} need the measured "
+                             f"copy_bandwidth to remove HALO's copies")
+        y -= x[:, 4] / copy_bandwidth
     levels = [lv for lv, used in (("intra", g > 1), ("inter", n > g)) if used]
     cols = [j for lv in levels for j in ((0, 1) if lv == "intra" else (2, 3))]
-    sol = dict(zip(cols, _nnls(x[:, cols], y), strict=True))
+    if fit_copy:
+        cols.append(4)
+    sol = dict(zip(cols, _nnls(x[:, cols] / t[:, None], y / t), strict=True))
     out: dict[str, float] = {}
     for lv in levels:
         a, inv_b = (sol[0], sol[1]) if lv == "intra" else (sol[2], sol[3])
         out[f"latency_{lv}"] = float(a)
         out[f"bandwidth_{lv}"] = 1.0 / float(inv_b) if inv_b > 0 else float("inf")
+    if fit_copy:
+        out["copy_bandwidth"] = 1.0 / float(sol[4]) if sol[4] > 0 else float("inf")
     return out
 
 
@@ -171,8 +183,8 @@ def measure_a2a(comm, blocks=A2A_BLOCKS, iters: int = 20, warmup: int = 5,
         send = np.zeros(comm.size * block, dtype=np.uint8)
         recv = np.empty_like(send)
         for algorithm in ("halo", "flat"):
-            def run(a=algorithm):
-                comm.all_to_all(send, recv=recv, algorithm=a)
+            def run(a=algorithm, s=send, r=recv):
+                comm.all_to_all(s, recv=r, algorithm=a)
             samples = [measure(run, world, warmup, iters) for _ in range(repeats)]
             out.append({"algorithm": algorithm, "block": block,
                         "seconds": float(statistics.median(samples)),
@@ -194,11 +206,12 @@ def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit) -> dic
         if f"latency_{level}" not in a2a_fit:
             continue
         bandwidth = a2a_fit[f"bandwidth_{level}"]
-        if not np.isfinite(bandwidth):  # noise made 1/beta <= 0: keep the base bandwidth
-            log.warning("calibrate: %s bandwidth not resolved by the fit; kept %.3g B/s from %s",
-                        level, data[level]["bandwidth"], base.name)
-            bandwidth = data[level]["bandwidth"]
+        if not np.isfinite(bandwidth):  # 1/beta at its bound 0: the level's time is flat in size
+            log.warning("calibrate: %s level fitted with latency only (1/bandwidth = 0: no "
+                        "size dependence resolved over the measured blocks)", level)
         data[level] = {"latency": a2a_fit[f"latency_{level}"], "bandwidth": bandwidth}
+    if "copy_bandwidth" in a2a_fit:  # HALO's copies as the all-to-all sees them
+        data["copy_bandwidth"] = a2a_fit["copy_bandwidth"]
     data["calibrated"] = {"gemm": gemm_points, "copy": copy, "a2a_fit": a2a_fit or {}}
     return data
 
@@ -211,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="platform name (default: --out stem)")
     parser.add_argument("--skip-a2a", action="store_true", help="GEMM and copy only")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="all-to-all measurements per size and algorithm (median taken)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     iters = 3 if args.quick else 10
@@ -233,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     if comm is not None and comm.size > 1:
         blocks = A2A_BLOCKS[::2] if args.quick else A2A_BLOCKS
         a2a_points = measure_a2a(comm, blocks, iters=5 if args.quick else 20,
-                                 warmup=2 if args.quick else 5, repeats=1 if args.quick else 3)
+                                 warmup=2 if args.quick else 5,
+                                 repeats=1 if args.quick else args.repeats)
         a2a_fit = fit_a2a(a2a_points, comm.size, comm.local_size, copy["copy_bandwidth"])
         a2a_fit["ranks"], a2a_fit["ranks_per_node"] = comm.size, comm.local_size
     elif comm is not None:

@@ -1,23 +1,27 @@
 """Memory per rank (bytes) for one pipeline stage: weights, gradients, optimizer states,
 activations, MoE dispatch/combine buffers, transient working memory.
 
-Activations are the tensors autograd keeps for backward in the reference implementation (plain
-PyTorch ops as in ``bench/model_validation.py``; Megatron keeps the same set except where noted).
+Activations are the tensors autograd keeps for backward in Piper's runtime (``piper_moe.models``
+blocks and ``piper_moe.layer``, validated tensor by tensor in ``bench/model_validation.py``).
 Per micro-batch, T = micro_batch * seq_len tokens, e bytes per activation element, t = TP,
 t_sp = TP with sequence parallelism (else 1), h = hidden:
 
-- attention (MHA/GQA): norm input and output 2*T*h/t_sp; RoPE'd Q and K, and V
-  T*(a + 2*a_kv)*d/t; attention output twice (the SDPA output and its [T, a*d] copy that feeds the
-  output projection) 2*T*a*d/t; log-sum-exp T*a*4/t (fp32). No T x T score matrix (flash attention).
-- dense FFN (SwiGLU): norm input and output 2*T*h/t_sp; fused gate|up output 2*T*f/t; SiLU output
-  T*f/t; product T*f/t. (GeLU: up output and GeLU output 2*T*f/t.)
-- MoE: norm input/output 2*T_m*h (T_m = T/t_sp tokens routed by this rank); router probabilities
+- RMSNorm (plain ops): its input, the normalised input and the scaled output (the next linear's
+  input), 3*T*h/t_sp per norm.
+- attention (MHA/GQA): its norm 3*T*h/t_sp; RoPE'd Q, and K and V
+  expanded to all a query heads (GQA repeats K/V heads before SDPA) 3*T*a*d/t; the SDPA output
+  once T*a*d/t (the output projection reads it through a view); log-sum-exp T*a*4/t (fp32). No
+  T x T score matrix (flash attention).
+- dense FFN (SwiGLU): its norm 3*T*h/t_sp; gate output, SiLU output, up output and their
+  product, 4*T*f/t. (GeLU: up output and GeLU output 2*T*f/t.)
+- MoE: its norm 3*T_m*h (T_m = T/t_sp tokens routed by this rank); router probabilities
   T_m*E*4 (fp32) and top-k indices/weights T_m*k*(8+4+4); expert input rows R*h and routing
-  metadata R*16 (sort permutation and token ids, int64); expert FFN 4*R*f/etp; combine: expert
-  output rows times gate weights keep T_m*k*h + T_m*k*4; shared experts like a dense FFN on T
-  tokens. R, rows per rank entering the experts: padding-free R = T_m*k*etp*imbalance; capacity-
-  padded R = capacity_factor*T_m*k*etp (every expert's buffer padded to its capacity).
-- head (last stage): final norm 2*T*h/t_sp and fp32 log-softmax T*V/t*4.
+  metadata R*16 (sort permutation and token ids, int64); expert FFN 4*R*f/etp; combine: the
+  expert output rows back in token order and their product with the gate weights, 2*T_m*k*h, the
+  weights T_m*k*4 and two int64 orders T_m*k*16; shared experts like a dense FFN on T tokens. R,
+  rows per rank entering the experts: padding-free R = T_m*k*etp*imbalance; capacity-padded
+  R = capacity_factor*T_m*k*etp (every expert's buffer padded to its capacity).
+- head (last stage): final norm 3*T*h/t_sp and fp32 log-softmax T*V/t*4.
 
 Recompute "full" keeps only each layer's input T*h/t_sp; "selective" drops norm outputs and
 activation-function outputs (recomputed in backward). In-flight micro-batches per stage come from
@@ -60,6 +64,12 @@ def shapes(model: ModelSpec, s: Strategy) -> Shapes:
                   local_experts=m.num_experts // s.ep)
 
 
+def _norm_elems(elems: float, recompute: str) -> float:
+    """Saved elements of one RMSNorm over ``elems`` input elements: input, normalised input and
+    output; selective recompute keeps the input only."""
+    return elems * (1 if recompute == "selective" else 3)
+
+
 def _ffn_act(rows: float, ffn: float, gated: bool, recompute: str) -> float:
     """Saved elements of one FFN's internals on ``rows`` rows of width ``ffn`` (per shard)."""
     if gated:  # fused gate|up (2f), SiLU output (f), product (f)
@@ -72,14 +82,14 @@ def attention_activations(model: ModelSpec, s: Strategy) -> float:
     a, h, t = model.attention, model.hidden, s.tp
     e = PRECISION_BYTES[s.precision][3]
     T = s.micro_batch * s.seq_len
-    norms = (1 if s.recompute == "selective" else 2) * T * h / s.sp
+    norms = _norm_elems(T * h / s.sp, s.recompute)
     if a.kind == "mla":
         lora = (a.q_lora_rank * 2 if a.q_lora_rank else 0) + 2 * a.kv_lora_rank + a.qk_rope_head_dim
         core = T * a.num_heads * (2 * a.qk_head_dim + a.qk_nope_head_dim + a.v_head_dim) / t
         elems = norms + T * lora + core + 2 * T * a.num_heads * a.v_head_dim / t
     else:
-        qkv = T * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim / t
-        elems = norms + qkv + 2 * T * a.num_heads * a.head_dim / t
+        qkv = T * 3 * a.num_heads * a.head_dim / t  # K/V repeated to every query head
+        elems = norms + qkv + T * a.num_heads * a.head_dim / t
     return elems * e + T * a.num_heads * FP32 / t
 
 
@@ -87,7 +97,7 @@ def dense_mlp_activations(model: ModelSpec, s: Strategy) -> float:
     """Bytes saved by one dense FFN block for one micro-batch (no recompute)."""
     e = PRECISION_BYTES[s.precision][3]
     T = s.micro_batch * s.seq_len
-    norms = (1 if s.recompute == "selective" else 2) * T * model.hidden / s.sp
+    norms = _norm_elems(T * model.hidden / s.sp, s.recompute)
     inner = _ffn_act(T, model.dense_ffn / s.tp, model.ffn_kind == "swiglu", s.recompute)
     return (norms + inner) * e
 
@@ -100,7 +110,7 @@ def moe_activations(model: ModelSpec, s: Strategy) -> dict[str, float]:
     e = PRECISION_BYTES[s.precision][3]
     sh = shapes(model, s)
     gated = model.ffn_kind == "swiglu"
-    norms = (1 if s.recompute == "selective" else 2) * sh.moe_tokens * h * e
+    norms = _norm_elems(sh.moe_tokens * h, s.recompute) * e
     experts = _ffn_act(sh.expert_rows, m.expert_ffn / s.etp, gated, s.recompute) * e
     shared = 0.0
     if m.num_shared_experts:
@@ -109,7 +119,7 @@ def moe_activations(model: ModelSpec, s: Strategy) -> dict[str, float]:
     routed = sh.moe_tokens * m.top_k
     router = sh.moe_tokens * m.num_experts * FP32 + routed * (INDEX_BYTES + 2 * FP32)
     dispatch = sh.expert_rows * (h * e + 2 * INDEX_BYTES)
-    combine = routed * (h * e + FP32)
+    combine = routed * (2 * h * e + FP32 + 2 * INDEX_BYTES)
     return {"activations": norms + experts + shared, "moe_buffers": router + dispatch + combine}
 
 
@@ -117,7 +127,7 @@ def head_activations(model: ModelSpec, s: Strategy) -> float:
     """Bytes saved by the final norm, output head and loss for one micro-batch."""
     e = PRECISION_BYTES[s.precision][3]
     T = s.micro_batch * s.seq_len
-    return 2 * T * model.hidden / s.sp * e + T * model.vocab / s.tp * FP32 + T * INDEX_BYTES
+    return 3 * T * model.hidden / s.sp * e + T * model.vocab / s.tp * FP32 + T * INDEX_BYTES
 
 
 def layer_input_bytes(model: ModelSpec, s: Strategy) -> float:
@@ -192,7 +202,8 @@ def _transient(model: ModelSpec, s: Strategy, stage: int, n_dense: int, n_moe: i
     log-softmax and of the logits, 2*T*V/t*4, next to every saved tensor), and the backward of
     the stage's last layer (the head's saved tensors of that micro-batch are freed by then): that
     layer's widest gradients, the layer rebuilt by full recompute, all-to-all staging. ZeRO-3
-    adds the gathered weights of two layers."""
+    adds the gathered weights of two layers. (``stage_memory`` adds the pipeline sends,
+    ``p2p_buffers``.)"""
     e = PRECISION_BYTES[s.precision][3]
     sh = shapes(model, s)
     T, h = sh.tokens, model.hidden
@@ -220,9 +231,34 @@ def _transient(model: ModelSpec, s: Strategy, stage: int, n_dense: int, n_moe: i
     return max(loss, layer, 0.0) + gather
 
 
+def p2p_buffers(model: ModelSpec, s: Strategy, stage: int) -> float:
+    """Bytes of pipeline sends alive at the peak: Piper's engine posts every activation (forward)
+    and input-gradient (backward) send as an isend and waits for them at the end of the step, so
+    each of the ``num_micro`` micro-batches leaves one [T, h] buffer per send direction of each of
+    this rank's chunks (forward: chunks before the last virtual stage; backward: after the
+    first)."""
+    if s.pp == 1:
+        return 0.0
+    chunks = [stage + k * s.pp for k in range(s.vpp)]
+    last = s.pp * s.vpp - 1
+    sends = sum(c < last for c in chunks) + sum(c > 0 for c in chunks)
+    return sends * s.num_micro * layer_input_bytes(model, s)
+
+
 def stage_memory(model: ModelSpec, platform: PlatformSpec, s: Strategy,
-                 stage: int) -> dict[str, float]:
-    """Bytes per rank of pipeline stage ``stage`` by component, with ``"total"``."""
+                 stage: int, *, persistent_grads: bool = True) -> dict[str, float]:
+    """Bytes per rank of pipeline stage ``stage`` by component, with ``"total"``: what is live
+    at the stage's peak.
+
+    ``persistent_grads``: gradients live in buffers kept across steps (Megatron's grad buffer),
+    so all of them are live at the peak. False: they are freed before every step
+    (``zero_grad(set_to_none=True)``, as Piper's ``Trainer`` does) and allocated during the
+    backward, so the peak is the larger of (a) the first backward of the step, with every
+    in-flight micro-batch and no gradient yet, unless the schedule runs a later backward with as
+    many micro-batches in flight (1F1B-like schedules when num_micro exceeds the in-flight count),
+    where gradients are all allocated; (b) the end of the backward, with every gradient and
+    (approximately) no activation left; ``"gradients"`` and ``"activations"`` are then the bytes
+    live at that moment."""
     p_b, g_b, o_b, _ = PRECISION_BYTES[s.precision]
     dense, expert = stage_params(model, s, stage)
     n_dense, n_moe = stage_layer_kinds(model, s, stage)
@@ -248,13 +284,20 @@ def stage_memory(model: ModelSpec, platform: PlatformSpec, s: Strategy,
         acts += head_activations(model, s)
     if stage == 0:
         acts += s.micro_batch * s.seq_len * INDEX_BYTES  # token ids
+    acts, moe_buf = acts * inflight, moe_buf * inflight
+    if not persistent_grads:
+        steady = s.schedule != "gpipe" and s.num_micro > inflight
+        if not steady and grads > acts + moe_buf:  # (b): the end of the backward
+            acts = moe_buf = 0.0
+        elif not steady:  # (a): the first backward, before any gradient
+            grads = 0.0
     out = {
         "weights": weights,
         "gradients": grads,
         "optimizer": optim,
-        "activations": acts * inflight,
-        "moe_buffers": moe_buf * inflight,
-        "transient": _transient(model, s, stage, n_dense, n_moe),
+        "activations": acts,
+        "moe_buffers": moe_buf,
+        "transient": _transient(model, s, stage, n_dense, n_moe) + p2p_buffers(model, s, stage),
         "reserved": platform.memory_reserved,
     }
     out["total"] = sum(out.values())

@@ -6,9 +6,11 @@ import pytest
 
 from piper_moe.model import Strategy, load_model, load_platform
 from piper_moe.model.memory import (
+    attention_activations,
     dense_mlp_activations,
     layer_activations,
     moe_activations,
+    p2p_buffers,
     rank_params,
     stage_layer_kinds,
     stage_memory,
@@ -53,11 +55,12 @@ def test_weights_grads_optimizer_zero_stages():
 
 
 def test_dense_mlp_activations_by_hand():
-    # T = 2*16 = 32 tokens, h = 128, f = 256, bf16: norms 2*T*h + SwiGLU 4*T*f elements
-    assert dense_mlp_activations(TINY, strat()) == 2 * (2 * 32 * 128 + 4 * 32 * 256)
+    # T = 2*16 = 32 tokens, h = 128, f = 256, bf16: RMSNorm 3*T*h (input, normalised, output)
+    # + SwiGLU 4*T*f elements
+    assert dense_mlp_activations(TINY, strat()) == 2 * (3 * 32 * 128 + 4 * 32 * 256)
     # tp=2 with sequence parallelism halves both
     assert dense_mlp_activations(TINY, strat(tp=2, dp=1, global_batch=2)) == 2 * (
-        2 * 32 * 128 + 4 * 32 * 256) / 2
+        3 * 32 * 128 + 4 * 32 * 256) / 2
     # selective recompute drops the norm output and the SiLU output
     assert dense_mlp_activations(TINY, strat(recompute="selective")) == 2 * (
         32 * 128 + 3 * 32 * 256)
@@ -69,12 +72,51 @@ def test_moe_buffers_padding_free_vs_capacity_by_hand():
     router = T * E * 4 + T * k * (8 + 8)
     rows = T * k
     dispatch = rows * (h * 2 + 16)
-    combine = T * k * (h * 2 + 4)
+    combine = T * k * (2 * h * 2 + 4 + 16)  # rows in token order, rows * weights, w, 2 orders
     assert free["moe_buffers"] == router + dispatch + combine
     padded = moe_activations(TINY, strat(capacity_factor=1.5))
     assert padded["moe_buffers"] - free["moe_buffers"] == pytest.approx(0.5 * rows * (2 * h + 16))
     # expert FFN internals scale with the padded rows: 4 * R * f
     assert padded["activations"] - free["activations"] == pytest.approx(4 * 0.5 * rows * 64 * 2)
+
+
+def test_attention_activations_gqa_by_hand():
+    # tiny: a = 4 query heads, 2 KV heads, d = 32, h = 128, T = 32, bf16. The runtime repeats
+    # K/V to all 4 heads before SDPA: norm 3*T*h + Q,K,V 3*T*a*d + output T*a*d, + fp32 LSE
+    T, h, a, d = 32, 128, 4, 32
+    want = 2 * (3 * T * h + 3 * T * a * d + T * a * d) + 4 * T * a
+    assert attention_activations(TINY, strat()) == want
+
+
+def test_p2p_buffers_by_hand():
+    # pp=2, m=4, T=32, h=128, bf16: stage 0 sends 4 forward activations, stage 1 4 input grads
+    s = strat(pp=2, global_batch=8)
+    assert p2p_buffers(TINY, s, 0) == p2p_buffers(TINY, s, 1) == 4 * 32 * 128 * 2
+    assert p2p_buffers(TINY, strat(), 0) == 0.0
+    # pp=4 inner stage: both directions
+    assert p2p_buffers(TINY, strat(pp=4, global_batch=8), 1) == 2 * 4 * 32 * 128 * 2
+    # interleaved pp=2 vpp=2 (4 virtual stages), rank 0 holds 0 and 2: forward from both,
+    # backward from 2 only -> 3 sends per micro-batch
+    inter = strat(pp=2, vpp=2, schedule="interleaved", global_batch=8)
+    assert p2p_buffers(TINY, inter, 0) == 3 * 4 * 32 * 128 * 2
+
+
+def test_gradient_lifetime():
+    big = dict(micro_batch=8, seq_len=256)  # activations (~13 MB) outweigh gradients (~4 MB)
+    held = stage_memory(TINY, CPU, strat(**big, global_batch=8), 0)
+    # one micro-batch: the peak is the first backward, before any gradient exists
+    freed = stage_memory(TINY, CPU, strat(**big, global_batch=8), 0, persistent_grads=False)
+    assert freed["gradients"] == 0 and held["gradients"] > 0
+    assert freed["total"] == pytest.approx(held["total"] - held["gradients"])
+    # 1F1B, 4 micro-batches on one stage: later backwards run with every gradient allocated
+    s4 = strat(**big, global_batch=32)
+    assert stage_memory(TINY, CPU, s4, 0, persistent_grads=False) == stage_memory(TINY, CPU, s4, 0)
+    # GPipe: the first backward has all micro-batches in flight and no gradient
+    g4 = strat(**big, global_batch=32, schedule="gpipe")
+    assert stage_memory(TINY, CPU, g4, 0, persistent_grads=False)["gradients"] == 0
+    # tiny batches: the end of the backward (every gradient, no activation) is the peak
+    small = stage_memory(TINY, CPU, strat(), 0, persistent_grads=False)
+    assert small["gradients"] == held["gradients"] and small["activations"] == 0
 
 
 def test_full_recompute_keeps_layer_input():
