@@ -169,6 +169,15 @@ def build_mesh(pp: int, dp: int, ep: int, order: str = "ep,edp,pp") -> Mesh:
     return mesh
 
 
+_built: list = []  # communicators built here, closed by close_all()
+
+
+def close_all() -> None:
+    """Closes every communicator the meshes of this process built (idempotent)."""
+    while _built:
+        _built.pop().close()
+
+
 def _communicator(ranks: list[int], group: Any, node_of: list[int]):
     """A piper_comm Communicator over `ranks` (a torch group), keeping the world's node ids."""
     from piper_comm.bootstrap import connect
@@ -176,4 +185,6 @@ def _communicator(ranks: list[int], group: Any, node_of: list[int]):
 
     first: dict[int, int] = {}
     ids = [first.setdefault(node_of[r], len(first)) for r in ranks]  # renumbered 0, 1, ...
-    return connect(TorchTransport(group), node_ids=ids)
+    comm = connect(TorchTransport(group), node_ids=ids)
+    _built.append(comm)
+    return comm

@@ -1,7 +1,5 @@
 """python -m piper_moe.train: see piper_moe/train/main.py."""
 
-import sys
+from .main import finish, main
 
-from .main import main
-
-sys.exit(main())
+finish(main())

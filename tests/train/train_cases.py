@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from piper_moe.train import config as C
-from piper_moe.train.main import Trainer, launch
+from piper_moe.train.main import Trainer, finish, launch  # noqa: F401 (finish: worker.py)
 
 SMALL = {"batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 32},
          "optim": {"lr": 3.0e-3, "warmup": 3},
