@@ -354,9 +354,10 @@ class Trainer:
             if swaps:
                 migrate(layer, swaps, self.optimizer)
                 tr.reset()
-                self.migrations.append({"step": self.step, "layer": i, "swaps": swaps})
-                log.info("piper_moe: step %d: layer %d: migrated experts %s", self.step, i,
-                         swaps)
+                lid = self.moe_layer_ids[i]
+                self.migrations.append({"step": self.step, "layer": lid, "swaps": swaps})
+                log.info("piper_moe: step %d: MoE layer %d: swapped the slots of experts %s",
+                         self.step, lid, swaps)
 
     def _max_over_world(self, v: float) -> float:
         if not self.dist:
