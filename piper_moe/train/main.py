@@ -303,6 +303,8 @@ class Trainer:
             ch.train()
         ins, tgs = self._batches(self.step)
         out = self.engine.run(ins, tgs)
+        for layer in self.moe_layers:  # its grad_fn would keep the step's autograd graph
+            layer.aux_loss = layer.aux_loss.detach()  # (and the Functions' ctx) alive
         t_pipe = time.perf_counter() - t0
         self._all_reduce_grads()
         norm = self._clip()
