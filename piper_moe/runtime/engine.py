@@ -29,9 +29,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from datetime import timedelta
 from typing import Any
 
 import torch
+
+from piper_comm import envs
+from piper_comm.errors import PiperTimeoutError
 
 from .schedules import Action, build
 
@@ -50,6 +54,7 @@ class PipelineEngine:
         self.zero_bubble = schedule == "zb-h1"
         self.act_shape, self.dtype, self.device = tuple(act_shape), dtype, device
         self.loss_scale, self.aux_scale = loss_scale, aux_scale
+        self.timeout = envs.timeout()  # seconds per point-to-point wait (PIPER_TIMEOUT)
         for v in chunks:
             if v % mesh.pp != mesh.pp_rank:
                 raise ValueError(f"engine: chunk {v} belongs to pipeline rank {v % mesh.pp}, "
@@ -61,8 +66,11 @@ class PipelineEngine:
 
         peer = self.mesh.rank_of_stage(stage_to % self.mesh.pp)
         stage = stage_to if not grad else stage_to + 1
-        self._sends.append(dist.isend(t.detach().contiguous(), peer,
-                                      tag=_tag(stage, mb, grad, self.num_micro)))
+        t = t.detach().contiguous()
+        what = f"send of the {'gradient' if grad else 'activation'} of micro-batch {mb} to " \
+               f"stage {stage_to} on rank {peer} ({list(t.shape)} {t.dtype})"
+        self._sends.append((dist.isend(t, peer, tag=_tag(stage, mb, grad, self.num_micro)),
+                            what))
 
     def _recv(self, stage_from: int, mb: int, grad: bool) -> torch.Tensor:
         import torch.distributed as dist
@@ -70,8 +78,22 @@ class PipelineEngine:
         peer = self.mesh.rank_of_stage(stage_from % self.mesh.pp)
         buf = torch.empty(self.act_shape, dtype=self.dtype, device=self.device)
         stage = stage_from + 1 if not grad else stage_from
-        dist.recv(buf, peer, tag=_tag(stage, mb, grad, self.num_micro))
+        work = dist.irecv(buf, peer, tag=_tag(stage, mb, grad, self.num_micro))
+        self._wait(work, f"receive of the {'gradient' if grad else 'activation'} of "
+                         f"micro-batch {mb} from stage {stage_from} on rank {peer} "
+                         f"({list(buf.shape)} {buf.dtype})")
         return buf
+
+    def _wait(self, work, what: str) -> None:
+        """Waits for a point-to-point Work at most PIPER_TIMEOUT seconds; the error names the
+        operation, this rank, the peer and the sizes."""
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout))
+        except Exception as e:
+            raise PiperTimeoutError(
+                f"piper_moe pipeline: rank {self.mesh.rank}: {what} did not complete within "
+                f"{self.timeout:g} s (PIPER_TIMEOUT): the peer is stuck, dead or runs another "
+                f"schedule ({type(e).__name__}: {e})") from e
 
     # -- actions
     def _forward(self, a: Action, inputs, targets) -> None:
@@ -147,8 +169,8 @@ class PipelineEngine:
                 self._weight(a)
             seconds[a.kind] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        for w in self._sends:
-            w.wait()
+        for w, what in self._sends:
+            self._wait(w, what)
         seconds["send_wait"] = time.perf_counter() - t0
         self._sends = []
         assert not self._saved and not self._w_pending, "schedule left work undone"

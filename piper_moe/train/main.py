@@ -54,7 +54,12 @@ def launch() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("piper")
+        from datetime import timedelta
+
+        from piper_comm import envs
+
+        # every gloo wait (gradient all-reduce, barriers) is bounded by PIPER_TIMEOUT too
+        dist.init_process_group("piper", timeout=timedelta(seconds=envs.timeout()))
         # Tear the groups down before the interpreter does: gloo's threads must not be
         # destroyed while running at exit ("terminate called without an active exception").
         atexit.register(_shutdown)
@@ -67,7 +72,10 @@ def _shutdown() -> None:
     from ..runtime.mesh import close_all
 
     if dist.is_initialized():
-        dist.barrier()  # no rank tears its connections down while a peer still uses them
+        try:  # no rank tears its connections down while a peer still uses them
+            dist.barrier()
+        except Exception as e:  # after a failure (timeout, dead peer) the groups are broken
+            log.warning("piper_moe: teardown without a final barrier: %s", e)
         close_all()
         dist.destroy_process_group()
 

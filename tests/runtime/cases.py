@@ -87,3 +87,26 @@ def engine_matches_reference(pp: int, dp: int, vpp: int, schedule: str, num_micr
                                        msg=f"stage {v} {name} ({schedule})")
             checks += 1
     return checks
+
+
+def peer_never_sends() -> dict:
+    """Rank 1 (stage 1) waits for an activation rank 0 never sends: a PiperTimeoutError that
+    names the receive, this rank and the peer, after PIPER_TIMEOUT (no hang)."""
+    import time
+
+    from piper_comm.errors import PiperTimeoutError
+
+    rank, _ = launch()
+    mesh = build_mesh(2, 1, 1)
+    chunks = {mesh.pp_rank: Chunk(mesh.pp_rank, rank == 0, rank == 1)}
+    eng = PipelineEngine(chunks, mesh, schedule="1f1b", num_micro=1, act_shape=(2, S, H),
+                         loss_scale=1.0, aux_scale=1.0, dtype=torch.float64)
+    if rank == 0:
+        time.sleep(eng.timeout + 2)  # never runs its forward
+        return {"message": None}
+    t0 = time.monotonic()
+    try:
+        eng.run(None, [torch.zeros(2, S, dtype=torch.long)])
+    except PiperTimeoutError as e:
+        return {"message": str(e), "seconds": time.monotonic() - t0}
+    return {"message": "no error"}

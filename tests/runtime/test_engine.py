@@ -30,3 +30,12 @@ def test_pipeline_innermost_order():
                   {"pp": 2, "dp": 2, "vpp": 1, "schedule": "1f1b", "num_micro": 2,
                    "order": "pp,ep,edp"})
     assert all(r["result"] >= 2 for r in run.ranks)
+
+
+def test_stuck_peer_times_out_with_a_clear_error():
+    run = run_mpi(2, "runtime.cases:peer_never_sends", env={"PIPER_TIMEOUT": "3"}, timeout=120)
+    res = run.ranks[1]["result"]
+    msg = res["message"]
+    assert "rank 1" in msg and "receive of the activation of micro-batch 0" in msg
+    assert "from stage 0 on rank 0" in msg and "[2, 5, 8]" in msg and "PIPER_TIMEOUT" in msg
+    assert 2.5 < res["seconds"] < 30
