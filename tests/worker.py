@@ -19,6 +19,19 @@ def _rank() -> int:
     return 0
 
 
+def _wait_for_all_results(outdir: str, limit: float = 15.0) -> None:
+    """Before an exit without MPI finalisation: wait (bounded) until every rank has written
+    its result, because the launcher kills the whole job when the first process leaves that
+    way, and a rank still writing would lose its result."""
+    size = int(os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE")
+               or os.environ.get("WORLD_SIZE") or 1)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if all(os.path.exists(os.path.join(outdir, f"rank{r}.json")) for r in range(size)):
+            return
+        time.sleep(0.05)
+
+
 def main() -> None:
     func, args, outdir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     module, name = func.split(":")
@@ -38,6 +51,8 @@ def main() -> None:
     sys.stderr.flush()
     result = out["result"]
     if isinstance(result, dict) and "hard_exit" in result:
+        if result.get("hard_exit_after_all"):
+            _wait_for_all_results(outdir)
         os._exit(result["hard_exit"])
     # A case module may own its process's exit (piper_moe.train.main.finish: explicit teardown
     # then os._exit; see its docstring for why).

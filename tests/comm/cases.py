@@ -233,7 +233,7 @@ def skip_collective(local_size: int | None = None, timeout: float = 3.0) -> dict
     comm.all_to_all(x)
     if me == P - 1:
         time.sleep(timeout + 2)
-        return {"hard_exit": 0}
+        return {"hard_exit": 0, "hard_exit_after_all": True}
     t0 = time.monotonic()
     try:
         comm.all_to_all(x, algorithm=os.environ.get("CASE_ALGO", "auto"))
@@ -247,7 +247,7 @@ def skip_collective(local_size: int | None = None, timeout: float = 3.0) -> dict
             comm.all_to_all(x)
         except pc.PiperError as again:
             assert "unusable" in str(again)
-        return {"hard_exit": 0, "took": took}
+        return {"hard_exit": 0, "hard_exit_after_all": True, "took": took}
     raise AssertionError(f"rank {me}: no PiperTimeoutError")
 
 
