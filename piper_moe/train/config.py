@@ -63,7 +63,7 @@ def _merge(base: dict, over: dict, where: str) -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
         if key not in base:
-            raise ValueError(f"train config: unknown key {where}{key!r}; known: "
+            raise ValueError(f"train config: unknown key '{where}{key}'; known: "
                              f"{sorted(base)}")
         if isinstance(base[key], dict) and key not in FREE_FORM and value != "auto":
             if not isinstance(value, dict):
@@ -116,9 +116,32 @@ def num_micro(cfg: dict, dp: int) -> int:
     return b["global_batch"] // per
 
 
+def choose_dispatcher(model, platform, st: dict, micro_batch: int, seq_len: int,
+                      dtype: str) -> dict:
+    """The MoE dispatcher for a strategy, by the resource model (piper_moe/model/ppmoe.py):
+    PPMoE when the EP group is the stage's whole DP group inside one node (what the runtime's
+    ppmoe needs) and its all-gather + reduce-scatter is predicted faster than the dispatch +
+    combine all-to-all; the chunk count is left to the layer's online choice ("auto": it
+    times C in {1, 2, 4} and keeps the fastest, as MPipeMoE does)."""
+    from ..model.ppmoe import a2a_time, ppmoe_time
+
+    ep, dp = st["ep"], st["dp"]
+    elem = {"float32": 4, "float64": 8, "bfloat16": 2}.get(dtype, 4)
+    tokens = micro_batch * seq_len  # per rank and micro-batch
+    choice = {"dispatcher": "alltoall", "pipeline_chunks": "auto"}
+    if ep > 1 and ep == dp and ep <= platform.devices_per_node:
+        t_a2a = a2a_time(tokens, model.moe.top_k, model.hidden, elem, ep, ep, platform)
+        t_pp = ppmoe_time(tokens * ep, model.hidden, elem, ep, platform, sequence_sharded=True)
+        choice["predicted_a2a_s"], choice["predicted_ppmoe_s"] = t_a2a, t_pp
+        if t_pp < t_a2a:
+            choice = {**choice, "dispatcher": "ppmoe", "pipeline_chunks": 1}
+    return choice
+
+
 def plan_for_world(cfg: dict, world: int) -> dict:
     """strategy: auto -> the fastest strategy the runtime can run (tp=1, recompute none) that
-    the resource model predicts for this world size; returns the strategy mapping."""
+    the resource model predicts for this world size, and its MoE dispatcher
+    (choose_dispatcher); returns the strategy mapping (with "moe_layer")."""
     from ..model import load_model, load_platform
     from ..model.planner import plan
 
@@ -130,7 +153,10 @@ def plan_for_world(cfg: dict, world: int) -> dict:
         s = e.strategy
         if s.tp == 1 and s.etp == 1 and s.recompute == "none" and s.global_batch % (
                 b["micro_batch"] * s.dp) == 0 and s.micro_batch == b["micro_batch"]:
-            return {"pp": s.pp, "dp": s.dp, "ep": s.ep, "schedule": s.schedule, "vpp": s.vpp,
-                    "order": "ep,edp,pp", "predicted_step_s": e.time["step"]}
+            out = {"pp": s.pp, "dp": s.dp, "ep": s.ep, "schedule": s.schedule, "vpp": s.vpp,
+                   "order": "ep,edp,pp", "predicted_step_s": e.time["step"]}
+            out["moe_layer"] = choose_dispatcher(model, platform, out, b["micro_batch"],
+                                                 b["seq_len"], cfg["dtype"])
+            return out
     raise ValueError(f"strategy: auto found no runnable strategy for {world} ranks "
                      f"({result.num_fit} fit of {result.num_candidates})")

@@ -134,7 +134,14 @@ class Trainer:
         st = cfg["strategy"]
         if st == "auto":
             st = C.plan_for_world(cfg, world)
+            chosen = st.pop("moe_layer")
+            cfg["moe_layer"] = {**cfg["moe_layer"], "dispatcher": chosen["dispatcher"],
+                                "pipeline_chunks": chosen["pipeline_chunks"]}
             cfg["strategy"] = st
+            log.info("piper_moe.train: strategy auto: MoE dispatcher %s (predicted per layer "
+                     "forward: all-to-all %s s, ppmoe %s s), pipeline_chunks %s",
+                     chosen["dispatcher"], _fmt(chosen.get("predicted_a2a_s")),
+                     _fmt(chosen.get("predicted_ppmoe_s")), chosen["pipeline_chunks"])
             log.info("piper_moe.train: strategy auto: the resource model picked pp=%d dp=%d "
                      "ep=%d %s (vpp %d) for %d ranks, predicted %.3g s/step on %s", st["pp"],
                      st["dp"], st["ep"], st["schedule"], st["vpp"], world,
@@ -201,7 +208,11 @@ class Trainer:
         the dp group), so any layout computes the one-process loss; under ppmoe the EP group
         already holds its group's tokens, so no sum is needed when ep == dp."""
         m = self.mesh
-        kw = {"dedup": bool(ml["dedup"]), "pipeline_chunks": ml["pipeline_chunks"],
+        chunks = ml["pipeline_chunks"]
+        spans = len({m.node_of[r] for r in m.ep_ranks()}) > 1
+        if chunks == "auto" and spans and ml["dedup"]:
+            chunks = 1  # "auto" has no chunked variant on the node-dedup path: nothing to time
+        kw = {"dedup": bool(ml["dedup"]), "pipeline_chunks": chunks,
               "pipeline_recheck": int(ml["pipeline_recheck"])}
         if ml["dispatcher"] == "ppmoe":
             if m.ep != m.dp or m.ep == 1:

@@ -1,0 +1,44 @@
+"""Training config: merging and validation, and strategy: auto's dispatcher choice."""
+
+import dataclasses
+
+import pytest
+
+from piper_moe.model import load_model, load_platform
+from piper_moe.train import config as C
+
+
+def test_unknown_keys_are_errors():
+    with pytest.raises(ValueError, match=r"unknown key 'optim\.lrr'"):
+        C.load("tiny", {"optim": {"lrr": 1.0}})
+    with pytest.raises(ValueError, match="unknown key 'stepz'"):
+        C.load("tiny", {"stepz": 3})
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        C.load("no-such-config")
+    with pytest.raises(ValueError, match="multiple of micro_batch"):
+        C.num_micro(C.load("tiny", {"batch": {"global_batch": 30}}), dp=2)
+
+
+def test_dispatcher_choice_follows_the_model():
+    """PPMoE moves g / top_k times the all-to-all's bytes (piper_moe/model/ppmoe.py): with
+    top_k = 4 over an EP group of 2 it is predicted faster and chosen; with top_k = 2 = g the
+    two tie and the all-to-all stays; when ep != dp the runtime cannot run ppmoe."""
+    m, p = load_model("tiny-moe"), load_platform("cpu-host")
+    st = {"pp": 1, "dp": 2, "ep": 2}
+    tie = C.choose_dispatcher(m, p, st, 4, 64, "float32")
+    assert tie["dispatcher"] == "alltoall" and tie["pipeline_chunks"] == "auto"
+    assert tie["predicted_ppmoe_s"] == pytest.approx(tie["predicted_a2a_s"])
+    wide = dataclasses.replace(m, moe=dataclasses.replace(m.moe, top_k=4))
+    got = C.choose_dispatcher(wide, p, st, 4, 64, "float32")
+    assert got["dispatcher"] == "ppmoe" and got["pipeline_chunks"] == 1
+    assert got["predicted_ppmoe_s"] < got["predicted_a2a_s"]
+    assert C.choose_dispatcher(wide, p, {"pp": 1, "dp": 4, "ep": 2}, 4, 64,
+                               "float32")["dispatcher"] == "alltoall"
+
+
+def test_auto_plans_a_runnable_strategy():
+    cfg = C.load("tiny", {"strategy": "auto", "batch": {"micro_batch": 2, "global_batch": 8,
+                                                        "seq_len": 32}})
+    st = C.plan_for_world(cfg, 4)
+    assert st["pp"] * st["dp"] == 4 and st["dp"] % st["ep"] == 0
+    assert st["moe_layer"]["dispatcher"] in ("alltoall", "ppmoe")
