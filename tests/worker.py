@@ -54,7 +54,7 @@ def main() -> None:
         if result.get("hard_exit_after_all"):
             _wait_for_all_results(outdir)
         os._exit(result["hard_exit"])
-    # A case module may own its process's exit (piper_moe.train.main.finish: explicit teardown
+    # A case module may own its process's exit (piper_moe.train.launch.finish: explicit teardown
     # then os._exit; see its docstring for why).
     finish = getattr(sys.modules.get(f"tests.{module}"), "finish", None)
     if finish is not None:

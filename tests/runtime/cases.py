@@ -13,7 +13,7 @@ from torch import nn
 
 from piper_moe.runtime.engine import PipelineEngine
 from piper_moe.runtime.mesh import build_mesh
-from piper_moe.train.main import finish, launch  # noqa: F401 (finish: tests/worker.py)
+from piper_moe.train.launch import finish, launch  # noqa: F401 (finish: tests/worker.py)
 
 H, V, S = 8, 16, 5
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from piper_moe.train import config as C
-from piper_moe.train.main import Trainer, finish, launch  # noqa: F401 (finish: worker.py)
+from piper_moe.train.launch import finish, launch  # noqa: F401 (finish: worker.py)
+from piper_moe.train.trainer import Trainer
 
 SMALL = {"batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 32},
          "optim": {"lr": 3.0e-3, "warmup": 3},
