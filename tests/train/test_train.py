@@ -93,3 +93,12 @@ def test_migration_keeps_the_model():
         assert res["migrations"] >= 1
         assert res["losses"][0] == res["losses"][1]
         assert res["same_state"]
+
+
+def test_strategy_auto_runs():
+    """strategy: auto on 4 ranks: the planner's layout and dispatcher train like the others
+    (the first step is the untrained model's loss whatever the layout)."""
+    got = _curve(4, "auto", micro_batch=2, steps=3)
+    ref = _curve(4, {"pp": 2, "dp": 2, "ep": 2, "schedule": "1f1b"}, micro_batch=2, steps=3)
+    assert len(got) == 3 and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
