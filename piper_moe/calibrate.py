@@ -172,24 +172,34 @@ def fit_a2a(points: list[dict[str, Any]], n: int, g: int,
 def measure_a2a(comm, blocks=A2A_BLOCKS, iters: int = 20, warmup: int = 5,
                 repeats: int = 3) -> list[dict[str, Any]]:
     """All-to-all seconds per (algorithm, bytes per peer), timed by ``piper_comm.bench.measure``
-    (the benchmark's own loop, max over ranks) on preallocated buffers; median of ``repeats``."""
+    (the benchmark's own loop, max over ranks) on preallocated buffers; median of ``repeats``.
+
+    The repeats are rounds over every (size, algorithm), not back-to-back per size: a transient
+    disturbance of the host (another job, a page-fault storm) then spoils one sample of
+    several sizes, which the median rejects, instead of every sample of one size. One
+    throw-away round of the first size goes first (the first timed exchange of a process
+    pays one-time costs: segment mapping, MPI connection set-up)."""
     from mpi4py import MPI
 
     from piper_comm.bench import measure
 
     world = MPI.COMM_WORLD
-    out = []
+    cases = []
     for block in blocks:
         send = np.zeros(comm.size * block, dtype=np.uint8)
         recv = np.empty_like(send)
         for algorithm in ("halo", "flat"):
             def run(a=algorithm, s=send, r=recv):
                 comm.all_to_all(s, recv=r, algorithm=a)
-            samples = [measure(run, world, warmup, iters) for _ in range(repeats)]
-            out.append({"algorithm": algorithm, "block": block,
-                        "seconds": float(statistics.median(samples)),
-                        "samples": [float(x) for x in samples]})
-    return out
+            cases.append((algorithm, block, run))
+    for _, _, run in cases[:2]:
+        measure(run, world, warmup, iters)
+    samples: list[list[float]] = [[] for _ in cases]
+    for _ in range(repeats):
+        for i, (_, _, run) in enumerate(cases):
+            samples[i].append(measure(run, world, warmup, iters))
+    return [{"algorithm": a, "block": b, "seconds": float(statistics.median(s)),
+             "samples": [float(x) for x in s]} for (a, b, _), s in zip(cases, samples)]
 
 
 def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit) -> dict[str, Any]:
