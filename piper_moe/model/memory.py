@@ -250,9 +250,10 @@ def stage_memory(model: ModelSpec, platform: PlatformSpec, s: Strategy,
     """Bytes per rank of pipeline stage ``stage`` by component, with ``"total"``: what is live
     at the stage's peak.
 
-    ``persistent_grads``: gradients live in buffers kept across steps (Megatron's grad buffer),
-    so all of them are live at the peak. False: they are freed before every step
-    (``zero_grad(set_to_none=True)``, as Piper's ``Trainer`` does) and allocated during the
+    ``persistent_grads``: gradients live in buffers kept across steps (Megatron's grad buffer,
+    DDP's gradient_as_bucket_view, Piper's ``Trainer``), so all of them are live at the peak.
+    False: they are freed before every step (``zero_grad(set_to_none=True)``, plain PyTorch
+    loops) and allocated during the
     backward, so the peak is the larger of (a) the first backward of the step, with every
     in-flight micro-batch and no gradient yet, unless the schedule runs a later backward with as
     many micro-batches in flight (1F1B-like schedules when num_micro exceeds the in-flight count),

@@ -116,6 +116,7 @@ class Trainer:
             act_shape=(self.micro_batch, self.seq_len, self.spec.hidden),
             loss_scale=1.0 / (self.global_batch * self.seq_len),
             aux_scale=1.0 / self.num_micro, vpp=self.vpp, dtype=self.dtype, device=self.device)
+        self._grad_buffers = self._bind_grad_buffers()
         self.moe_layers = [layer for v in sorted(self.chunks)
                            for layer in self.chunks[v].moe_layers()]
         self.moe_layer_ids = [int(i) for v in sorted(self.chunks)
@@ -205,24 +206,50 @@ class Trainer:
         return o["min_lr"] + 0.5 * (o["lr"] - o["min_lr"]) * (1 + math.cos(math.pi * frac))
 
     # -- gradient reduction
+    def _bind_grad_buffers(self) -> dict[bool, torch.Tensor]:
+        """One flat gradient buffer for the dense weights and one for the experts (keyed by
+        "is expert"); every parameter's .grad is a view of its buffer (DDP's
+        gradient_as_bucket_view, Megatron's grad buffer). Autograd accumulates into the views
+        in place, the data-parallel all-reduce runs on each buffer as it is (no concatenation
+        and copy back), and the gradients persist between steps, zeroed, not freed: the
+        lifetime piper_moe.model.estimate() assumes (persistent_grads=True)."""
+        buffers = {}
+        for expert in (False, True):
+            params = [p for n, p in self.params if _is_expert(n) == expert]
+            if not params:
+                continue
+            buf = torch.zeros(sum(p.numel() for p in params), dtype=self.dtype,
+                              device=self.device)
+            off = 0
+            for p in params:
+                p.grad = buf[off:off + p.numel()].view_as(p)
+                off += p.numel()
+            buffers[expert] = buf
+        return buffers
+
+    def _check_grad_views(self) -> None:
+        """Raises if something replaced a .grad (e.g. zero_grad(set_to_none=True)) instead of
+        writing into the buffer: the all-reduce would then miss that gradient."""
+        for expert, buf in self._grad_buffers.items():
+            lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+            for n, p in self.params:
+                if _is_expert(n) == expert and (p.grad is None
+                                                or not lo <= p.grad.data_ptr() < hi):
+                    raise RuntimeError(f"the gradient of {n} is no longer a view of the "
+                                       f"trainer's gradient buffer (something replaced "
+                                       f"param.grad): refusing to all-reduce a partial set")
+
     def _all_reduce_grads(self) -> None:
+        """Sums the gradient buffers over their data-parallel groups: dense weights over dp
+        (the ranks holding the same stage), experts over edp (the ranks holding the same
+        experts). Collective over each group."""
         import torch.distributed as dist
 
+        self._check_grad_views()
         m = self.mesh
-        for group, want_expert in ((m.dp_group, False), (m.edp_group, True)):
-            if group is None:
-                continue
-            grads = [p.grad for n, p in self.params
-                     if _is_expert(n) == want_expert and p.grad is not None]
-            if not grads:
-                continue
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=group)
-            off = 0
-            for g in grads:
-                g.copy_(flat[off:off + g.numel()].view_as(g))
-                off += g.numel()
-            del flat  # not alive into the next step's peak (bench/model_validation.py saw it)
+        for expert, group in ((False, m.dp_group), (True, m.edp_group)):
+            if group is not None and expert in self._grad_buffers:
+                dist.all_reduce(self._grad_buffers[expert], group=group)
 
     def _clip(self) -> float:
         """Global gradient norm (each weight counted once over its replicas), clipped to
@@ -252,7 +279,8 @@ class Trainer:
         t0 = time.perf_counter()
         for g in self._step_load:
             g[:] = 0
-        self.optimizer.zero_grad(set_to_none=True)
+        for buf in self._grad_buffers.values():  # zeroed in place: .grad are views of them
+            buf.zero_()
         for ch in self.chunks.values():
             ch.train()
         ins, tgs = self._batches(self.step)
