@@ -234,7 +234,7 @@ def _runs_table(compare: list[str], summary: list[dict]) -> list[str]:
     def cell(s):
         e, d = s["same_median_abs_error_pct"], s["repeat_dev_pct"]
         return ("-" if e is None else f"{e:.0f}%") + " / " + ("-" if d is None else f"{d:.0f}%")
-    for i, s in enumerate(summary):
+    for s in summary:
         key = (s["n"], s["g"], s["algo"])
         cells = []
         for _, other in runs:
