@@ -16,6 +16,11 @@ Variants, all built from the same seed (so the same global weights) and fed the 
                  layer.stats), and the bytes of tensors saved for backward by one forward
                  (torch.autograd.graph.saved_tensors_hooks, parameters excluded, each storage
                  once). Without --variants only these (and the reference) run.
+    piper-C<c>-<m>  with --chunk-memory m1,m2,..: one variant per chunk setting c != 1 and
+                 chunk_memory m (save, offload, recompute, auto; layer/chunk_memory.py); the
+                 saved bytes are then also split into those offloaded to host, and compared with
+                 the unchunked variant (piper-C1, when --chunks has 1): the activation memory
+                 ratio of each strategy.
     --dispatchers LIST  (subset of alltoall,halo,ppmoe; combinable with --chunks, which then
                  apply to alltoall only and name its variants alltoall-C<c>):
       alltoall   MoELayer(cfg, comm, dedup=False): padding-free all-to-all dispatch over EP =
@@ -80,6 +85,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated pipeline_chunks settings (ints and/or auto), each "
                    "a variant piper-C<setting> (dedup off)")
     p.add_argument("--recheck", type=int, default=50, help="pipeline_recheck for auto")
+    p.add_argument("--chunk-memory", default=None, metavar="LIST",
+                   help="comma-separated chunk_memory settings (save, offload, recompute, "
+                   "auto): each chunk setting != 1 becomes a variant per setting "
+                   "piper-C<c>-<setting> (default: auto, no suffix)")
     p.add_argument("--dispatchers", default=None, metavar="LIST",
                    help=f"comma-separated subset of {','.join(DISPATCHERS)}, each a variant "
                    "(module docstring)")
@@ -100,12 +109,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--dispatchers: unknown {bad}; choose from {DISPATCHERS}")
     # with --dispatchers alltoall, --chunks splits the alltoall variant by chunk setting
     prefix = "alltoall-C" if "alltoall" in a.dispatchers else "piper-C"
-    a.chunk_settings = {}
+    a.chunk_settings, a.chunk_memories = {}, {}
+    mems = [m.strip() for m in (a.chunk_memory or "").split(",") if m.strip()]
+    bad = [m for m in mems if m not in ("save", "offload", "recompute", "auto")]
+    if bad:
+        p.error(f"--chunk-memory: unknown {bad}; choose from save, offload, recompute, auto")
     for c in (a.chunks.split(",") if a.chunks else []):
         c = c.strip()
         if c != "auto" and not (c.isdigit() and int(c) >= 1):
             p.error(f"--chunks: {c!r} is neither an int >= 1 nor auto")
-        a.chunk_settings[f"{prefix}{c}"] = c if c == "auto" else int(c)
+        for m in (mems if mems and c != "1" else ["auto"]):
+            name = f"{prefix}{c}" + (f"-{m}" if mems and c != "1" else "")
+            a.chunk_settings[name] = c if c == "auto" else int(c)
+            a.chunk_memories[name] = m
     for d in a.dispatchers:
         if d == "alltoall" and a.chunk_settings:
             a.variants += list(a.chunk_settings)
@@ -161,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         elif v in a.chunk_settings:
             layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, dedup=False,
                                  pipeline_chunks=a.chunk_settings[v],
-                                 pipeline_recheck=a.recheck)
+                                 pipeline_recheck=a.recheck,
+                                 chunk_memory=a.chunk_memories[v])
         elif v == "ppmoe":
             layers[v] = MoELayer(cfg, node_comm, seed=a.seed, dtype=dtype, dispatcher="ppmoe",
                                  sequence_sharded=True)
@@ -184,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         if v in a.chunk_settings:
             st = layer.stats
             comm_s[v].append((st["comm_seconds_exposed"] or 0.0,
-                              st["comm_seconds_total"] or 0.0, st["chunks"], t_fwd))
+                              st["comm_seconds_total"] or 0.0, st["chunks"], t_fwd,
+                              st["chunk_memory"]))
         return t, y.detach()
 
     comm_s: dict[str, list] = {v: [] for v in a.chunk_settings}
@@ -285,13 +303,21 @@ def model_comm(a, cfg, comm, dtype_bytes: int) -> dict:
 def saved_bytes(layer, x0, torch) -> int:
     """Bytes of the tensors one forward saves for backward (parameters excluded, each storage
     counted once); runs the backward too (it is collective)."""
+    return saved_split(layer, x0, torch)[0]
+
+
+def saved_split(layer, x0, torch) -> tuple[int, int]:
+    """(saved_bytes, of which host copies made by chunk_memory="offload") of one forward."""
     params = {p.data_ptr() for p in layer.parameters()}
     seen: dict[int, int] = {}
+    host: set[int] = set()
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params:
             seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+            if getattr(t, "_piper_offloaded", False):
+                host.add(ptr)
         return t
 
     layer.zero_grad(set_to_none=True)
@@ -299,7 +325,7 @@ def saved_bytes(layer, x0, torch) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x)
     (y.sum() + layer.aux_loss).backward()
-    return sum(seen.values())
+    return sum(seen.values()), sum(seen[p] for p in host)
 
 
 def chunk_summary(a, comm, layers, x0, comm_s, torch) -> list[dict]:
@@ -307,13 +333,14 @@ def chunk_summary(a, comm, layers, x0, comm_s, torch) -> list[dict]:
     bytes, the C the steps ran with."""
     rows = []
     for v in a.chunk_settings:
-        ex = np.array([e for e, _, _, _ in comm_s[v]])
-        tot = np.array([t for _, t, _, _ in comm_s[v]])
-        used = sorted({c for _, _, c, _ in comm_s[v]})
-        fwd = float(np.median([f for _, _, _, f in comm_s[v]]))
-        saved = saved_bytes(layers[v], x0, torch)
+        ex = np.array([s[0] for s in comm_s[v]])
+        tot = np.array([s[1] for s in comm_s[v]])
+        used = sorted({s[2] for s in comm_s[v]})
+        fwd = float(np.median([s[3] for s in comm_s[v]]))
+        mem_used = sorted({s[4] for s in comm_s[v] if s[4] is not None})
+        saved, host = saved_split(layers[v], x0, torch)
         mine = np.array([ex.sum(), tot.sum(), float(np.median(ex)), float(np.median(tot)),
-                         saved, fwd])
+                         saved, fwd, host])
         allr = gather(comm, mine)
         hidden = [float(1 - e / t) if t > 0 else None for e, t in zip(allr[:, 0], allr[:, 1])]
         rows.append({"variant": v, "setting": a.chunk_settings[v], "chunks_used": used,
@@ -323,7 +350,21 @@ def chunk_summary(a, comm, layers, x0, comm_s, torch) -> list[dict]:
                      "exposed_ms_median_per_rank": [1e3 * float(t) for t in allr[:, 2]],
                      "total_ms_median_per_rank": [1e3 * float(t) for t in allr[:, 3]],
                      "saved_for_backward_bytes_max_rank": int(allr[:, 4].max()),
+                     "saved_for_backward_bytes_per_rank": [int(b) for b in allr[:, 4]],
+                     "offloaded_to_host_bytes_per_rank": [int(b) for b in allr[:, 6]],
+                     "chunk_memory": a.chunk_memories[v], "chunk_memory_used": mem_used,
                      "forward_ms_median_max_rank": 1e3 * float(allr[:, 5].max())})
+    unchunked = next((r for r in rows if r["setting"] == 1), None)
+    for r in rows:  # saved bytes (device side: offloaded host copies excluded) vs C = 1
+        if unchunked is not None:
+            dev = [s - h for s, h in zip(r["saved_for_backward_bytes_per_rank"],
+                                         r["offloaded_to_host_bytes_per_rank"])]
+            base = unchunked["saved_for_backward_bytes_per_rank"]
+            r["saved_vs_unchunked_per_rank"] = [s / b if b else None for s, b in
+                                                zip(r["saved_for_backward_bytes_per_rank"],
+                                                    base)]
+            r["device_saved_vs_unchunked_per_rank"] = [s / b if b else None
+                                                       for s, b in zip(dev, base)]
     return rows
 
 
@@ -388,8 +429,9 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
         print("#")
         print("# chunked pipeline (forward communication; C=1 is synchronous: nothing hidden, "
               "its comm time is not measured):")
-        print(f"# {'variant':>14} {'C used':>8} {'fwd(ms)':>9} {'hidden(mean/min rank)':>22} "
-              f"{'exposed(ms)':>12} {'total(ms)':>10} {'saved-for-bwd(MB)':>18}")
+        print(f"# {'variant':>22} {'C used':>8} {'fwd(ms)':>9} {'hidden(mean/min rank)':>22} "
+              f"{'exposed(ms)':>12} {'total(ms)':>10} {'saved-for-bwd(MB)':>18} "
+              f"{'of it host(MB)':>15} {'vs C=1':>7} {'dev vs C=1':>11}")
         for r in chunk_rows:
             h = [x for x in r["hidden_fraction_per_rank"] if x is not None]
             hid = f"{np.mean(h):+.2f}/{min(h):+.2f}" if h else "-"
@@ -399,13 +441,24 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
             tot = "-" if sync else f"{max(r['total_ms_median_per_rank']):.2f}"
             hid = "- (sync)" if sync else hid
             mb = r["saved_for_backward_bytes_max_rank"] / 2**20
-            print(f"  {r['variant']:>14} {used:>8} {r['forward_ms_median_max_rank']:9.2f} "
-                  f"{hid:>22} {exp:>12} {tot:>10} {mb:18.2f}")
+            host = max(r["offloaded_to_host_bytes_per_rank"]) / 2**20
+            rat = [x for x in r.get("saved_vs_unchunked_per_rank", []) if x is not None]
+            drat = [x for x in r.get("device_saved_vs_unchunked_per_rank", []) if x is not None]
+            rat = f"{np.mean(rat):.3f}" if rat else "-"
+            drat = f"{np.mean(drat):.3f}" if drat else "-"
+            print(f"  {r['variant']:>22} {used:>8} {r['forward_ms_median_max_rank']:9.2f} "
+                  f"{hid:>22} {exp:>12} {tot:>10} {mb:18.2f} {host:15.2f} {rat:>7} "
+                  f"{drat:>11}")
+            if r["chunk_memory"] == "auto" and r["chunk_memory_used"]:
+                print(f"#   {r['variant']}: chunk_memory auto used {r['chunk_memory_used']}")
             if r["setting"] == "auto":
                 print(f"#   {r['variant']}: chose C={r['auto_choice']} from fwd-to-fwd seconds "
                       f"(max over ranks) {r['auto_measured_s']}")
         print("#  fwd = forward alone (median per rank, max over ranks); exposed / total: "
               "medians per step, max over ranks")
+        print("#  saved-for-bwd: max over ranks; vs C=1: saved bytes / the unchunked variant's, "
+              "mean over ranks; dev vs C=1: the same without the host copies of offload (what "
+              "stays on the device; on CPU host and device are the same memory)")
         print("#  hidden = 1 - exposed/total summed over the timed steps (per rank; exposed: "
               "blocked in wait or in the synchronous count exchange; total: union of "
               "issue-to-completion intervals, completion observed at stage boundaries)")

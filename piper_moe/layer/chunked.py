@@ -4,7 +4,8 @@ MoELayer(..., pipeline_chunks=C) with C > 1 splits this rank's tokens into C chu
 index (sizes differing by at most one; chunks may be empty) and overlaps communication with
 expert compute:
 
-    1. the [EP, C, E_local] count matrix of all chunks is exchanged once (synchronous);
+    1. the [EP, C, E_local] count matrix of all chunks is exchanged once (synchronous), with
+       one extra column: this rank's chunk_memory wish;
     2. the dispatch all-to-all-v of every chunk is issued asynchronously, up front;
     3. for each chunk: wait its dispatch, run the experts on its rows (later chunks' dispatches
        are in flight meanwhile), issue its combine asynchronously;
@@ -18,6 +19,8 @@ the unchunked path, whose forward returns the stored tensor:
                  all-to-all-v of each chunk's gradient (all C issued async, then waited);
     _Experts     rows -> expert outputs; backward recomputes the experts on ALL rows at once,
                  in the unchunked order, and differentiates that (activation checkpointing);
+                 the rows themselves are kept, offloaded to host or re-dispatched in backward
+                 by the chunk_memory strategy (layer/chunk_memory.py);
     _Combined    expert outputs -> returned rows; backward: reverse all-to-all-v per chunk.
 
 Why the recompute: a chunked expert backward would sum each weight gradient over C partial
@@ -30,7 +33,11 @@ activations, [rows, ffn_hidden] each) saved for backward, only the expert input 
 Buffers. The receive buffers of all dispatches ([sum of recv rows, hidden]), the combine send
 buffer and the combine receive buffer are allocated once per forward (every chunk's dispatch
 is in flight at the same time, so each chunk owns a row range); the per-chunk expert input is
-regrouped into one scratch buffer of the largest chunk, reused by every chunk.
+regrouped into one scratch buffer of the largest chunk, reused by every chunk. What survives
+the forward for backward is chunk_memory's choice (layer/chunk_memory.py: "save" the expert
+input rows [R, H], "offload" them to host, or "recompute" them by a second dispatch in
+backward; "auto" picks per forward from the free memory, the same choice on every rank via the
+count exchange below), reported as layer.stats["chunk_memory"].
 
 "auto" (ChunkSchedule): the first forwards try C in (1, 2, 4), `trials` times each; a
 candidate's time is the interval from its forward's start to the next forward's start (so it
@@ -54,6 +61,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from . import chunk_memory
 from .dispatch import _inverse, exchange_counts
 
 log = logging.getLogger("piper.moe")
@@ -75,6 +83,8 @@ class ChunkPlan:
     to_expert_c / from_expert_c: per chunk, received row -> expert-grouped row permutations.
     to_expert: int64 [R], concatenated receive buffer -> the unchunked expert order (local
         slot, then source rank, then token); from_expert: its inverse.
+    memory_codes: int64 [EP], every rank's chunk_memory wish (chunk_memory.CODES), the same
+        array on every rank.
     """
 
     bounds: list[int]
@@ -89,6 +99,7 @@ class ChunkPlan:
     to_expert: torch.Tensor
     from_expert: torch.Tensor
     comm: object
+    memory_codes: np.ndarray
 
     @property
     def chunks(self) -> int:
@@ -111,9 +122,10 @@ class ChunkPlan:
 
 
 def make_plan(experts: torch.Tensor, keep: torch.Tensor | None, num_experts: int, comm,
-              slot_of: torch.Tensor | None, chunks: int) -> ChunkPlan:
-    """experts int64 [T, k] logical ids, keep bool [T, k] or None, slot_of as in dispatch.
-    Collective: exchanges the count matrix of all chunks in one all-to-all (host sync)."""
+              slot_of: torch.Tensor | None, chunks: int, wish: int = 0) -> ChunkPlan:
+    """experts int64 [T, k] logical ids, keep bool [T, k] or None, slot_of as in dispatch,
+    wish: this rank's chunk_memory code. Collective: exchanges the count matrix of all chunks
+    and the wishes in one all-to-all (host sync)."""
     ep, (T, k) = comm.size, experts.shape
     e_local = num_experts // ep
     flat = experts.reshape(-1)
@@ -136,8 +148,13 @@ def make_plan(experts: torch.Tensor, keep: torch.Tensor | None, num_experts: int
         per_slot[c] = torch.bincount(slot[sp], minlength=num_experts).cpu().numpy()
     send_counts = per_slot.reshape(chunks, ep, e_local)
     # NOTE: host sync. Row s of the result: what rank s sends this rank, all chunks.
-    recv = exchange_counts(send_counts.transpose(1, 0, 2).reshape(ep, chunks * e_local), comm)
-    recv_counts = np.ascontiguousarray(recv.reshape(ep, chunks, e_local).transpose(1, 0, 2))
+    # The last column carries this rank's chunk_memory wish to every rank.
+    mat = np.concatenate([send_counts.transpose(1, 0, 2).reshape(ep, chunks * e_local),
+                          np.full((ep, 1), wish, dtype=np.int64)], axis=1)
+    recv = exchange_counts(mat, comm)
+    memory_codes = np.ascontiguousarray(recv[:, -1])
+    recv_counts = np.ascontiguousarray(recv[:, :-1].reshape(ep, chunks, e_local)
+                                       .transpose(1, 0, 2))
     # Pair order (logical expert, then token, within each chunk) and the send permutations.
     dev = experts.device
     orders, to_send, from_send, off = [], [], [], 0
@@ -168,7 +185,8 @@ def make_plan(experts: torch.Tensor, keep: torch.Tensor | None, num_experts: int
     return ChunkPlan(bounds, send_counts, recv_counts, pair_order, pair_order // k,
                      torch.cat(to_send) if to_send else None,
                      torch.cat(from_send) if from_send else None,
-                     to_expert_c, from_expert_c, to_expert, _inverse(to_expert), comm)
+                     to_expert_c, from_expert_c, to_expert, _inverse(to_expert), comm,
+                     memory_codes)
 
 
 # -- communication timing
@@ -259,7 +277,8 @@ def _reverse(plan: ChunkPlan, src: torch.Tensor, dst: torch.Tensor, forward_send
              ) -> torch.Tensor:
     """Backward of a chunked exchange: src rows (the forward's receive side, by chunk) go back
     to dst (the forward's send side). forward_send: which side of `plan` the forward sent
-    from ("send": the dispatch, "recv": the combine). All chunks are issued, then waited."""
+    from ("send": the dispatch, "recv": the combine). All chunks are issued, then waited.
+    (The combine's reverse, forward_send="recv", is the dispatch direction: _redispatch.)"""
     comm = plan.comm
     src_off = plan.offsets("recv" if forward_send == "send" else "send")
     dst_off = plan.offsets(forward_send)
@@ -275,25 +294,60 @@ def _reverse(plan: ChunkPlan, src: torch.Tensor, dst: torch.Tensor, forward_send
     return dst
 
 
+def _redispatch(plan: ChunkPlan, x: torch.Tensor) -> torch.Tensor:
+    """The dispatched rows [R, H] (unchunked expert order) again, from the layer input x
+    [T, H]: the forward's gather and every chunk's dispatch all-to-all-v (all issued, then
+    waited). Collective: every rank of plan.comm calls it for the same forward."""
+    send = x.index_select(0, plan.pair_token)
+    if plan.to_send is not None:
+        send = send.index_select(0, plan.to_send)
+    recv = x.new_empty((int(plan.offsets("recv")[-1]), x.shape[1]))
+    # the dispatch direction: the combine's backward exchange (send side -> receive side)
+    _reverse(plan, send.contiguous(), recv, forward_send="recv")
+    return recv.index_select(0, plan.to_expert)
+
+
 class _Experts(torch.autograd.Function):
     """rows [R, H] -> expert outputs [R, H] (`value`, computed chunk by chunk); backward
-    recomputes the experts on all rows at once and differentiates that."""
+    recomputes the experts on all rows at once and differentiates that. The rows for that are
+    kept ("save"), copied to host and back ("offload"), or re-dispatched from x [T, H]
+    ("recompute": collective in backward; x is saved, a tensor the router keeps anyway).
+
+    apply(rows [R, H], w1, w3, w2, value [R, H], experts (the Experts module), counts (rows per
+    local expert), memory ("save" | "offload" | "recompute", the same on every rank),
+    x [T, H] detached, plan (ChunkPlan, for the re-dispatch)).
+    """
 
     @staticmethod
-    def forward(ctx, rows, w1, w3, w2, value, experts, counts):
-        ctx.save_for_backward(rows)
+    def forward(ctx, rows, w1, w3, w2, value, experts, counts, memory, x, plan):
+        ctx.memory, ctx.device = memory, rows.device
+        if memory == "save":
+            ctx.save_for_backward(rows)
+        elif memory == "offload":
+            host, ctx.event = chunk_memory.offload(rows.detach())
+            host._piper_offloaded = True  # lets saved-bytes counters tell host bytes apart
+            ctx.save_for_backward(host)
+        else:
+            ctx.save_for_backward(x)  # detached by the caller: no gradient flows to it here
+            ctx.plan = plan
         ctx.experts, ctx.counts = experts, counts
         return value
 
     @staticmethod
     def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
+        if ctx.memory == "save":
+            rows = saved
+        elif ctx.memory == "offload":
+            rows = chunk_memory.reload(saved, ctx.event, ctx.device)
+        else:
+            rows = _redispatch(ctx.plan, saved)
         ex = ctx.experts
         with torch.enable_grad():
             r = rows.detach().requires_grad_()
             y = ex(r, ctx.counts)
             grads = torch.autograd.grad(y, (r, ex.w1, ex.w3, ex.w2), grad, allow_unused=True)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 # -- the chunked forward
@@ -302,13 +356,18 @@ def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
                     ) -> tuple[torch.Tensor, SimpleNamespace, dict]:
     """Dispatch -> experts -> combine of x [T, H] in `chunks` pipelined chunks. Returns
     (y [T, H] without the shared expert, splits (send_splits / recv_splits summed over the
-    chunks, for layer._stats), timing {chunks, comm_seconds_exposed, comm_seconds_total}).
-    Collective, like dispatch and combine."""
+    chunks, for layer._stats), timing {chunks, comm_seconds_exposed, comm_seconds_total,
+    chunk_memory}). Collective, like dispatch and combine; the backward too (and its
+    "recompute" strategy re-runs the dispatch). layer.chunk_memory (a ChunkMemory) decides
+    what is kept for backward."""
     comm, H = layer.comm, x.shape[1]
     clock = CommClock()
+    pairs = routing.experts.numel() if keep is None else int(keep.sum())
+    wish = layer.chunk_memory.wish(pairs, H, x.element_size(), x.device)
     t0 = time.perf_counter()
-    plan = make_plan(routing.experts, keep, layer.cfg.num_experts, comm, slot_of, chunks)
+    plan = make_plan(routing.experts, keep, layer.cfg.num_experts, comm, slot_of, chunks, wish)
     clock.sync(t0, time.perf_counter())
+    memory = layer.chunk_memory.decide(plan.memory_codes, comm.rank)
     s_off, r_off = plan.offsets("send"), plan.offsets("recv")
     gathered = x.index_select(0, plan.pair_token)
     if plan.to_send is not None:
@@ -351,14 +410,15 @@ def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
     # Re-attach autograd: the same stages (and row orders) as the unchunked path.
     ex = layer.experts
     rows = _Dispatched.apply(gathered, rows_value, plan)
-    y = _Experts.apply(rows, ex.w1, ex.w3, ex.w2, y_value, ex, plan.expert_counts)
+    y = _Experts.apply(rows, ex.w1, ex.w3, ex.w2, y_value, ex, plan.expert_counts, memory,
+                       x.detach(), plan)
     back = _Combined.apply(y, back_value, plan)
     w = routing.weights.reshape(-1).index_select(0, plan.pair_order).unsqueeze(1)
     out = back.new_zeros(x.shape[0], H).index_add(0, plan.pair_token, back * w)
     splits = SimpleNamespace(send_splits=[int(v) for v in plan.send_counts.sum(axis=(0, 2))],
                              recv_splits=[int(v) for v in plan.recv_counts.sum(axis=(0, 2))])
     timing = {"chunks": chunks, "comm_seconds_exposed": clock.exposed,
-              "comm_seconds_total": clock.total}
+              "comm_seconds_total": clock.total, "chunk_memory": memory}
     return out, splits, timing
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .chunk_memory import ChunkMemory
 from .chunked import ChunkSchedule, chunked_forward
 from .config import MoEConfig
 from .dispatch import combine, combine_dedup, dispatch, dispatch_dedup, exchange_counts
@@ -84,6 +85,14 @@ class MoELayer(nn.Module):
         layer.stats then also has chunks, comm_seconds_exposed (forward seconds blocked on
         communication) and comm_seconds_total (forward communication issue-to-completion
         seconds); both None when C = 1 (synchronous, nothing hidden).
+    chunk_memory: what a chunked forward (C > 1) keeps for backward of the dispatched expert
+        input rows [R, hidden]: "save" (keep them), "offload" (to host, back in backward),
+        "recompute" (re-run the dispatch in backward; collective) or "auto" (default: per
+        forward from the device's free memory, with chunk_memory_headroom, default 0.25, the
+        share of the free bytes the rows may take; the same choice on every rank). All are
+        bitwise equal to C = 1; the rule and the trade-offs: layer/chunk_memory.py. Ignored at
+        C = 1 (the unchunked path keeps its own intermediates). layer.stats["chunk_memory"]: the
+        strategy this forward used (None when C = 1); layer.chunk_memory: the ChunkMemory.
 
     Replicated parameters (router, shared expert) get per-rank partial gradients: sum them
     over ranks (data-parallel all-reduce) to get the global-batch gradient.
@@ -92,7 +101,8 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, comm=None, seed: int = 0, dtype=torch.float32,
                  device="cpu", dedup: bool = True, *, stats_comm=None, slot_of=None,
                  dispatcher: str = "alltoall", sequence_sharded: bool = False,
-                 pipeline_chunks=1, pipeline_recheck: int = 50):
+                 pipeline_chunks=1, pipeline_recheck: int = 50, chunk_memory: str = "auto",
+                 chunk_memory_headroom: float = 0.25):
         super().__init__()
         _check_dispatcher(dispatcher, comm, sequence_sharded)
         self.dispatcher, self.sequence_sharded = dispatcher, sequence_sharded
@@ -111,6 +121,7 @@ class MoELayer(nn.Module):
         self.router = Router(cfg, seed, dtype, device)
         self.slot_of = np.arange(cfg.num_experts) if slot_of is None else slot_of
         self.pipeline = ChunkSchedule(pipeline_chunks, comm, pipeline_recheck)
+        self.chunk_memory = ChunkMemory(chunk_memory, chunk_memory_headroom)
         self._pipeline_warned = False
         self.experts = Experts(cfg, self.rank * self.e_local, self.e_local, seed, dtype, device,
                                ids=self.local_experts.tolist())
@@ -185,7 +196,8 @@ class MoELayer(nn.Module):
             y = combine(self.experts(rows, handle.expert_counts), routing.weights, handle)
             self.stats = self._stats(load[:-1], [handle], row_bytes, 0)
         if chunks == 1:  # synchronous exchanges: nothing hidden, their time not measured
-            self.stats.update(chunks=1, comm_seconds_exposed=None, comm_seconds_total=None)
+            self.stats.update(chunks=1, comm_seconds_exposed=None, comm_seconds_total=None,
+                              chunk_memory=None)
         if self.shared is not None:
             y = y + self.shared(x)
         if self.training and cfg.bias_update_rate:

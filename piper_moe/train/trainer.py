@@ -149,7 +149,8 @@ class Trainer:
         if chunks == "auto" and spans and ml["dedup"]:
             chunks = 1  # "auto" has no chunked variant on the node-dedup path: nothing to time
         kw = {"dedup": bool(ml["dedup"]), "pipeline_chunks": chunks,
-              "pipeline_recheck": int(ml["pipeline_recheck"])}
+              "pipeline_recheck": int(ml["pipeline_recheck"]),
+              "chunk_memory": ml["chunk_memory"]}
         if ml["dispatcher"] == "ppmoe":
             if m.ep != m.dp or m.ep == 1:
                 raise ValueError(f"moe_layer.dispatcher ppmoe needs ep == dp > 1 (the EP group "
