@@ -29,8 +29,11 @@ MEM_KEYS = ("weights", "gradients", "optimizer", "activations", "moe_buffers", "
 def describe(s) -> str:
     """One-line summary of a strategy."""
     sched = s.schedule + (f"(v{s.vpp})" if s.vpp > 1 else "")
+    moe = "dispatcher=ppmoe" if s.dispatcher == "ppmoe" else f"a2a={s.a2a}"
+    if s.moe_chunks > 1:
+        moe += f" chunks={s.moe_chunks}/{s.chunk_memory}"
     return (f"dp={s.dp} tp={s.tp} pp={s.pp} ep={s.ep} etp={s.etp} mb={s.micro_batch} "
-            f"m={s.num_micro} zero={s.zero} recompute={s.recompute} {sched} a2a={s.a2a}")
+            f"m={s.num_micro} zero={s.zero} recompute={s.recompute} {sched} {moe}")
 
 
 def format_plan(rank: int, e: Estimate, device_memory: float) -> str:

@@ -117,17 +117,27 @@ def layer_compute(model: ModelSpec, platform: PlatformSpec, s: Strategy,
             t_gemm += t
             flops += f
             ew_bytes += 3 * T * m.shared_expert_ffn * m.num_shared_experts / s.tp * e
-        rows = sh.expert_rows / sh.local_experts  # per local expert
+        t_gemm += routed_expert_gemm_time(model, platform, s)
         ffn = m.expert_ffn / s.etp
-        up = (2 if gated else 1) * ffn
-        per_expert = gemm_time(rows, up, h, platform, e) + gemm_time(rows, h, ffn, platform, e)
-        t_gemm += sh.local_experts * per_expert
-        flops += 2.0 * sh.expert_rows * h * (up + ffn)
+        flops += 2.0 * sh.expert_rows * h * ((2 if gated else 1) * ffn + ffn)
         # router softmax/top-k, SiLU-and-mul, permute and unpermute copies
         ew_bytes += 2 * sh.moe_tokens * m.num_experts * 4 + 3 * sh.expert_rows * ffn * e
         ew_bytes += 4 * sh.expert_rows * h * e
     return LayerCompute(gemm=t_gemm, attention_core=t_core,
                         elementwise=ew_bytes / platform.hbm_bandwidth, flops=flops)
+
+
+def routed_expert_gemm_time(model: ModelSpec, platform: PlatformSpec, s: Strategy) -> float:
+    """Forward GEMM seconds of this rank's routed experts for one micro-batch: per local
+    expert, R / E_local rows through the up (gate|up) and down projections."""
+    e = PRECISION_BYTES[s.precision][3]
+    sh = shapes(model, s)
+    rows = sh.expert_rows / sh.local_experts  # per local expert
+    ffn = model.moe.expert_ffn / s.etp
+    up = (2 if model.ffn_kind == "swiglu" else 1) * ffn
+    h = model.hidden
+    return sh.local_experts * (gemm_time(rows, up, h, platform, e)
+                               + gemm_time(rows, h, ffn, platform, e))
 
 
 def head_compute(model: ModelSpec, platform: PlatformSpec, s: Strategy) -> LayerCompute:

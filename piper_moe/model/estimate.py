@@ -13,7 +13,9 @@ Step time is assembled on the critical (slowest) pipeline stage, for m micro-bat
   ``overlap_a2a`` (not gpipe, m >= 2) a layer's all-to-all hides behind another micro-batch's
   compute of that layer and only the excess shows; with ``dispatcher`` "ppmoe" there is none:
   the MoE block's TP all-gather + reduce-scatter sums the experts' partial outputs
-  (``ppmoe.ppmoe_time``, charged to tp_comm);
+  (``ppmoe.ppmoe_time``, charged to tp_comm); with ``moe_chunks`` C > 1 (the chunked layer)
+  the forward exchanges overlap the experts chunk by chunk (``_chunked_a2a``) and the
+  backward recomputes the experts (charged to recompute);
 - pp_comm: one activation send forward and one gradient send backward per micro-batch;
 - bubble: ``pipeline.bubble``;
 - dp_comm: gradient reduce-scatter + weight all-gather (all-reduce for ZeRO-0) over DP (dense)
@@ -29,7 +31,7 @@ import math
 from dataclasses import dataclass, field
 
 from . import comm, ppmoe
-from .compute import head_compute, layer_compute, model_flops_per_token
+from .compute import head_compute, layer_compute, model_flops_per_token, routed_expert_gemm_time
 from .memory import PRECISION_BYTES, memory, shapes, stage_layer_kinds, stage_params
 from .pipeline import bubble
 from .spec import ModelSpec, PlatformSpec
@@ -57,6 +59,24 @@ class Estimate:
     details: dict[str, float] = field(default_factory=dict)
 
 
+def _chunked_a2a(model: ModelSpec, platform: PlatformSpec, s: Strategy, m_bytes: float,
+                 g: int) -> tuple[float, float, float]:
+    """(forward exposed, backward, recompute) seconds of one chunked MoE layer's all-to-alls
+    (``s.moe_chunks`` = C > 1, ``layer/chunked.py``). Each exchange of m_bytes goes in C
+    pieces (C latencies). Forward: dispatch + combine D (one link, FIFO) pipelined against the
+    experts X: makespan max(D, X) + min(D, X) / C, of which X is compute, the rest exposed
+    communication. Backward: the reverse exchanges are issued together and waited (no
+    overlap), plus a second dispatch under chunk_memory "recompute"; the experts' forward is
+    recomputed (X, charged to recompute)."""
+    C = s.moe_chunks
+    one = C * comm.all_to_all(m_bytes / C, s.ep, g, platform, s.a2a)
+    X = routed_expert_gemm_time(model, platform, s)
+    D = 2 * one
+    fwd = max(D, X) + min(D, X) / C - X
+    bwd = D + (one if s.chunk_memory == "recompute" else 0.0)
+    return fwd, bwd, X
+
+
 def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: int,
                 cache: dict) -> dict[str, float]:
     """Per-micro-batch seconds of one stage by component, plus "fwd", "bwd", "wgrad"."""
@@ -76,6 +96,7 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
             cache[moe_layer] = layer_compute(model, platform, s, moe_layer)
         lc = cache[moe_layer]
         a2a = tp_extra = 0.0
+        a2a_fwd = a2a_bwd = chunk_re = 0.0
         tp_l = tp_layer
         if moe_layer and s.dispatcher == "ppmoe":  # attention's two, then the PPMoE sum
             tp_l = tp_layer / 2 + ppmoe.ppmoe_time(sh.tokens, model.hidden, e, s.tp, platform,
@@ -85,6 +106,9 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
             m_bytes *= s.capacity_factor or s.expert_imbalance
             g = comm.per_node(s.ep, s.etp, G)
             a2a = 2 * comm.all_to_all(m_bytes, s.ep, g, platform, s.a2a)
+            a2a_fwd = a2a_bwd = a2a
+            if s.moe_chunks > 1:
+                a2a_fwd, a2a_bwd, chunk_re = _chunked_a2a(model, platform, s, m_bytes, g)
         if moe_layer and s.etp > 1:
             rows = sh.expert_rows * model.hidden * e
             tp_extra = 2 * comm.all_gather(rows, s.etp, comm.per_node(s.etp, 1, G), platform)
@@ -93,17 +117,18 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
         re_a2a = 0.0
         if s.recompute == "full":
             re = lc.total + tp_l + tp_extra
-            re_a2a = a2a
+            re_a2a = a2a_fwd
         elif s.recompute == "selective":
             re = lc.elementwise
-        a2a_total = 2 * a2a + re_a2a
+        a2a_total = a2a_fwd + a2a_bwd + re_a2a
         if s.overlap_a2a and s.schedule != "gpipe" and s.num_micro >= 2:
             a2a_total = max(0.0, a2a_total - comp)
+        fwd_share = a2a_fwd / (a2a_fwd + a2a_bwd) if a2a_fwd + a2a_bwd > 0 else 0.0
         out["compute"] += n * comp
-        out["recompute"] += n * re
+        out["recompute"] += n * (re + chunk_re)
         out["tp_comm"] += n * 2 * (tp_l + tp_extra)
         out["a2a"] += n * a2a_total
-        fwd += n * (lc.total + tp_l + tp_extra + a2a_total / 2)
+        fwd += n * (lc.total + tp_l + tp_extra + a2a_total * fwd_share)
         wgrad += n * lc.gemm
     if stage == s.pp - 1:
         hc = head_compute(model, platform, s)

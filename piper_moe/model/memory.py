@@ -21,6 +21,13 @@ t_sp = TP with sequence parallelism (else 1), h = hidden:
   weights T_m*k*4 and two int64 orders T_m*k*16; shared experts like a dense FFN on T tokens. R,
   rows per rank entering the experts: padding-free R = T_m*k*etp*imbalance; capacity-padded
   R = capacity_factor*T_m*k*etp (every expert's buffer padded to its capacity).
+  PPMoE dispatcher (``layer/ppmoe.py``): the router runs on the group's T_g = T_m*tp tokens
+  (all-gathered input T_g*h kept, probabilities T_g*E*4, top-k T_g*k*16); the R pairs of this
+  rank's experts are selected by index (rows R*h, metadata R*16) and their outputs and
+  weighted outputs kept (2*R*h, weights R*4). Chunked layer (``moe_chunks`` C > 1,
+  ``layer/chunked.py``): no expert FFN internals (the backward recomputes the experts), the
+  plan's four int64 row maps R*32, the rows R*h only with chunk_memory "save"; its forward
+  buffers and backward recompute are working memory (``chunked_moe_working``).
 - head (last stage): final norm 3*T*h/t_sp and fp32 log-softmax T*V/t*4.
 
 Recompute "full" keeps only each layer's input T*h/t_sp; "selective" drops norm outputs and
@@ -105,22 +112,59 @@ def dense_mlp_activations(model: ModelSpec, s: Strategy) -> float:
 def moe_activations(model: ModelSpec, s: Strategy) -> dict[str, float]:
     """Bytes saved by one MoE block for one micro-batch (no recompute), split into
     ``"moe_buffers"`` (router, dispatch, combine, routing metadata) and ``"activations"``
-    (norms, expert and shared-expert FFN internals)."""
+    (norms, expert and shared-expert FFN internals). Per dispatcher (module docstring) and, for
+    the chunked all-to-all layer (``s.moe_chunks`` > 1), per ``s.chunk_memory``."""
     m, h = model.moe, model.hidden
     e = PRECISION_BYTES[s.precision][3]
     sh = shapes(model, s)
     gated = model.ffn_kind == "swiglu"
+    R = sh.expert_rows
     norms = _norm_elems(sh.moe_tokens * h, s.recompute) * e
-    experts = _ffn_act(sh.expert_rows, m.expert_ffn / s.etp, gated, s.recompute) * e
+    experts = _ffn_act(R, m.expert_ffn / s.etp, gated, s.recompute) * e
     shared = 0.0
     if m.num_shared_experts:
         ffn = m.shared_expert_ffn * m.num_shared_experts / s.tp
         shared = _ffn_act(sh.tokens, ffn, gated, s.recompute) * e
+    if s.dispatcher == "ppmoe":
+        # every rank of the group routes the group's tokens (its shards all-gathered: the
+        # router's input is kept), selects its experts' R pairs by index and sums their weighted
+        # outputs into a partial [T, h]: the expert outputs and their products (R rows each)
+        group = sh.moe_tokens * s.tp
+        router = group * (m.num_experts * FP32 + m.top_k * (INDEX_BYTES + 2 * FP32) + h * e)
+        dispatch = R * (h * e + 2 * INDEX_BYTES)
+        combine = R * (2 * h * e + FP32)
+        return {"activations": norms + experts + shared,
+                "moe_buffers": router + dispatch + combine}
     routed = sh.moe_tokens * m.top_k
     router = sh.moe_tokens * m.num_experts * FP32 + routed * (INDEX_BYTES + 2 * FP32)
-    dispatch = sh.expert_rows * (h * e + 2 * INDEX_BYTES)
     combine = routed * (2 * h * e + FP32 + 2 * INDEX_BYTES)
+    if s.moe_chunks > 1:
+        # chunked layer: the backward recomputes the experts (no internals kept); the plan keeps
+        # four int64 row maps of the received rows; the rows themselves per chunk_memory
+        experts = 0.0
+        dispatch = R * (4 * INDEX_BYTES + (h * e if s.chunk_memory == "save" else 0))
+    else:
+        dispatch = R * (h * e + 2 * INDEX_BYTES)
     return {"activations": norms + experts + shared, "moe_buffers": router + dispatch + combine}
+
+
+def chunked_moe_working(model: ModelSpec, s: Strategy) -> dict[str, float]:
+    """Working bytes of one chunked MoE layer (``s.moe_chunks`` = C > 1) on top of what it
+    keeps, at its two fullest moments. ``"forward"``: the receive, expert-output and combine
+    buffers of all chunks (every chunk's exchange is in flight at once: 2*R*h + N*h), the
+    reordered rows and outputs handed to autograd (2*R*h + N*h), and one chunk's expert
+    intermediates and input scratch (R/C rows). ``"backward"``: the experts recomputed on all R
+    rows (their intermediates 4*R*f, or 2*R*f for GeLU) and, unless the rows were kept, the
+    re-dispatched rows R*h. N = T_m*k pairs sent, R rows received."""
+    m, h = model.moe, model.hidden
+    e = PRECISION_BYTES[s.precision][3]
+    sh = shapes(model, s)
+    R, N, C = sh.expert_rows, sh.moe_tokens * m.top_k, s.moe_chunks
+    ffn = m.expert_ffn / s.etp
+    inner = _ffn_act(1.0, ffn, model.ffn_kind == "swiglu", "none")  # elements per row
+    fwd = (4 * R + 2 * N) * h + (R / C) * (inner + 2 * h)
+    bwd = R * inner + (R * h if s.chunk_memory != "save" else 0.0)
+    return {"forward": fwd * e, "backward": bwd * e}
 
 
 def head_activations(model: ModelSpec, s: Strategy) -> float:
@@ -221,8 +265,13 @@ def _transient(model: ModelSpec, s: Strategy, stage: int, n_dense: int, n_moe: i
                       _full_layer(model, s, True) if n_moe else 0.0)
         rebuild -= layer_input_bytes(model, s)  # the kept input is already counted
     a2a = 2 * sh.expert_rows * h * e if (n_moe and s.ep > 1) else 0.0
+    chunk_fwd = 0.0
+    if n_moe and s.moe_chunks > 1:
+        work = chunked_moe_working(model, s)
+        rebuild += work["backward"]
+        chunk_fwd = work["forward"]
     freed = head_activations(model, s) if last else 0.0
-    layer = layer_grad + rebuild + a2a - freed
+    layer = max(layer_grad + rebuild + a2a - freed, chunk_fwd)
     gather = 0.0
     if s.zero == 3:
         d, x = stage_params(model, s, stage)

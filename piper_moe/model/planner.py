@@ -4,15 +4,17 @@ rank by predicted step time.
 Searched: tp in powers of two up to a node, pp dividing gpus/tp (at most num_layers), ep dividing
 num_experts and dp*tp/etp, etp in {1, tp}, micro_batch in {1, 2, 4}, recompute in
 {none, selective, full}, schedule in {1f1b, zb-h1, interleaved (vpp 2)} (1f1b only without PP),
-all-to-all in {flat, halo} (flat only when the EP group fits one node), and the PPMoE dispatcher
-where it applies (ep == tp > 1, etp 1). ZeRO stage, global batch and sequence length are fixed
-by the caller.
+all-to-all in {flat, halo} (flat only when the EP group fits one node), the PPMoE dispatcher
+where it applies (ep == tp > 1, etp 1), and for the all-to-all dispatcher with ep > 1 the
+chunked MoE layer (``moe_chunks`` 4, keeping its dispatched rows, or re-dispatching them in
+backward when keeping them does not fit; host offload is not searched: the model does not charge
+its host copies). ZeRO stage, global batch and sequence length are fixed by the caller.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import comm
 from .estimate import Estimate, estimate
@@ -21,6 +23,8 @@ from .spec import ModelSpec, PlatformSpec
 from .strategy import Strategy
 
 log = logging.getLogger("piper")
+
+CHUNKS = 4  # the chunked MoE layer's candidate chunk count (the runtime's "auto" tries 1, 2, 4)
 
 
 def _divisors(n: int) -> list[int]:
@@ -74,13 +78,27 @@ def candidates(model: ModelSpec, platform: PlatformSpec, gpus: int, *, global_ba
                         for recompute in ("none", "selective", "full"):
                             for schedule, vpp in schedules:
                                 for algo, dispatcher in algos:
-                                    yield Strategy(
-                                        dp=dp, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp,
-                                        micro_batch=mb, global_batch=global_batch,
-                                        seq_len=seq_len, zero=zero, recompute=recompute,
-                                        schedule=schedule, a2a=algo, overlap_a2a=overlap_a2a,
-                                        dispatcher=dispatcher,
-                                    )
+                                    chunked = (1, CHUNKS) if (
+                                        dispatcher == "alltoall" and ep > 1) else (1,)
+                                    for chunks in chunked:
+                                        yield Strategy(
+                                            dp=dp, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp,
+                                            micro_batch=mb, global_batch=global_batch,
+                                            seq_len=seq_len, zero=zero, recompute=recompute,
+                                            schedule=schedule, a2a=algo,
+                                            overlap_a2a=overlap_a2a, dispatcher=dispatcher,
+                                            moe_chunks=chunks,
+                                        )
+
+
+def _fits(model: ModelSpec, platform: PlatformSpec, s: Strategy, cache: dict) -> bool:
+    """Whether ``s`` fits the device (memory does not depend on the all-to-all algorithm:
+    computed once per remaining key)."""
+    key = (s.dp, s.tp, s.pp, s.ep, s.etp, s.vpp, s.micro_batch, s.recompute, s.schedule,
+           s.dispatcher, s.moe_chunks, s.chunk_memory)
+    if key not in cache:
+        cache[key] = memory(model, platform, s)[0]["total"] <= platform.device_memory
+    return cache[key]
 
 
 def plan(model: ModelSpec, platform: PlatformSpec, gpus: int, *, global_batch: int | None = None,
@@ -105,11 +123,11 @@ def plan(model: ModelSpec, platform: PlatformSpec, gpus: int, *, global_batch: i
             result.rejected[key] = result.rejected.get(key, 0) + 1
             continue
         result.num_valid += 1
-        # memory does not depend on the all-to-all algorithm: check it once per pair
-        key = (s.dp, s.tp, s.pp, s.ep, s.etp, s.vpp, s.micro_batch, s.recompute, s.schedule)
-        if key not in mem_cache:
-            mem_cache[key] = memory(model, platform, s)[0]["total"] <= platform.device_memory
-        if not mem_cache[key]:
+        fits = _fits(model, platform, s, mem_cache)
+        if not fits and s.moe_chunks > 1:  # the chunked layer's leaner mode
+            s = replace(s, chunk_memory="recompute")
+            fits = _fits(model, platform, s, mem_cache)
+        if not fits:
             result.rejected["does not fit"] = result.rejected.get("does not fit", 0) + 1
             continue
         result.num_fit += 1

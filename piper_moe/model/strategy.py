@@ -18,6 +18,7 @@ RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("1f1b", "interleaved", "zb-h1", "gpipe")
 A2A = ("flat", "halo")
 DISPATCHERS = ("alltoall", "ppmoe")
+CHUNK_MEMORY = ("save", "offload", "recompute")
 PRECISIONS = ("bf16", "fp32")
 
 
@@ -47,6 +48,12 @@ class Strategy:
     ``etp == 1``, inside one node: the MoE block's TP collective sums the experts' partial
     outputs and no all-to-all runs; ``model/ppmoe.py``); ppmoe needs ``sequence_parallel``
     (the expert-row model assumes each TP rank routes T / tp tokens' worth of rows).
+    ``moe_chunks`` C > 1: the runtime's MPipeMoE-style chunked MoE layer (``pipeline_chunks``;
+    alltoall dispatcher only): each layer's all-to-all is split into C pieces whose transfer
+    overlaps the experts of the other chunks in forward, the backward recomputes the experts
+    (no expert intermediates are kept), and ``chunk_memory`` says what is kept of the dispatched
+    expert input rows: "save" (on the device), "offload" (to host: not counted in device
+    memory) or "recompute" (a second dispatch all-to-all in backward).
     """
 
     dp: int
@@ -69,17 +76,20 @@ class Strategy:
     overlap_a2a: bool = False
     sequence_parallel: bool = True
     dispatcher: str = "alltoall"
+    moe_chunks: int = 1
+    chunk_memory: str = "save"
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "ep", "etp", "vpp", "micro_batch", "global_batch",
-                     "seq_len"):
+                     "seq_len", "moe_chunks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Strategy.{name} must be a positive int (got {value!r})")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"Strategy.zero must be 0, 1, 2 or 3 (got {self.zero!r})")
         for name, allowed in (("recompute", RECOMPUTE), ("schedule", SCHEDULES), ("a2a", A2A),
-                              ("precision", PRECISIONS), ("dispatcher", DISPATCHERS)):
+                              ("precision", PRECISIONS), ("dispatcher", DISPATCHERS),
+                              ("chunk_memory", CHUNK_MEMORY)):
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"Strategy.{name} must be one of {allowed} (got {getattr(self, name)!r})"
@@ -100,6 +110,9 @@ class Strategy:
                 f"(got tp={self.tp}, ep={self.ep}, etp={self.etp}, "
                 f"sequence_parallel={self.sequence_parallel})"
             )
+        if self.moe_chunks > 1 and self.dispatcher != "alltoall":
+            raise ValueError(f"moe_chunks ({self.moe_chunks}) > 1 needs dispatcher 'alltoall' "
+                             f"(got {self.dispatcher!r})")
         if self.vpp > 1 and self.schedule != "interleaved":
             raise ValueError(f"vpp ({self.vpp}) > 1 needs schedule 'interleaved' "
                              f"(got {self.schedule!r})")

@@ -487,10 +487,14 @@ class Trainer:
         m = self.mesh
         out = {"measured": measured, "layout": self.layout(), "schedule": self.schedule}
         try:
+            last = self.moe_layers[0].stats if self.moe_layers else {}
+            chunked = ({"moe_chunks": last["chunks"], "chunk_memory": last["chunk_memory"]}
+                       if (last.get("chunks") or 1) > 1 and last.get("chunk_memory") else {})
             s = Strategy(dp=m.dp, tp=1, pp=m.pp, ep=m.ep, vpp=self.vpp,
                          micro_batch=self.micro_batch, global_batch=self.global_batch,
                          seq_len=self.seq_len, zero=0, schedule=self.schedule,
-                         precision="fp32" if self.dtype != torch.bfloat16 else "bf16")
+                         precision="fp32" if self.dtype != torch.bfloat16 else "bf16",
+                         **chunked)
             e = estimate(self.spec, load_platform(self.cfg["platform"]), s)
             out["predicted"] = {"step_s": e.time["step"], "memory_bytes": e.memory["total"],
                                 "mfu": e.mfu, "bottleneck": e.bottleneck}

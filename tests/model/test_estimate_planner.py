@@ -84,3 +84,73 @@ def test_plan_cli_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert len(data["plans"]) == 2 and data["plans"][0]["strategy"]["dp"] * data["plans"][0][
         "strategy"]["tp"] * data["plans"][0]["strategy"]["pp"] == 8
+
+
+# -- the chunked MoE layer (moe_chunks, chunk_memory)
+TINY = load_model("tiny-moe")
+CPU = load_platform("cpu-host")
+TINY_EP = dict(dp=4, tp=1, pp=1, ep=4, micro_batch=2, global_batch=16, seq_len=128)
+
+
+def test_chunked_layer_time_terms():
+    """The chunked layer recomputes its experts in backward (recompute grows by exactly the
+    routed experts' forward GEMM time per MoE layer and micro-batch) and "recompute" adds one
+    dispatch exchange in backward, a quarter of an unchunked layer's four exchanges when one
+    piece is latency-free."""
+    from piper_moe.model.compute import routed_expert_gemm_time
+    from piper_moe.model.memory import stage_layer_kinds
+
+    base = Strategy(**TINY_EP)
+    save = dataclasses.replace(base, moe_chunks=4)
+    redo = dataclasses.replace(save, chunk_memory="recompute")
+    e0, e1, e2 = (estimate(TINY, CPU, s) for s in (base, save, redo))
+    n_moe = stage_layer_kinds(TINY, base, 0)[1]
+    X = routed_expert_gemm_time(TINY, CPU, save)
+    assert e1.time["recompute"] - e0.time["recompute"] == pytest.approx(
+        base.num_micro * n_moe * X, rel=1e-9)
+    assert e2.time["a2a"] > e1.time["a2a"]
+    # no latency: C pieces cost one exchange, so recompute's extra dispatch is a2a0 / 4
+    flat = dataclasses.replace(CPU, intra=dataclasses.replace(CPU.intra, latency=0.0),
+                               inter=dataclasses.replace(CPU.inter, latency=0.0))
+    a0, a1, a2 = (estimate(TINY, flat, s).time["a2a"] for s in (base, save, redo))
+    assert a2 - a1 == pytest.approx(a0 / 4, rel=1e-9)
+
+
+def test_chunked_layer_memory_terms():
+    """Chunking drops the experts' FFN internals (4 R f per MoE layer, bf16 activations: 2
+    bytes; one micro-batch in flight without PP); "recompute" and "offload" also drop the kept
+    rows (R h)."""
+    from piper_moe.model.memory import shapes, stage_layer_kinds, stage_memory
+
+    base = Strategy(**TINY_EP)
+    save = dataclasses.replace(base, moe_chunks=4)
+    redo = dataclasses.replace(save, chunk_memory="recompute")
+    off = dataclasses.replace(save, chunk_memory="offload")
+    m0, m1, m2, m3 = (stage_memory(TINY, CPU, s, 0) for s in (base, save, redo, off))
+    n_moe, e = stage_layer_kinds(TINY, base, 0)[1], 2
+    R = shapes(TINY, base).expert_rows
+    f, h = TINY.moe.expert_ffn, TINY.hidden
+    assert m0["activations"] - m1["activations"] == pytest.approx(n_moe * 4 * R * f * e)
+    assert m1["moe_buffers"] - m2["moe_buffers"] == pytest.approx(n_moe * R * h * e)
+    assert m3["moe_buffers"] == m2["moe_buffers"]
+    with pytest.raises(ValueError, match="moe_chunks"):
+        Strategy(dp=2, tp=2, pp=1, ep=2, micro_batch=1, global_batch=2, seq_len=64,
+                 dispatcher="ppmoe", moe_chunks=2)
+    with pytest.raises(ValueError, match="chunk_memory"):
+        dataclasses.replace(save, chunk_memory="disk")
+
+
+def test_planner_falls_back_to_the_chunked_layer_when_memory_is_short():
+    """On a device just too small for every unchunked plan, the planner still finds plans: the
+    chunked layer's (re-dispatching its rows where keeping them does not fit)."""
+    from piper_moe.model.memory import memory
+    from piper_moe.model.planner import candidates
+
+    kw = dict(global_batch=16, seq_len=128)
+    smallest = min(memory(TINY, CPU, s)[0]["total"] for s in candidates(TINY, CPU, 4, **kw)
+                   if s.moe_chunks == 1 and s.ep > 1 and s.recompute == "none")
+    tight = dataclasses.replace(CPU, device_memory=smallest - 1)
+    res = plan(TINY, tight, 4, top=50, **kw)
+    ep_plans = [p for p in res.plans if p.strategy.ep > 1 and p.strategy.recompute == "none"]
+    assert ep_plans and all(p.strategy.moe_chunks > 1 for p in ep_plans)
+    assert "chunks=4/" in plan_cli.describe(ep_plans[0].strategy)
