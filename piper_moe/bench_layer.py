@@ -254,6 +254,52 @@ def node_communicator(comm):
     return node_comm
 
 
+def model_spec(a, cfg, ranks: int, dispatcher: str = "alltoall", chunks: int = 1,
+               chunk_memory: str = "save", group: int = 1):
+    """(ModelSpec, Strategy) of the resource model for this benchmark's layer: tiny-moe with
+    the layer's MoE shape, one micro-batch of --tokens tokens per rank; "ppmoe" over node
+    groups of ``group`` ranks (tp = ep = group)."""
+    import dataclasses
+
+    from piper_moe.model import Strategy, load_model
+    from piper_moe.model.spec import MoESpec
+
+    moe = MoESpec(num_experts=cfg.num_experts, top_k=cfg.top_k, expert_ffn=cfg.ffn_hidden,
+                  num_shared_experts=cfg.num_shared_experts,
+                  shared_expert_ffn=cfg.ffn_hidden if cfg.num_shared_experts else 0,
+                  num_groups=cfg.num_groups, top_groups=cfg.topk_groups)
+    model = dataclasses.replace(load_model("tiny-moe"), hidden=cfg.hidden, moe=moe)
+    common = dict(pp=1, micro_batch=1, seq_len=a.tokens,
+                  precision="fp32" if a.dtype != "bfloat16" else "bf16")
+    if dispatcher == "ppmoe":
+        return model, Strategy(dp=ranks // group, tp=group, ep=group, dispatcher="ppmoe",
+                               global_batch=ranks // group,
+                               **{**common, "seq_len": a.tokens * group})
+    chunked = {"moe_chunks": chunks, "chunk_memory": chunk_memory} if chunks > 1 else {}
+    return model, Strategy(dp=ranks, tp=1, ep=ranks, global_batch=ranks, **common, **chunked)
+
+
+def model_saved(a, layer, ranks: int) -> float | None:
+    """The resource model's bytes saved for backward by one forward of ``layer`` (a
+    piper_moe.MoELayer after its timed forwards; piper_moe.model.memory.moe_layer_saved) at
+    balanced routing: the all-to-all layer, the chunked one with the chunk count and
+    chunk_memory it last used (device bytes: an offloaded host copy is not counted), PPMoE over
+    its node group. None where the model has no such layer (the reference, node dedup) or
+    dtype (float64)."""
+    from piper_moe.model.memory import moe_layer_saved
+
+    if not hasattr(layer, "dispatcher") or getattr(layer, "dedup", False) or (
+            a.dtype not in ("float32", "bfloat16")):
+        return None
+    st = layer.stats
+    if layer.dispatcher == "ppmoe":
+        spec = model_spec(a, layer.cfg, ranks, "ppmoe", group=layer.comm.size)
+    else:
+        spec = model_spec(a, layer.cfg, ranks, chunks=st.get("chunks") or 1,
+                          chunk_memory=st.get("chunk_memory") or "save")
+    return moe_layer_saved(*spec)
+
+
 def memory_summary(a, comm, layers, x0, torch) -> dict:
     """Per variant (max over ranks): bytes saved for backward by one forward and parameter
     bytes (all, and routed experts alone); plus this process's peak RSS (all variants of the
@@ -269,6 +315,7 @@ def memory_summary(a, comm, layers, x0, torch) -> dict:
         mine = np.array([saved_bytes(layers[v], x0, torch), params, exp_b], dtype=np.float64)
         allr = gather(comm, mine)
         out[v] = {"saved_for_backward_bytes_max_rank": int(allr[:, 0].max()),
+                  "model_saved_bytes": model_saved(a, layers[v], comm.size),
                   "param_bytes_max_rank": int(allr[:, 1].max()),
                   "expert_param_bytes_max_rank": (None if np.isnan(allr[:, 2]).any()
                                                   else int(allr[:, 2].max()))}
@@ -283,7 +330,9 @@ def model_comm(a, cfg, comm, dtype_bytes: int) -> dict:
     and with the inter-node link set to the intra-node one (as the emulated nodes are)."""
     from dataclasses import replace
 
+    from piper_moe.model import comm as comm_model
     from piper_moe.model import load_platform
+    from piper_moe.model.estimate import _chunked_a2a
     from piper_moe.model.ppmoe import a2a_bytes, a2a_time, ppmoe_bytes, ppmoe_time
 
     plat = load_platform(a.platform)
@@ -293,10 +342,19 @@ def model_comm(a, cfg, comm, dtype_bytes: int) -> dict:
            "bytes_per_rank_fwd": {"alltoall": a2a_bytes(T, k, h, dtype_bytes, P),
                                   "halo": a2a_bytes(T, k, h, dtype_bytes, P),
                                   "ppmoe": ppmoe_bytes(T * g, h, dtype_bytes, g)}}
+    chunk_counts = sorted({c for c in a.chunk_settings.values() if c != "auto" and c > 1})
     for tag, pl in (("as_given", plat), ("inter_eq_intra", replace(plat, inter=plat.intra))):
         out[tag] = {"alltoall": a2a_time(T, k, h, dtype_bytes, P, g, pl, "flat"),
                     "halo": a2a_time(T, k, h, dtype_bytes, P, g, pl, "halo"),
                     "ppmoe": ppmoe_time(T * g, h, dtype_bytes, g, pl, sequence_sharded=True)}
+        # chunked layer: fwd exposed + bwd exchanges + the experts recomputed in backward
+        out[tag]["chunks"] = {}
+        for c in chunk_counts:
+            for mem in ("save", "recompute"):
+                model, st = model_spec(a, cfg, P, chunks=c, chunk_memory=mem)
+                fwd, bwd, rec = _chunked_a2a(model, pl, st, T * k * h * dtype_bytes,
+                                             comm_model.per_node(P, 1, g))
+                out[tag]["chunks"][f"{c}/{mem}"] = fwd + bwd + rec
     return out
 
 
@@ -392,7 +450,7 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
     print(f"# timing: forward + (y.sum()+aux).backward(), barrier before each step, "
           f"warmup {a.warmup}, iters {a.iters}; time = max over ranks of the per-rank median")
     print("#")
-    print(f"# {'variant':>14} {'time(ms)':>10} {'min-rank(ms)':>13} {'tokens/s':>11} "
+    print(f"# {'variant':>22} {'time(ms)':>10} {'min-rank(ms)':>13} {'tokens/s':>11} "
           f"{'vs ref':>7} {'max|y-y_ref|':>13}")
     rows = []
     for i, v in enumerate(a.variants):
@@ -406,7 +464,7 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
                      "per_rank_times_ms": [[1e3 * float(x) for x in
                                             all_times[r, i * a.iters:(i + 1) * a.iters]]
                                            for r in range(P)]})
-        print(f"  {v:>14} {1e3 * t:10.2f} {1e3 * float(all_med[:, i].min()):13.2f} "
+        print(f"  {v:>22} {1e3 * t:10.2f} {1e3 * float(all_med[:, i].min()):13.2f} "
               f"{global_tokens / t:11.0f} {ratio if ratio else float('nan'):7.3f} "
               f"{'-' if d is None else f'{d:.2e}':>13}")
     print("#  vs ref = reference time / variant time (> 1: faster than the reference)")
@@ -418,7 +476,7 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
         tot = {k: int(all_stats[:, j * len(stat_keys) + n].sum())
                for n, k in enumerate(stat_keys)}
         stats[v] = {**tot, "tokens_per_expert": layers[v].stats["tokens_per_expert"]}
-        print(f"#   {v:>14}: intra-node {tot['bytes_sent_intra_node']:>11,d}  inter-node "
+        print(f"#   {v:>22}: intra-node {tot['bytes_sent_intra_node']:>11,d}  inter-node "
               f"{tot['bytes_sent_inter_node']:>11,d}  saved by dedup "
               f"{tot['bytes_saved_by_dedup']:>11,d}")
     if piper_vs:
@@ -511,16 +569,21 @@ def report_dispatchers(a, cfg, comm, torch, worst, ref_t, memory, stats) -> dict
     print("#")
     print("# dispatchers (fwd+bwd; memory max over ranks; peak RSS is the whole process, every "
           "variant of this run together):")
-    print(f"# {'variant':>14} {'time(ms)':>10} {'vs ref':>7} {'saved-for-bwd(MB)':>18} "
-          f"{'params(MB)':>11} {'experts(MB)':>12}")
+    print(f"# {'variant':>22} {'time(ms)':>10} {'vs ref':>7} {'saved-for-bwd(MB)':>18} "
+          f"{'model(MB)':>10} {'params(MB)':>11} {'experts(MB)':>12}")
     for v in a.variants:
         m = memory.get(v, {})
         exp = m.get("expert_param_bytes_max_rank")
-        print(f"  {v:>14} {1e3 * t[v]:10.2f} "
+        pred = m.get("model_saved_bytes")
+        print(f"  {v:>22} {1e3 * t[v]:10.2f} "
               f"{(ref_t / t[v]) if ref_t else float('nan'):7.3f} "
               f"{m.get('saved_for_backward_bytes_max_rank', 0) / 2**20:18.2f} "
+              f"{'-' if pred is None else f'{pred / 2**20:.2f}':>10} "
               f"{m.get('param_bytes_max_rank', 0) / 2**20:11.2f} "
               f"{'-' if exp is None else f'{exp / 2**20:.2f}':>12}")
+    print("#   model(MB): piper_moe.model.memory.moe_layer_saved at balanced routing (measured: "
+          "the most loaded rank; an offloaded host copy counts in the measurement, not in the "
+          "model's device bytes; '-': no such layer in the model: reference, node dedup)")
     rss = memory.get("peak_rss_bytes_per_rank", [])
     if rss:
         print(f"#   peak RSS per rank (MB): {' '.join(f'{r / 2**20:.0f}' for r in rss)}")
@@ -556,6 +619,17 @@ def report_dispatchers(a, cfg, comm, torch, worst, ref_t, memory, stats) -> dict
         print(f"#   halo - alltoall ({a2a}), fwd+bwd: measured {meas:+.2f} ms, model (as given) "
               f"{pred:+.3f} ms (the model's HALO is the all-to-all algorithm; the halo variant "
               f"is node dedup, which also cuts inter-node bytes)")
+    base = next((v for v, c in a.chunk_settings.items() if c == 1), None)
+    for v, c in a.chunk_settings.items():
+        mem = a.chunk_memories[v] if a.chunk_memories[v] in ("save", "recompute") else "save"
+        if c == "auto" or c == 1 or base is None or f"{c}/{mem}" not in model["as_given"]["chunks"]:
+            continue
+        meas = 1e3 * (t[v] - t[base])
+        preds = [1e3 * (model[tag]["chunks"][f"{c}/{mem}"] - 2 * model[tag]["alltoall"])
+                 for tag in ("as_given", "inter_eq_intra")]
+        print(f"#   {v} - {base}, fwd+bwd: measured {meas:+.2f} ms, model {preds[0]:+.3f} ms "
+              f"(as given) / {preds[1]:+.3f} ms (inter=intra) of exposed communication + the "
+              f"experts recomputed in backward ({mem})")
     print("#  the model covers communication only (no compute, routing, copies or the "
           "oversubscription of this host); ppmoe's data-parallel expert-gradient all-reduce "
           "across nodes is per step, not per layer, and not in either number")

@@ -148,6 +148,18 @@ def moe_activations(model: ModelSpec, s: Strategy) -> dict[str, float]:
     return {"activations": norms + experts + shared, "moe_buffers": router + dispatch + combine}
 
 
+def moe_layer_saved(model: ModelSpec, s: Strategy) -> float:
+    """Bytes a standalone MoE layer (``piper_moe.MoELayer``, no RMSNorm before it) saves for
+    backward per micro-batch: ``moe_activations`` with the block's norm (3 [T_m, h] tensors)
+    replaced by the layer input it feeds (1 [T_m, h]). For checking the formulas against a
+    layer measured alone (tests/model/test_layer_memory.py, ``piper_moe.bench_layer``)."""
+    a = moe_activations(model, s)
+    e = PRECISION_BYTES[s.precision][3]
+    T_m = shapes(model, s).moe_tokens
+    return (a["activations"] + a["moe_buffers"] - _norm_elems(T_m * model.hidden, s.recompute) * e
+            + T_m * model.hidden * e)
+
+
 def chunked_moe_working(model: ModelSpec, s: Strategy) -> dict[str, float]:
     """Working bytes of one chunked MoE layer (``s.moe_chunks`` = C > 1) on top of what it
     keeps, at its two fullest moments. ``"forward"``: the receive, expert-output and combine

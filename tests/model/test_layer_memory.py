@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from piper_moe.model import Strategy, load_model
-from piper_moe.model.memory import FP32, moe_activations
+from piper_moe.model.memory import FP32, moe_layer_saved
 from piper_moe.model.spec import MoESpec
 from tests.launch import run_mpi
 from tests.model.layer_memory_cases import LAYER, TOKENS
@@ -27,12 +27,11 @@ def _model():
 
 
 def _layer_prediction(variant: str, rows: int) -> float:
-    """moe_activations for one rank of the 2-rank run, as a standalone layer: the block's
-    RMSNorm (3 [T_m, h] tensors) replaced by the layer input it feeds (1 [T_m, h]); the
-    expert rows R set to what this rank's experts received (expert_imbalance = R / (T_m k),
-    at least 1: a rank that received fewer rows than average is predicted at the average,
+    """moe_layer_saved for one rank of the 2-rank run: the expert rows R set to what this
+    rank's experts received (expert_imbalance = R / (T_m k), at least 1: a rank that
+    received fewer rows than average is predicted at the average,
     a few tenths of a percent high)."""
-    model, ranks, k, h = _model(), 2, LAYER["top_k"], LAYER["hidden"]
+    model, ranks, k = _model(), 2, LAYER["top_k"]
     imbalance = max(1.0, rows / (TOKENS * k))
     common = dict(pp=1, micro_batch=1, global_batch=2, seq_len=TOKENS, precision="fp32",
                   expert_imbalance=imbalance)
@@ -43,8 +42,7 @@ def _layer_prediction(variant: str, rows: int) -> float:
         chunks = {"alltoall": {}, "chunks4-save": {"moe_chunks": 4},
                   "chunks4-recompute": {"moe_chunks": 4, "chunk_memory": "recompute"}}[variant]
         s = Strategy(dp=ranks, tp=1, ep=ranks, **common, **chunks)
-    a = moe_activations(model, s)
-    return a["activations"] + a["moe_buffers"] - 2 * TOKENS * h * E
+    return moe_layer_saved(model, s)
 
 
 def test_hand_checked_terms():
