@@ -365,25 +365,16 @@ def saved_bytes(layer, x0, torch) -> int:
 
 
 def saved_split(layer, x0, torch) -> tuple[int, int]:
-    """(saved_bytes, of which host copies made by chunk_memory="offload") of one forward."""
-    params = {p.data_ptr() for p in layer.parameters()}
-    seen: dict[int, int] = {}
-    host: set[int] = set()
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-            if getattr(t, "_piper_offloaded", False):
-                host.add(ptr)
-        return t
+    """(saved_bytes, of which host copies made by chunk_memory="offload") of one forward
+    (piper_moe.layer.saved.SavedTensors); runs the backward too (it is collective)."""
+    from piper_moe.layer.saved import SavedTensors
 
     layer.zero_grad(set_to_none=True)
     x = x0.clone().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensors(exclude=layer.parameters()) as saved:
         y = layer(x)
     (y.sum() + layer.aux_loss).backward()
-    return sum(seen.values()), sum(seen[p] for p in host)
+    return saved.bytes, saved.host_bytes
 
 
 def chunk_summary(a, comm, layers, x0, comm_s, torch) -> list[dict]:

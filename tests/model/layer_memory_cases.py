@@ -7,6 +7,7 @@ import torch
 
 import piper_comm as pc
 from piper_moe import MoEConfig, MoELayer
+from piper_moe.layer.saved import SavedTensors
 
 # hidden 256, expert ffn 128, 16 experts top-4, one shared expert, group-limited routing
 LAYER = dict(hidden=256, ffn_hidden=128, num_experts=16, top_k=4, num_shared_experts=1,
@@ -21,20 +22,11 @@ VARIANTS = {"alltoall": {},
 def _saved(layer, x: torch.Tensor) -> int:
     """Bytes of the storages one forward saves for backward (parameters excluded, each
     storage once); runs the backward (collective)."""
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
     x = x.clone().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensors(exclude=layer.parameters()) as saved:
         y = layer(x)
     (y.sum() + layer.aux_loss).backward()
-    return sum(seen.values())
+    return saved.bytes
 
 
 def saved(local_size: int = 2) -> dict:

@@ -9,6 +9,7 @@ the same way, plus the bytes each one keeps for backward.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 import piper_comm as pc
 from piper_moe import MoEConfig, MoELayer
 from piper_moe.layer import chunk_memory
+from piper_moe.layer.saved import SavedTensors
 
 BASE = {"hidden": 8, "ffn_hidden": 16, "num_experts": 8, "top_k": 2}
 SCENARIOS = {
@@ -38,8 +40,8 @@ def _splits(P: int) -> list[list[int]]:
 
 
 def _run(comm, cfg: MoEConfig, dtype, counts: list[int], chunks, seed: int,
-         slot_of=None, layer=None, memory: str = "auto", hooks=None) -> tuple[dict, MoELayer]:
-    """hooks: (pack, unpack) saved_tensors_hooks around the forward, or None."""
+         slot_of=None, layer=None, memory: str = "auto", saved=None) -> tuple[dict, MoELayer]:
+    """saved: a SavedTensors counter around the forward, or None."""
     me = comm.rank
     lo, hi, total = sum(counts[:me]), sum(counts[:me + 1]), sum(counts)
     g = torch.Generator().manual_seed(seed)
@@ -50,10 +52,10 @@ def _run(comm, cfg: MoEConfig, dtype, counts: list[int], chunks, seed: int,
                          pipeline_chunks=chunks, chunk_memory=memory)
     layer.zero_grad(set_to_none=True)
     x = X[lo:hi].clone().requires_grad_()
-    if hooks is None:
+    if saved is None:
         y = layer(x)
     else:
-        with torch.autograd.graph.saved_tensors_hooks(*hooks):
+        with saved:
             y = layer(x)
     ((y * G[lo:hi]).sum() + layer.aux_loss).backward()
     out = {"y": y.detach(), "aux": layer.aux_loss.detach(), "x.grad": x.grad}
@@ -140,22 +142,14 @@ def auto(local_size: int | None = 2, seed: int = 11, recheck: int = 3) -> dict:
     ref, _ = _run(comm, cfg, torch.float64, counts, 1, seed)
     layer = MoELayer(cfg, comm, seed=seed, dtype=torch.float64, dedup=False,
                      pipeline_chunks="auto", pipeline_recheck=recheck)
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("piper.moe")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     seen, choices = [], []
-    try:
+    with _logged() as records:
         for _ in range(6 + recheck + 6 + 1):  # tune, run, re-tune, decide again
             got, layer = _run(comm, cfg, torch.float64, counts, None, seed, layer=layer)
             _equal(ref, got, f"auto forward {len(seen)} rank {comm.rank}")
             seen.append(layer.stats["chunks"])
             if layer.pipeline.choice is not None:
                 choices.append(layer.pipeline.choice)
-    finally:
-        logger.removeHandler(handler)
     assert seen[:6] == [1, 2, 4, 1, 2, 4], seen
     all_choices = np.asarray(comm.all_to_all(np.tile(np.array(choices, dtype=np.int64),
                                                      (comm.size, 1))))
@@ -166,23 +160,27 @@ def auto(local_size: int | None = 2, seed: int = 11, recheck: int = 3) -> dict:
     return {"seen": seen, "choices": choices}
 
 
+@contextlib.contextmanager
+def _logged(name: str = "piper.moe"):
+    """Yields the list of log records `name` emits (INFO and up) inside the block."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def _count_saved(comm, cfg, counts, seed: int, layer: MoELayer) -> dict:
     """{saved: bytes of the storages one forward saves for backward (parameters excluded,
     each once), offloaded: those of them that are chunk_memory="offload" host copies}."""
-    params = {p.data_ptr() for p in layer.parameters()}
-    seen: dict[int, int] = {}
-    host: set[int] = set()
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
-            if getattr(t, "_piper_offloaded", False):
-                host.add(ptr)
-        return t
-
-    _run(comm, cfg, torch.float64, counts, None, seed, layer=layer, hooks=(pack, lambda t: t))
-    return {"saved": sum(seen.values()), "offloaded": sum(seen[p] for p in host)}
+    saved = SavedTensors(exclude=layer.parameters())
+    _run(comm, cfg, torch.float64, counts, None, seed, layer=layer, saved=saved)
+    return {"saved": saved.bytes, "offloaded": saved.host_bytes}
 
 
 def memory_auto(local_size: int | None = 2, seed: int = 13) -> dict:
@@ -198,26 +196,20 @@ def memory_auto(local_size: int | None = 2, seed: int = 13) -> dict:
     ref, _ = _run(comm, cfg, torch.float64, counts, 1, seed)
     layer = MoELayer(cfg, comm, seed=seed, dtype=torch.float64, dedup=False,
                      pipeline_chunks=3, chunk_memory="auto")
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("piper.moe")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
     real = chunk_memory.free_bytes
     seen, wishes = [], []
-    try:
-        for step in range(3):
-            if step == 1 and comm.rank == short:
-                chunk_memory.free_bytes = lambda device: 0
-            got, layer = _run(comm, cfg, torch.float64, counts, None, seed, layer=layer)
+    with _logged() as records:
+        try:
+            for step in range(3):
+                if step == 1 and comm.rank == short:
+                    chunk_memory.free_bytes = lambda device: 0
+                got, layer = _run(comm, cfg, torch.float64, counts, None, seed, layer=layer)
+                chunk_memory.free_bytes = real
+                _equal(ref, got, f"auto memory step {step} rank {comm.rank}")
+                seen.append(layer.stats["chunk_memory"])
+                wishes.append(layer.chunk_memory.last_wish)
+        finally:
             chunk_memory.free_bytes = real
-            _equal(ref, got, f"auto memory step {step} rank {comm.rank}")
-            seen.append(layer.stats["chunk_memory"])
-            wishes.append(layer.chunk_memory.last_wish)
-    finally:
-        chunk_memory.free_bytes = real
-        logger.removeHandler(handler)
     assert seen == ["save", "recompute", "save"], seen
     mine = [0, 2 if comm.rank == short else 0, 0]
     assert wishes == mine, (wishes, mine)
@@ -230,14 +222,11 @@ def memory_auto(local_size: int | None = 2, seed: int = 13) -> dict:
 def _dedup_fallback(comm, seed: int) -> None:
     """On the node-dedup path pipeline_chunks > 1 runs C = 1 and says so once."""
     cfg = MoEConfig(**SCENARIOS["sigmoid-grouped"])
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("piper.moe").addHandler(handler)
-    layer = MoELayer(cfg, comm, seed=seed, dtype=torch.float64, dedup=True, pipeline_chunks=4)
-    assert layer.dedup
-    for _ in range(2):
-        layer(torch.randn(5, cfg.hidden, dtype=torch.float64)).sum().backward()
-        assert layer.stats["chunks"] == 1
-    logging.getLogger("piper.moe").removeHandler(handler)
+    with _logged() as records:
+        layer = MoELayer(cfg, comm, seed=seed, dtype=torch.float64, dedup=True,
+                         pipeline_chunks=4)
+        assert layer.dedup
+        for _ in range(2):
+            layer(torch.randn(5, cfg.hidden, dtype=torch.float64)).sum().backward()
+            assert layer.stats["chunks"] == 1
     assert sum("node-dedup" in r.getMessage() for r in records) == 1, records
