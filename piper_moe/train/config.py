@@ -145,7 +145,9 @@ def choose_dispatcher(model, platform, st: dict, micro_batch: int, seq_len: int,
 def plan_for_world(cfg: dict, world: int) -> dict:
     """strategy: auto -> the fastest strategy the runtime can run (tp=1, recompute none) that
     the resource model predicts for this world size, and its MoE dispatcher
-    (choose_dispatcher); returns the strategy mapping (with "moe_layer")."""
+    (choose_dispatcher); a plan of the chunked MoE layer (the planner's fallback when the
+    unchunked one does not fit) sets pipeline_chunks and chunk_memory. Returns the strategy
+    mapping (with "moe_layer")."""
     from ..model import load_model, load_platform
     from ..model.planner import plan
 
@@ -161,6 +163,10 @@ def plan_for_world(cfg: dict, world: int) -> dict:
                    "order": "ep,edp,pp", "predicted_step_s": e.time["step"]}
             out["moe_layer"] = choose_dispatcher(model, platform, out, b["micro_batch"],
                                                  b["seq_len"], cfg["dtype"])
+            if s.moe_chunks > 1 and out["moe_layer"]["dispatcher"] == "alltoall":
+                # the plan needs (or prefers) the chunked layer: its C and what it keeps
+                out["moe_layer"].update(pipeline_chunks=s.moe_chunks,
+                                        chunk_memory=s.chunk_memory)
             return out
     raise ValueError(f"strategy: auto found no runnable strategy for {world} ranks "
                      f"({result.num_fit} fit of {result.num_candidates})")

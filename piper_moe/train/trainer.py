@@ -70,8 +70,9 @@ class Trainer:
         if st == "auto":
             st = C.plan_for_world(cfg, world)
             chosen = st.pop("moe_layer")
-            cfg["moe_layer"] = {**cfg["moe_layer"], "dispatcher": chosen["dispatcher"],
-                                "pipeline_chunks": chosen["pipeline_chunks"]}
+            cfg["moe_layer"] = {**cfg["moe_layer"], **{
+                k: chosen[k] for k in ("dispatcher", "pipeline_chunks", "chunk_memory")
+                if k in chosen}}
             cfg["strategy"] = st
             log.info("piper_moe.train: strategy auto: MoE dispatcher %s (predicted per layer "
                      "forward: all-to-all %s s, ppmoe %s s), pipeline_chunks %s",

@@ -42,3 +42,24 @@ def test_auto_plans_a_runnable_strategy():
     st = C.plan_for_world(cfg, 4)
     assert st["pp"] * st["dp"] == 4 and st["dp"] % st["ep"] == 0
     assert st["moe_layer"]["dispatcher"] in ("alltoall", "ppmoe")
+
+
+def test_auto_hands_a_chunked_plan_to_the_layer(monkeypatch):
+    """When the planner's pick is the chunked MoE layer (its fallback where the unchunked one
+    does not fit: tests/model/test_estimate_planner.py), strategy auto passes its chunk count
+    and chunk_memory on to the layer."""
+    from piper_moe import model as model_pkg
+    from piper_moe.model import planner
+
+    cfg = C.load("tiny", {"strategy": "auto", "batch": {"micro_batch": 2, "global_batch": 8,
+                                                        "seq_len": 32}})
+    model, cpu = model_pkg.load_model(cfg["model"]), model_pkg.load_platform(cfg["platform"])
+    chunked = model_pkg.Strategy(dp=2, tp=1, pp=2, ep=2, micro_batch=2, global_batch=8,
+                                 seq_len=32, moe_chunks=4, chunk_memory="recompute")
+    picked = planner.PlanResult(plans=[model_pkg.estimate(model, cpu, chunked)])
+    monkeypatch.setattr(planner, "plan", lambda *a, **k: picked)
+    st = C.plan_for_world(cfg, 4)
+    assert (st["pp"], st["dp"], st["ep"]) == (2, 2, 2)
+    layer = st["moe_layer"]
+    assert layer["dispatcher"] == "alltoall", st
+    assert (layer["pipeline_chunks"], layer["chunk_memory"]) == (4, "recompute"), st
