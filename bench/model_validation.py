@@ -99,6 +99,8 @@ CASES = [
          model=WIDE),
     Case(name="pp2 1f1b m=4 b4 s128 (2 ranks)", strategy={**ONE, "pp": 2},
          batch=_mb(4, 128, 4), ranks=2),
+    Case(name="pp2 zb-h1 m=4 b4 s128 (2 ranks)", strategy={**ONE, "pp": 2, "schedule": "zb-h1"},
+         batch=_mb(4, 128, 4), ranks=2),
     Case(name="dp2 ep2 b4 s128 (2 ranks)", strategy={**ONE, "dp": 2, "ep": 2},
          batch=_mb(4, 128, 1, dp=2), ranks=2),
     Case(name="pp2 dp2 ep2 1f1b m=4 b4 s64 (4 ranks, 2 nodes)",
@@ -351,7 +353,11 @@ def write_md(path: Path, params: list[dict], mem_rows: list[dict], a2a_summary: 
               "output is saved once (the output projection reads it through a view); the "
               "combine keeps two [T*k, h] tensors (expert outputs in token order and their "
               "product with the gate weights); the pipeline engine keeps every isend buffer "
-              "until the end of the step (`p2p_buffers`).",
+              "until the end of the step (`p2p_buffers`); under ZB-H1 a micro-batch between "
+              "its input-gradient B and its weight-gradient W also holds the gradient of "
+              "every weight's output (torch's split backward keeps them for W; "
+              "`weight_grad_inputs`, +5.5 MiB "
+              "on the pp2 case's last stage, which the model missed by 19% before).",
               "",
               "**The multi-rank data-parallel cases (fixed in the runtime, session 4).** They "
               "used to miss 5% in some runs (-7.8% to -12.3% for dp2 ep2, -4.8% to -9.5% for "

@@ -292,6 +292,36 @@ def _transient(model: ModelSpec, s: Strategy, stage: int, n_dense: int, n_moe: i
     return max(loss, layer, 0.0) + gather
 
 
+def weight_grad_inputs(model: ModelSpec, s: Strategy, stage: int) -> float:
+    """Bytes one micro-batch holds between its ZB-H1 "B" and "W" on pipeline stage ``stage`` >
+    0, on top of its activations: torch's split backward (stage_backward_input) keeps the
+    gradient of every weight's output (dY, rows x d_out of each linear: attention, FFNs,
+    router, shared and routed experts, and the head's fp32 logits on the last stage) for the
+    deferred weight gradient. Stage 0 runs its whole backward in B (nothing to defer)."""
+    if stage == 0:
+        return 0.0
+    e = PRECISION_BYTES[s.precision][3]
+    sh = shapes(model, s)
+    n_dense, n_moe = stage_layer_kinds(model, s, stage)
+
+    def outputs(linears, moe_layer: bool) -> float:
+        total = 0.0
+        for lin in linears:
+            if lin.shard == "expert":
+                total += sh.expert_rows * lin.d_out / s.etp
+            elif lin.name == "router":
+                total += sh.moe_tokens * lin.d_out
+            else:
+                total += sh.tokens * lin.d_out / (s.tp if lin.shard == "tp" else 1)
+        return total * e
+
+    out = n_dense * outputs(dense_layer_linears(model), False) if n_dense else 0.0
+    out += n_moe * outputs(moe_layer_linears(model), True) if n_moe else 0.0
+    if stage == s.pp - 1:
+        out += sh.tokens * model.vocab / s.tp * FP32
+    return out
+
+
 def p2p_buffers(model: ModelSpec, s: Strategy, stage: int) -> float:
     """Bytes of pipeline sends alive at the peak: Piper's engine posts every activation (forward)
     and input-gradient (backward) send as an isend and waits for them at the end of the step, so
@@ -347,6 +377,8 @@ def stage_memory(model: ModelSpec, platform: PlatformSpec, s: Strategy,
     if stage == 0:
         acts += s.micro_batch * s.seq_len * INDEX_BYTES  # token ids
     acts, moe_buf = acts * inflight, moe_buf * inflight
+    if s.schedule == "zb-h1":  # one micro-batch between its B and its W at the peak
+        acts += weight_grad_inputs(model, s, stage)
     if not persistent_grads:
         steady = s.schedule != "gpipe" and s.num_micro > inflight
         if not steady and grads > acts + moe_buf:  # (b): the end of the backward

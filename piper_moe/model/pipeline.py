@@ -5,7 +5,9 @@ P = pp stages, m = micro-batches per step, v = vpp virtual chunks per rank, stag
 In flight (activations of whole micro-batches a stage holds at its peak, in units of the stage's
 layers):
 - gpipe: m (all forwards before any backward);
-- 1f1b and zb-h1: min(P - s, m) (ZB-H1 keeps the 1F1B peak);
+- 1f1b and zb-h1: min(P - s, m) (Piper's ZB-H1 never holds more micro-batches without their W
+  than 1F1B holds without their B; at its peak one of them is between B and W and also holds
+  its weights' output gradients: ``memory.weight_grad_inputs``);
 - interleaved: Megatron's warm-up, min(m*v, 2*(P - s - 1) + (v - 1)*P + 1) chunk micro-batches
   of 1/v of the stage's layers each.
 

@@ -84,7 +84,13 @@ def _zb_h1_all(pp: int, M: int) -> list[list[Action]]:
     and W (weight gradient, off it), the W passes placed where a rank would otherwise wait:
     a unit-cost list-scheduling pass over all ranks at once (the zero-bubble papers' greedy
     heuristic, Qi et al. 2024). Rank r never holds more than pp - r micro-batches whose W is
-    not done, which is 1F1B's activation memory: the H1 ("same memory") variant."""
+    not done, which is 1F1B's activation memory: the H1 ("same memory") variant. Under unit
+    costs (F = B = W) a step takes 3 M + 2 (pp - 1), two thirds of 1F1B's bubble. Bounding
+    every rank by pp instead (1F1B's rank-0 count) gives the paper's 3 M + (pp - 1), but a
+    micro-batch between B and W holds more than its activations here (torch's split backward
+    keeps every weight's output gradient: model/memory.py weight_grad_inputs), and measured
+    on 2 ranks (bench/model_validation.py's pp2 zb-h1 case) the last stage then peaked at
+    49.7 MiB against 1F1B's 29.6 MiB: not the same memory, so not used."""
     queues = [_one_f_one_b(r, pp, M) for r in range(pp)]
     acts: list[list[Action]] = [[] for _ in range(pp)]
     done: dict[tuple[str, int, int], int] = {}

@@ -161,3 +161,21 @@ def test_total_is_sum_and_includes_reserve():
     mem = stage_memory(TINY, CPU, strat(), 0)
     assert mem["total"] == pytest.approx(sum(v for k, v in mem.items() if k != "total"))
     assert mem["reserved"] == CPU.memory_reserved
+
+
+def test_zb_h1_holds_one_micro_batch_of_weight_output_gradients():
+    """ZB-H1 on stages > 0: one micro-batch between B and W also holds dY of every weight
+    (torch's split backward keeps them for the deferred W). Hand count for tiny-moe, pp=2,
+    stage 1 = two MoE layers + head, T = 512 tokens, R = T*k = 1024 rows, fp32: per layer
+    T*(q 128 + k 64 + v 64 + o 128) + T*router 8 + T*shared (128 + 128) + R*experts (128 + 128)
+    = 593,920 elements; head logits T*V = 512*512 fp32."""
+    base = dict(dp=1, tp=1, pp=2, ep=1, micro_batch=4, global_batch=16, seq_len=128,
+                precision="fp32")
+    zb = Strategy(**base, schedule="zb-h1")
+    f1 = Strategy(**base, schedule="1f1b")
+    per_layer = 512 * (128 + 64 + 64 + 128) + 512 * 8 + 512 * 256 + 1024 * 256
+    expected = (2 * per_layer * 4) + 512 * 512 * 4
+    assert expected == 5_799_936
+    m_zb, m_f1 = (stage_memory(TINY, CPU, s, 1) for s in (zb, f1))
+    assert m_zb["activations"] - m_f1["activations"] == pytest.approx(expected)
+    assert stage_memory(TINY, CPU, zb, 0) == stage_memory(TINY, CPU, f1, 0)
