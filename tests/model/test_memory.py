@@ -139,7 +139,8 @@ def test_in_flight_per_schedule():
 def test_bubble_per_schedule():
     s = strat(pp=4, global_batch=16)
     assert bubble(s, 1.0, 2.0, 1.0) == 9.0  # (P-1)(F+B)
-    assert bubble(dataclasses.replace(s, schedule="zb-h1"), 1.0, 2.0, 1.0) == 3.0  # 1/3 of 1F1B
+    # runtime/schedules.py's ZB-H1 under unit costs: 3 M + 2 (pp - 1), 2/3 of 1F1B's bubble
+    assert bubble(dataclasses.replace(s, schedule="zb-h1"), 1.0, 2.0, 1.0) == 6.0
     inter = dataclasses.replace(s, schedule="interleaved", vpp=3)
     assert bubble(inter, 1.0, 2.0, 1.0) == 3.0
     assert bubble(strat(), 1.0, 2.0, 1.0) == 0.0
