@@ -71,7 +71,7 @@ def _med(xs):
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0f}%"
+    return "-" if x is None else f"{x:.1f}%"
 
 
 def _band(bytes_per_peer: float) -> str:
@@ -233,7 +233,7 @@ def _runs_table(compare: list[str], summary: list[dict]) -> list[str]:
 
     def cell(s):
         e, d = s["same_median_abs_error_pct"], s["repeat_dev_pct"]
-        return ("-" if e is None else f"{e:.0f}%") + " / " + ("-" if d is None else f"{d:.0f}%")
+        return ("-" if e is None else f"{e:.1f}%") + " / " + ("-" if d is None else f"{d:.0f}%")
     for s in summary:
         key = (s["n"], s["g"], s["algo"])
         cells = []

@@ -479,8 +479,8 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
         print("# chunked pipeline (forward communication; C=1 is synchronous: nothing hidden, "
               "its comm time is not measured):")
         print(f"# {'variant':>22} {'C used':>8} {'fwd(ms)':>9} {'hidden(mean/min rank)':>22} "
-              f"{'exposed(ms)':>12} {'total(ms)':>10} {'saved-for-bwd(MB)':>18} "
-              f"{'of it host(MB)':>15} {'vs C=1':>7} {'dev vs C=1':>11}")
+              f"{'exposed(ms)':>12} {'total(ms)':>10} {'saved-for-bwd(MiB)':>18} "
+              f"{'of it host(MiB)':>15} {'vs C=1':>7} {'dev vs C=1':>11}")
         for r in chunk_rows:
             h = [x for x in r["hidden_fraction_per_rank"] if x is not None]
             hid = f"{np.mean(h):+.2f}/{min(h):+.2f}" if h else "-"
@@ -560,8 +560,8 @@ def report_dispatchers(a, cfg, comm, torch, worst, ref_t, memory, stats) -> dict
     print("#")
     print("# dispatchers (fwd+bwd; memory max over ranks; peak RSS is the whole process, every "
           "variant of this run together):")
-    print(f"# {'variant':>22} {'time(ms)':>10} {'vs ref':>7} {'saved-for-bwd(MB)':>18} "
-          f"{'model(MB)':>10} {'params(MB)':>11} {'experts(MB)':>12}")
+    print(f"# {'variant':>22} {'time(ms)':>10} {'vs ref':>7} {'saved-for-bwd(MiB)':>18} "
+          f"{'model(MiB)':>10} {'params(MiB)':>11} {'experts(MiB)':>12}")
     for v in a.variants:
         m = memory.get(v, {})
         exp = m.get("expert_param_bytes_max_rank")
@@ -572,12 +572,12 @@ def report_dispatchers(a, cfg, comm, torch, worst, ref_t, memory, stats) -> dict
               f"{'-' if pred is None else f'{pred / 2**20:.2f}':>10} "
               f"{m.get('param_bytes_max_rank', 0) / 2**20:11.2f} "
               f"{'-' if exp is None else f'{exp / 2**20:.2f}':>12}")
-    print("#   model(MB): piper_moe.model.memory.moe_layer_saved at balanced routing (measured: "
+    print("#   model(MiB): piper_moe.model.memory.moe_layer_saved at balanced routing (measured: "
           "the most loaded rank; an offloaded host copy counts in the measurement, not in the "
           "model's device bytes; '-': no such layer in the model: reference, node dedup)")
     rss = memory.get("peak_rss_bytes_per_rank", [])
     if rss:
-        print(f"#   peak RSS per rank (MB): {' '.join(f'{r / 2**20:.0f}' for r in rss)}")
+        print(f"#   peak RSS per rank (MiB): {' '.join(f'{r / 2**20:.0f}' for r in rss)}")
     print("#")
     print(f"# resource model ({model['platform']}; piper_moe.model.ppmoe a2a_time / ppmoe_time): "
           f"per-layer communication, forward x2 for fwd+bwd, {model['ranks']} ranks, "
@@ -621,7 +621,8 @@ def report_dispatchers(a, cfg, comm, torch, worst, ref_t, memory, stats) -> dict
         print(f"#   {v} - {base}, fwd+bwd: measured {meas:+.2f} ms, model {preds[0]:+.3f} ms "
               f"(as given) / {preds[1]:+.3f} ms (inter=intra) of exposed communication + the "
               f"experts recomputed in backward ({mem})")
-    print("#  the model covers communication only (no compute, routing, copies or the "
+    print("#  the model covers communication only, plus the experts' recompute in the chunked "
+          "lines (no other compute, routing, copies or the "
           "oversubscription of this host); ppmoe's data-parallel expert-gradient all-reduce "
           "across nodes is per step, not per layer, and not in either number")
     return model

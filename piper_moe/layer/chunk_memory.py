@@ -15,11 +15,13 @@ strategies, all bitwise exact (they move or recompute data; nothing is re-rounde
                  the same choice for the same forward, or the job hangs.
     "auto"       (default) per forward, from the memory the device has now (rule below).
 
-The "auto" rule. Each rank estimates the bytes this forward would keep, est = N * H * element
-bytes (N: the (token, choice) rows it sends, the same as the rows it receives under balanced
-routing; R is only known after the count exchange), and probes free memory: on CUDA
-torch.cuda.mem_get_info free bytes of the rows' device, on CPU the host's MemAvailable
-(/proc/meminfo). With headroom h (chunk_memory_headroom, default 0.25: the kept rows may take
+The "auto" rule. Each rank estimates the bytes this forward would keep, est = max(N, R') * H *
+element bytes (N: the (token, choice) rows it sends; R': the rows its experts received in the
+layer's previous forward, since this forward's R is only known after the count exchange; under
+skewed routing the receiving rank keeps more than it sends), and probes free memory: on CUDA
+the driver's free bytes plus PyTorch's reserved-but-unallocated cache, on CPU the host's
+MemAvailable (/proc/meminfo). A forward without autograd (no_grad, inference) keeps nothing and
+wishes "save". With headroom h (chunk_memory_headroom, default 0.25: the kept rows may take
 at most a quarter of what is free, leaving the rest to later layers and the backward):
 
     est <= h * device free               -> wish "save"     (code 0)
@@ -61,10 +63,13 @@ def host_available_bytes() -> int:
 
 
 def free_bytes(device: torch.device) -> int:
-    """Free bytes of `device` now: CUDA mem_get_info's free, else the host's available memory.
-    (Module-level so tests can replace it on one rank.)"""
+    """Free bytes of `device` now: on CUDA the driver's free memory plus what PyTorch's caching
+    allocator has reserved but not handed out (mem_get_info alone counts the cache as used, and
+    after the first step the cache holds about a step's peak); else the host's available
+    memory. (Module-level so tests can replace it on one rank.)"""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
     return host_available_bytes()
 
 
@@ -73,7 +78,7 @@ class ChunkMemory:
 
     ChunkMemory(mode="auto", headroom=0.25): mode one of MODES; headroom in (0, 1].
     wish(rows, hidden, elem_bytes, device) -> int code: this rank's wish for one forward
-        (local, no communication); rows = the (token, choice) rows this rank sends.
+        (local, no communication); rows = the rows it expects to keep, max(N, R').
     decide(codes, rank) -> str: the strategy from every rank's code (int array [EP]), the same
         on every rank; logs on "piper.moe" (rank 0) when it changes.
     """
@@ -85,6 +90,7 @@ class ChunkMemory:
             raise ValueError(f"chunk_memory_headroom must be in (0, 1], got {headroom!r}")
         self.mode, self.headroom = mode, float(headroom)
         self.last_wish: int | None = None
+        self.last_rows = 0  # rows this rank's experts received in the previous forward (R)
         self.choice: str | None = None
 
     def wish(self, rows: int, hidden: int, elem_bytes: int, device: torch.device) -> int:

@@ -363,11 +363,16 @@ def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
     comm, H = layer.comm, x.shape[1]
     clock = CommClock()
     pairs = routing.experts.numel() if keep is None else int(keep.sum())
-    wish = layer.chunk_memory.wish(pairs, H, x.element_size(), x.device)
+    if torch.is_grad_enabled():  # rows kept: the larger of what it sends and what it received
+        kept = max(pairs, layer.chunk_memory.last_rows)
+        wish = layer.chunk_memory.wish(kept, H, x.element_size(), x.device)
+    else:  # no graph, nothing kept: no probe, no host copy
+        wish = chunk_memory.CODES["save"]
     t0 = time.perf_counter()
     plan = make_plan(routing.experts, keep, layer.cfg.num_experts, comm, slot_of, chunks, wish)
     clock.sync(t0, time.perf_counter())
     memory = layer.chunk_memory.decide(plan.memory_codes, comm.rank)
+    layer.chunk_memory.last_rows = int(plan.recv_counts.sum())
     s_off, r_off = plan.offsets("send"), plan.offsets("recv")
     gathered = x.index_select(0, plan.pair_token)
     if plan.to_send is not None:

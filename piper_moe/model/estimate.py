@@ -122,7 +122,10 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
             re = lc.elementwise
         a2a_total = a2a_fwd + a2a_bwd + re_a2a
         if s.overlap_a2a and s.schedule != "gpipe" and s.num_micro >= 2:
-            a2a_total = max(0.0, a2a_total - comp)
+            # hidden behind another micro-batch's compute; the chunked layer's forward part is
+            # already net of its own overlap with the experts, so only the rest can hide
+            hideable = a2a_total - (a2a_fwd if s.moe_chunks > 1 else 0.0)
+            a2a_total -= min(hideable, comp)
         fwd_share = a2a_fwd / (a2a_fwd + a2a_bwd) if a2a_fwd + a2a_bwd > 0 else 0.0
         out["compute"] += n * comp
         out["recompute"] += n * (re + chunk_re)

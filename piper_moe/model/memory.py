@@ -162,19 +162,20 @@ def moe_layer_saved(model: ModelSpec, s: Strategy) -> float:
 
 def chunked_moe_working(model: ModelSpec, s: Strategy) -> dict[str, float]:
     """Working bytes of one chunked MoE layer (``s.moe_chunks`` = C > 1) on top of what it
-    keeps, at its two fullest moments. ``"forward"``: the receive, expert-output and combine
-    buffers of all chunks (every chunk's exchange is in flight at once: 2*R*h + N*h), the
-    reordered rows and outputs handed to autograd (2*R*h + N*h), and one chunk's expert
-    intermediates and input scratch (R/C rows). ``"backward"``: the experts recomputed on all R
-    rows (their intermediates 4*R*f, or 2*R*f for GeLU) and, unless the rows were kept, the
-    re-dispatched rows R*h. N = T_m*k pairs sent, R rows received."""
+    keeps, at its two fullest moments. ``"forward"``: the gathered send rows (N*h), the
+    receive, expert-output and combine buffers of all chunks (every chunk's exchange is in
+    flight at once: 2*R*h + N*h), the reordered rows and outputs handed to autograd
+    (2*R*h + N*h), and one chunk's expert intermediates and input scratch (R/C rows).
+    ``"backward"``: the experts recomputed on all R rows (their intermediates 4*R*f, or 2*R*f
+    for GeLU) and, unless the rows were kept, the re-dispatched rows R*h. N = T_m*k pairs
+    sent, R rows received."""
     m, h = model.moe, model.hidden
     e = PRECISION_BYTES[s.precision][3]
     sh = shapes(model, s)
     R, N, C = sh.expert_rows, sh.moe_tokens * m.top_k, s.moe_chunks
     ffn = m.expert_ffn / s.etp
     inner = _ffn_act(1.0, ffn, model.ffn_kind == "swiglu", "none")  # elements per row
-    fwd = (4 * R + 2 * N) * h + (R / C) * (inner + 2 * h)
+    fwd = (4 * R + 3 * N) * h + (R / C) * (inner + 2 * h)
     bwd = R * inner + (R * h if s.chunk_memory != "save" else 0.0)
     return {"forward": fwd * e, "backward": bwd * e}
 

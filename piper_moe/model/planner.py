@@ -5,10 +5,11 @@ Searched: tp in powers of two up to a node, pp dividing gpus/tp (at most num_lay
 num_experts and dp*tp/etp, etp in {1, tp}, micro_batch in {1, 2, 4}, recompute in
 {none, selective, full}, schedule in {1f1b, zb-h1, interleaved (vpp 2)} (1f1b only without PP),
 all-to-all in {flat, halo} (flat only when the EP group fits one node), the PPMoE dispatcher
-where it applies (ep == tp > 1, etp 1), and for the all-to-all dispatcher with ep > 1 the
-chunked MoE layer (``moe_chunks`` 4, keeping its dispatched rows, or re-dispatching them in
-backward when keeping them does not fit; host offload is not searched: the model does not charge
-its host copies). ZeRO stage, global batch and sequence length are fixed by the caller.
+where it applies (ep == tp > 1, etp 1), and for the all-to-all dispatcher with ep > 1 (not
+under zb-h1) the chunked MoE layer (``moe_chunks`` 4), which competes on predicted time like
+every candidate and keeps its dispatched rows, or re-dispatches them in backward where keeping
+them does not fit (host offload is not searched: the model does not charge its host copies).
+ZeRO stage, global batch and sequence length are fixed by the caller.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def candidates(model: ModelSpec, platform: PlatformSpec, gpus: int, *, global_ba
                             for schedule, vpp in schedules:
                                 for algo, dispatcher in algos:
                                     chunked = (1, CHUNKS) if (
-                                        dispatcher == "alltoall" and ep > 1) else (1,)
+                                        dispatcher == "alltoall" and ep > 1
+                                        and schedule != "zb-h1") else (1,)
                                     for chunks in chunked:
                                         yield Strategy(
                                             dp=dp, tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp,

@@ -53,7 +53,8 @@ class Strategy:
     overlaps the experts of the other chunks in forward, the backward recomputes the experts
     (no expert intermediates are kept), and ``chunk_memory`` says what is kept of the dispatched
     expert input rows: "save" (on the device), "offload" (to host: not counted in device
-    memory) or "recompute" (a second dispatch all-to-all in backward).
+    memory) or "recompute" (a second dispatch all-to-all in backward). Needs ep > 1 and a
+    schedule other than zb-h1 (whose split backward would run the chunked experts twice).
     """
 
     dp: int
@@ -110,9 +111,12 @@ class Strategy:
                 f"(got tp={self.tp}, ep={self.ep}, etp={self.etp}, "
                 f"sequence_parallel={self.sequence_parallel})"
             )
-        if self.moe_chunks > 1 and self.dispatcher != "alltoall":
-            raise ValueError(f"moe_chunks ({self.moe_chunks}) > 1 needs dispatcher 'alltoall' "
-                             f"(got {self.dispatcher!r})")
+        if self.moe_chunks > 1 and (self.dispatcher != "alltoall" or self.ep == 1
+                                    or self.schedule == "zb-h1"):
+            raise ValueError(f"moe_chunks ({self.moe_chunks}) > 1 needs dispatcher 'alltoall', "
+                             f"ep > 1 and a schedule other than zb-h1 (the runtime's chunked "
+                             f"layer; got dispatcher={self.dispatcher!r}, ep={self.ep}, "
+                             f"schedule={self.schedule!r})")
         if self.vpp > 1 and self.schedule != "interleaved":
             raise ValueError(f"vpp ({self.vpp}) > 1 needs schedule 'interleaved' "
                              f"(got {self.schedule!r})")

@@ -145,9 +145,10 @@ def choose_dispatcher(model, platform, st: dict, micro_batch: int, seq_len: int,
 def plan_for_world(cfg: dict, world: int) -> dict:
     """strategy: auto -> the fastest strategy the runtime can run (tp=1, recompute none) that
     the resource model predicts for this world size, and its MoE dispatcher
-    (choose_dispatcher); a plan of the chunked MoE layer (the planner's fallback when the
-    unchunked one does not fit) sets pipeline_chunks and chunk_memory. Returns the strategy
-    mapping (with "moe_layer")."""
+    (choose_dispatcher); a plan of the chunked MoE layer (a candidate the planner weighs on
+    predicted time and memory like any other) is kept as planned: the all-to-all dispatcher
+    with its pipeline_chunks and chunk_memory. Returns the strategy mapping (with
+    "moe_layer")."""
     from ..model import load_model, load_platform
     from ..model.planner import plan
 
@@ -161,12 +162,14 @@ def plan_for_world(cfg: dict, world: int) -> dict:
                 b["micro_batch"] * s.dp) == 0 and s.micro_batch == b["micro_batch"]:
             out = {"pp": s.pp, "dp": s.dp, "ep": s.ep, "schedule": s.schedule, "vpp": s.vpp,
                    "order": "ep,edp,pp", "predicted_step_s": e.time["step"]}
-            out["moe_layer"] = choose_dispatcher(model, platform, out, b["micro_batch"],
-                                                 b["seq_len"], cfg["dtype"])
-            if s.moe_chunks > 1 and out["moe_layer"]["dispatcher"] == "alltoall":
-                # the plan needs (or prefers) the chunked layer: its C and what it keeps
-                out["moe_layer"].update(pipeline_chunks=s.moe_chunks,
-                                        chunk_memory=s.chunk_memory)
+            if s.moe_chunks > 1:
+                # the plan is the chunked layer's (faster, or the one that fits): keep it as
+                # planned; PPMoE's memory was not what the planner checked
+                out["moe_layer"] = {"dispatcher": "alltoall", "pipeline_chunks": s.moe_chunks,
+                                    "chunk_memory": s.chunk_memory}
+            else:
+                out["moe_layer"] = choose_dispatcher(model, platform, out, b["micro_batch"],
+                                                     b["seq_len"], cfg["dtype"])
             return out
     raise ValueError(f"strategy: auto found no runnable strategy for {world} ranks "
                      f"({result.num_fit} fit of {result.num_candidates})")

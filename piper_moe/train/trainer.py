@@ -75,9 +75,10 @@ class Trainer:
                 if k in chosen}}
             cfg["strategy"] = st
             log.info("piper_moe.train: strategy auto: MoE dispatcher %s (predicted per layer "
-                     "forward: all-to-all %s s, ppmoe %s s), pipeline_chunks %s",
-                     chosen["dispatcher"], _fmt(chosen.get("predicted_a2a_s")),
-                     _fmt(chosen.get("predicted_ppmoe_s")), chosen["pipeline_chunks"])
+                     "forward: all-to-all %s s, ppmoe %s s), pipeline_chunks %s, chunk_memory "
+                     "%s", chosen["dispatcher"], _fmt(chosen.get("predicted_a2a_s")),
+                     _fmt(chosen.get("predicted_ppmoe_s")), chosen["pipeline_chunks"],
+                     chosen.get("chunk_memory", cfg["moe_layer"]["chunk_memory"]))
             log.info("piper_moe.train: strategy auto: the resource model picked pp=%d dp=%d "
                      "ep=%d %s (vpp %d) for %d ranks, predicted %.3g s/step on %s", st["pp"],
                      st["dp"], st["ep"], st["schedule"], st["vpp"], world,
@@ -149,6 +150,18 @@ class Trainer:
         spans = len({m.node_of[r] for r in m.ep_ranks()}) > 1
         if chunks == "auto" and spans and ml["dedup"]:
             chunks = 1  # "auto" has no chunked variant on the node-dedup path: nothing to time
+        if self.schedule == "zb-h1" and m.pp > 1 and chunks != 1:
+            # The chunked layer's expert Function owns both the expert input and the expert
+            # weights, so torch's split backward would run it in B and again in W (recompute:
+            # another all-to-all). Unchunked only, until it has separate input/weight parts.
+            if chunks != "auto":
+                raise ValueError(f"moe_layer.pipeline_chunks={chunks} cannot run with schedule "
+                                 f"zb-h1 (the chunked layer's backward would run twice, in B "
+                                 f"and in W): use pipeline_chunks 1 or auto, or another "
+                                 f"schedule")
+            log.info("piper_moe.train: schedule zb-h1 runs the MoE layers unchunked "
+                     "(pipeline_chunks auto -> 1)")
+            chunks = 1
         kw = {"dedup": bool(ml["dedup"]), "pipeline_chunks": chunks,
               "pipeline_recheck": int(ml["pipeline_recheck"]),
               "chunk_memory": ml["chunk_memory"]}
@@ -214,7 +227,9 @@ class Trainer:
         gradient_as_bucket_view, Megatron's grad buffer). Autograd accumulates into the views
         in place, the data-parallel all-reduce runs on each buffer as it is (no concatenation
         and copy back), and the gradients persist between steps, zeroed, not freed: the
-        lifetime piper_moe.model.estimate() assumes (persistent_grads=True)."""
+        lifetime piper_moe.model.estimate() assumes (persistent_grads=True). A weight that gets
+        no gradient in a step sees zeros, not None, so AdamW still decays it and advances its
+        step (as under Megatron's and DDP's buffers)."""
         buffers = {}
         for expert in (False, True):
             params = [p for n, p in self.params if _is_expert(n) == expert]
@@ -406,7 +421,7 @@ class Trainer:
 
         return {"step": self.step,
                 "chunks": {str(v): ch.state_dict() for v, ch in self.chunks.items()},
-                "slot_of": [torch.as_tensor(np.asarray(layer.slot_of)) for layer in
+                "slot_of": [torch.tensor(np.asarray(layer.slot_of)) for layer in
                             self.moe_layers],
                 "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
                 "trackers": [tr.state_dict() for tr in self._trackers],

@@ -216,7 +216,19 @@ def memory_auto(local_size: int | None = 2, seed: int = 13) -> dict:
     if comm.rank == 0:
         msgs = [r.getMessage() for r in records if "chunk_memory" in r.getMessage()]
         assert len(msgs) == 3 and "recomputed" in msgs[1], msgs
+    # without autograd nothing is kept: no probe (it would say 0 bytes free here), "save"
+    chunk_memory.free_bytes = _no_probe
+    try:
+        with torch.no_grad():
+            layer(torch.randn(counts[comm.rank], cfg.hidden, dtype=torch.float64))
+    finally:
+        chunk_memory.free_bytes = real
+    assert layer.stats["chunk_memory"] == "save", layer.stats["chunk_memory"]
     return {"seen": seen, "wishes": wishes, "short_rank": short}
+
+
+def _no_probe(device) -> int:
+    raise AssertionError("a forward under no_grad must not probe the free memory")
 
 
 def _dedup_fallback(comm, seed: int) -> None:

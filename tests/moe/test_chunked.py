@@ -73,9 +73,15 @@ def test_chunk_memory_config_key():
 
     cfg = C.load("tiny", {"moe_layer": {"pipeline_chunks": 2, "chunk_memory": "recompute"}})
     assert C.load("tiny")["moe_layer"]["chunk_memory"] == "auto"
-    mesh = SimpleNamespace(ep_ranks=lambda: [0], node_of=[0], ep=1, dp=1, dp_comm=None)
-    kw = Trainer._moe_kwargs(SimpleNamespace(mesh=mesh), cfg["moe_layer"])
+    mesh = SimpleNamespace(ep_ranks=lambda: [0], node_of=[0], ep=1, dp=1, dp_comm=None, pp=2)
+    kw = Trainer._moe_kwargs(SimpleNamespace(mesh=mesh, schedule="1f1b"), cfg["moe_layer"])
     assert kw["chunk_memory"] == "recompute" and kw["pipeline_chunks"] == 2
+    # ZB-H1's split backward would run the chunked experts twice: refused, auto -> 1
+    zb = SimpleNamespace(mesh=mesh, schedule="zb-h1")
+    with pytest.raises(ValueError, match="zb-h1"):
+        Trainer._moe_kwargs(zb, cfg["moe_layer"])
+    auto = {**cfg["moe_layer"], "pipeline_chunks": "auto"}
+    assert Trainer._moe_kwargs(zb, auto)["pipeline_chunks"] == 1
     with pytest.raises(ValueError, match=r"unknown key 'moe_layer\.chunk_mem'"):
         C.load("tiny", {"moe_layer": {"chunk_mem": "save"}})
     with pytest.raises(ValueError, match="chunk_memory must be one of"):

@@ -149,3 +149,16 @@ def test_same_model_any_layout():
     half = MoELayer(cfg, comm=SimpleNamespace(size=2, rank=1, num_nodes=2), seed=7)
     assert torch.equal(half.experts.w2, full.experts.w2[4:])
     assert torch.equal(half.router.weight, full.router.weight)
+
+
+def test_chunk_memory_cuda_probe_counts_the_allocator_cache(monkeypatch):
+    """On CUDA the free memory is the driver's free bytes plus PyTorch's reserved but
+    unallocated cache (mocked: no GPU here)."""
+    import torch
+
+    from piper_moe.layer import chunk_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (1000, 8000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 5000)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 3000)
+    assert chunk_memory.free_bytes(torch.device("cuda", 0)) == 1000 + 5000 - 3000

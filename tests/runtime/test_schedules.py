@@ -68,14 +68,16 @@ def test_bad_arguments():
 @pytest.mark.parametrize(("pp", "M"), [(2, 4), (4, 8), (8, 16)])
 def test_resource_model_bubble_is_the_runtime_schedules(pp, M):
     """piper_moe.model.pipeline.bubble (what the planner ranks by) equals the idle time of the
-    action lists the runtime executes, under unit costs (F = B = W = 1; a chunk of vpp 2 costs
-    half)."""
+    action lists the runtime executes, under several F / B (input gradient) / W costs (a
+    chunk of vpp 2 costs half)."""
     from piper_moe.model import Strategy
     from piper_moe.model.pipeline import bubble
 
-    for name, vpp in (("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2)):
-        c = 1.0 / vpp
-        sim = simulate(build(name, pp, M, vpp), pp * vpp, cost_f=c, cost_b=c, cost_w=c)
-        s = Strategy(dp=1, tp=1, pp=pp, ep=1, vpp=vpp, micro_batch=1, global_batch=M,
-                     seq_len=8, schedule=name)
-        assert sim.makespan - 3 * M == pytest.approx(bubble(s, 1.0, 2.0, 1.0)), name
+    for f, b, w in ((1, 1, 1), (1, 1, .5), (1, 1.5, 1), (1, .5, 1), (2, 1, 1)):
+        for name, vpp in (("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2)):
+            sim = simulate(build(name, pp, M, vpp), pp * vpp, cost_f=f / vpp, cost_b=b / vpp,
+                           cost_w=w / vpp)
+            s = Strategy(dp=1, tp=1, pp=pp, ep=1, vpp=vpp, micro_batch=1, global_batch=M,
+                         seq_len=8, schedule=name)
+            assert sim.makespan - M * (f + b + w) == pytest.approx(
+                bubble(s, f, b + w, w)), (name, f, b, w)

@@ -45,9 +45,10 @@ def test_auto_plans_a_runnable_strategy():
 
 
 def test_auto_hands_a_chunked_plan_to_the_layer(monkeypatch):
-    """When the planner's pick is the chunked MoE layer (its fallback where the unchunked one
-    does not fit: tests/model/test_estimate_planner.py), strategy auto passes its chunk count
-    and chunk_memory on to the layer."""
+    """When the planner's pick is the chunked MoE layer (faster, or the one that fits:
+    tests/model/test_estimate_planner.py), strategy auto keeps it as planned: the all-to-all
+    dispatcher with its chunk count and chunk_memory (not a PPMoE switch whose memory the
+    planner did not check)."""
     from piper_moe import model as model_pkg
     from piper_moe.model import planner
 
