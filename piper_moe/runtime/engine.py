@@ -22,7 +22,10 @@ Activations and gradients travel between pipeline neighbours by torch.distribute
 (tag = stage, micro-batch, direction). ZB-H1's split of a backward into input gradient (B) and
 weight gradient (W) uses torch.distributed.pipelining's stage_backward_input /
 stage_backward_weight (they keep the intermediate gradients B computed, so W redoes no
-collective). Stage 0 has no input gradient: its B does the whole backward and W nothing.
+collective, as long as no autograd Function with a collective in its backward also owns
+weights: the chunked MoE layer's expert Function does, and would run in B and again in W, so
+the trainer refuses pipeline_chunks > 1 with zb-h1). Stage 0 has no input gradient: its B does
+the whole backward and W nothing.
 """
 
 from __future__ import annotations
