@@ -125,7 +125,10 @@ class ProgressThread:
                 with self._lock:
                     self._pending -= 1
                 work._finish(result, error)
-                item = None
+                # Drop this frame's references now: held until the next operation arrives,
+                # they would keep the last one's buffers (send, recv, result) alive, e.g. from
+                # one training step into the next.
+                item = work = fn = result = error = None
         except BaseException as e:  # the loop itself broke: fail everything still queued
             self._crash(e, item)
 

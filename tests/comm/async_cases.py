@@ -263,3 +263,30 @@ def torch_transport(local_size: int | None = None) -> int:
         n += 1
     comm.close()
     return n
+
+
+def buffers_released(local_size: int | None = None) -> int:
+    """Once an async call completed and the caller dropped its Work and buffers, nothing of
+    Piper keeps them (the progress thread used to hold the last operation's send, recv and
+    result until the next operation: a training step's last buffers lived into the next
+    step). Returns the number of buffers checked."""
+    import gc
+    import weakref
+
+    import torch
+
+    comm = pc.init(local_size=local_size)
+    P = comm.size
+    send = torch.arange(4 * P, dtype=torch.float32)
+    recv = torch.empty(4 * P, dtype=torch.float32)
+    refs = [weakref.ref(send), weakref.ref(recv)]
+    work = comm.all_to_all_v(send, [4] * P, recv=recv, recv_counts=[4] * P, async_op=True)
+    out, _ = work.wait()
+    refs.append(weakref.ref(out))
+    del send, recv, out, work
+    gc.collect()
+    time.sleep(0.05)  # the progress thread finishes its loop iteration
+    alive = [i for i, r in enumerate(refs) if r() is not None]
+    comm.barrier()
+    assert not alive, f"rank {comm.rank}: buffers {alive} (send, recv, result) still alive"
+    return len(refs)

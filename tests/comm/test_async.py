@@ -44,3 +44,8 @@ def test_torchrun_transport():
     run = run_torchrun(2, "comm.async_cases:torch_transport", env={"PIPER_BACKEND": "torch"},
                        timeout=120)
     assert all(r["result"] > 10 for r in run.ranks)
+
+
+def test_completed_buffers_are_released():
+    run = run_mpi(2, "comm.async_cases:buffers_released", {"local_size": 2}, timeout=120)
+    assert all(r["result"] == 3 for r in run.ranks)
