@@ -303,11 +303,11 @@ class Communicator:
         rb = sv.row_bytes
         send_bytes, recv_bytes = scounts * rb, rcounts * rb
         algo = algorithm
-        if algo == "auto":
-            algo = "flat" if S is None and self.num_nodes == 1 else (
-                choose(S * rb, self._node_of, self.links) if S is not None else "halo")
         if P == 1:
             algo = "flat"
+        elif algo == "auto":
+            algo = "flat" if S is None and self.num_nodes == 1 else (
+                choose(S * rb, self._node_of, self.links) if S is not None else "halo")
         tag = self._tag(seq, 1)
         if algo == "halo" and self.num_nodes < P:
             self._guard(halo, self._halo, self._transport, sv.data, rv.data, send_bytes,

@@ -32,29 +32,51 @@ class Links:
     beta_copy: float = 6e9        # memcpy into / out of the node segment
 
 
+@dataclass(frozen=True)
+class _Topology:
+    """What predict needs of node_of alone, computed once per communicator."""
+
+    same: np.ndarray      # P x P bool: ranks on one node
+    intra: np.ndarray     # P x P bool: same node, off the diagonal
+    inter: np.ndarray     # P x P bool: different nodes
+    onehot: np.ndarray    # P x N int64
+    local_sz: np.ndarray  # N: ranks per node
+    multi: np.ndarray     # P bool: the rank's node has several ranks
+
+
+_TOPOLOGIES: dict[bytes, _Topology] = {}
+
+
+def _topology(node_of: np.ndarray) -> _Topology:
+    key = np.asarray(node_of, dtype=np.int64).tobytes()
+    topo = _TOPOLOGIES.get(key)
+    if topo is None:
+        P = node_of.shape[0]
+        same = node_of[:, None] == node_of[None, :]
+        offdiag = ~np.eye(P, dtype=bool)
+        onehot = np.eye(int(node_of.max()) + 1, dtype=np.int64)[node_of]
+        local_sz = onehot.sum(0)
+        topo = _TOPOLOGIES[key] = _Topology(same, same & offdiag, ~same, onehot, local_sz,
+                                            local_sz[node_of] > 1)
+    return topo
+
+
 def predict(send_bytes: np.ndarray, node_of: np.ndarray, links: Links) -> dict[str, float]:
     """Predicted time of each algorithm for a P x P matrix of bytes (row = source rank)."""
-    P = send_bytes.shape[0]
-    same = node_of[:, None] == node_of[None, :]
-    offdiag = ~np.eye(P, dtype=bool)
-    nz = (send_bytes > 0) & offdiag
-    intra = nz & same
-    inter = nz & ~same
-    flat = (intra.sum(1) * links.alpha_intra + (send_bytes * intra).sum(1) / links.beta_intra
-            + inter.sum(1) * links.alpha_inter + (send_bytes * inter).sum(1) / links.beta_inter)
+    t = _topology(node_of)
+    nz = send_bytes > 0
+    intra_b, inter_b = send_bytes * t.intra, send_bytes * t.inter
+    flat = ((nz & t.intra).sum(1) * links.alpha_intra + intra_b.sum(1) / links.beta_intra
+            + (nz & t.inter).sum(1) * links.alpha_inter + inter_b.sum(1) / links.beta_inter)
     # HALO: per node pair, the aggregated message goes from a proxy of the source node.
-    num_nodes = int(node_of.max()) + 1
-    onehot = np.eye(num_nodes, dtype=np.int64)[node_of]            # P x N
-    node_to_rank = onehot.T @ send_bytes                           # N x P
-    local_sz = onehot.sum(0)
+    node_to_rank = t.onehot.T @ send_bytes                         # N x P
     # Each source node spreads its outgoing aggregated messages over its ranks as proxies.
-    remote = node_to_rank * (1 - onehot.T)                         # drop same-node destinations
-    msgs_per_node = (remote > 0).sum(1) / local_sz
-    bytes_per_node = remote.sum(1) / local_sz
+    remote = node_to_rank * (1 - t.onehot.T)                       # drop same-node destinations
+    msgs_per_node = (remote > 0).sum(1) / t.local_sz
+    bytes_per_node = remote.sum(1) / t.local_sz
     pack = send_bytes.sum(1)
-    local_in = (send_bytes * same).sum(0)
-    multi = local_sz[node_of] > 1
-    halo = (2 * links.alpha_barrier * multi + pack / links.beta_copy
+    local_in = (send_bytes * t.same).sum(0)
+    halo = (2 * links.alpha_barrier * t.multi + pack / links.beta_copy
             + msgs_per_node[node_of] * links.alpha_inter
             + bytes_per_node[node_of] / links.beta_inter + local_in / links.beta_copy)
     return {"flat": float(flat.max()), "halo": float(halo.max())}

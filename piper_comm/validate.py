@@ -91,6 +91,9 @@ def _local_message(code: int, a: int, b: int) -> str:
     }.get(code, f"error {code}")
 
 
+_AGREE = [SEQ, OP, ALGO, DTYPE, ROW_BYTES, TRAIL]  # columns every rank must share
+
+
 def verdict(table: np.ndarray, what: str) -> np.ndarray:
     """Checks the gathered headers; returns the P x P send-count matrix (rows) or raises the
     same PiperUsageError on every rank."""
@@ -99,6 +102,33 @@ def verdict(table: np.ndarray, what: str) -> np.ndarray:
     def fail(msg: str):
         raise PiperUsageError(f"piper: {what}: {msg} (raised on every rank)")
 
+    # Fast path: the fixed columns agree and no rank reported a local error (checks 1-3).
+    fixed = table[:, _AGREE]
+    if (fixed != fixed[0]).any() or (table[:, ERR] != A.E_NONE).any():
+        _mismatch(table, fail)
+    # 4. What i sends to j is what j expects from i.
+    sends = table[:, NFIXED:NFIXED + P]
+    recvs = table[:, NFIXED + P:]
+    given = recvs[:, 0] >= 0
+    if np.any(given):
+        mism = (recvs != sends.T) & given[:, None]  # [j, i]: j expects recvs[j, i] from i
+        if np.any(mism):
+            j, i = (int(x) for x in np.argwhere(mism)[0])
+            fail(f"count mismatch: rank {i} sends {int(sends[i, j])} rows to rank {j}, "
+                 f"but rank {j} expects {int(recvs[j, i])} rows from rank {i}")
+    # 5. recv buffers large enough.
+    need = sends.sum(axis=0)
+    cap = table[:, RECV_CAP]
+    small = np.nonzero((cap >= 0) & (cap < need))[0]
+    if small.size:
+        j = int(small[0])
+        fail(f"rank {j}: recv has {int(cap[j])} rows but {int(need[j])} rows arrive "
+             f"({int(need[j]) * int(table[0, ROW_BYTES])} B)")
+    return sends
+
+
+def _mismatch(table: np.ndarray, fail) -> None:
+    """Checks 1-3 of verdict, in order, naming the first disagreeing rank (slow path)."""
     # 1. Every rank must be in the same call.
     for col, name in ((SEQ, "call number"), (OP, "operation")):
         if np.any(table[:, col] != table[0, col]):
@@ -128,22 +158,3 @@ def verdict(table: np.ndarray, what: str) -> np.ndarray:
 
             fail(f"ranks disagree on dtype or trailing shape: rank 0 has {desc(0)}, "
                  f"rank {r} has {desc(r)}")
-    # 4. What i sends to j is what j expects from i.
-    sends = table[:, NFIXED:NFIXED + P]
-    recvs = table[:, NFIXED + P:]
-    given = recvs[:, 0] >= 0
-    if np.any(given):
-        mism = (recvs != sends.T) & given[:, None]  # [j, i]: j expects recvs[j, i] from i
-        if np.any(mism):
-            j, i = (int(x) for x in np.argwhere(mism)[0])
-            fail(f"count mismatch: rank {i} sends {int(sends[i, j])} rows to rank {j}, "
-                 f"but rank {j} expects {int(recvs[j, i])} rows from rank {i}")
-    # 5. recv buffers large enough.
-    need = sends.sum(axis=0)
-    cap = table[:, RECV_CAP]
-    small = np.nonzero((cap >= 0) & (cap < need))[0]
-    if small.size:
-        j = int(small[0])
-        fail(f"rank {j}: recv has {int(cap[j])} rows but {int(need[j])} rows arrive "
-             f"({int(need[j]) * int(table[0, ROW_BYTES])} B)")
-    return sends
