@@ -46,6 +46,9 @@ def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict
     outdir = Path(tempfile.mkdtemp(prefix="piper-test-"))
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.setdefault("PIPER_TIMEOUT", "30")
+    # A rank that dies of a signal (SIGSEGV, SIGABRT, ...) prints its Python stacks: hydra's
+    # "BAD TERMINATION" banner names the first rank it cleaned up, not the one that died.
+    full_env.setdefault("PYTHONFAULTHANDLER", "1")
     cmd = [*cmd, sys.executable, "-m", "tests.worker", func, json.dumps(args or {}), str(outdir)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,

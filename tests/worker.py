@@ -55,7 +55,7 @@ def main() -> None:
             _wait_for_all_results(outdir)
         os._exit(result["hard_exit"])
     # A case module may own its process's exit (piper_moe.train.launch.finish: explicit teardown
-    # then os._exit; see its docstring for why).
+    # then C exit(); see its docstring for why).
     finish = getattr(sys.modules.get(f"tests.{module}"), "finish", None)
     if finish is not None:
         finish(0 if out["status"] == "ok" else 1)

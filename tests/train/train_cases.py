@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from piper_moe.train import config as C
-from piper_moe.train.launch import finish, launch  # noqa: F401 (finish: worker.py)
+from piper_moe.train import launch as _launch
+from piper_moe.train.launch import launch
 from piper_moe.train.trainer import Trainer
 
 SMALL = {"batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 32},
@@ -99,3 +100,30 @@ def resume(root: str, steps: int, stop: int) -> dict:
     b.train(steps)
     return {"full": [h["loss"] for h in a.history], "resumed": [h["loss"] for h in b.history],
             "migrations": len(a.migrations)}
+
+
+
+_linger = 0.0  # staggered_exit: seconds this rank waits between MPI_Finalize and its exit
+
+
+def staggered_exit(delay: float) -> int:
+    """Starts torch.distributed and returns; at the exit (finish below), rank r waits
+    r * delay s between MPI_Finalize and leaving, as a slow rank of a real job may."""
+    global _linger
+    rank, _ = launch()
+    _linger = rank * delay
+    return rank
+
+
+def finish(code: int = 0) -> None:
+    """What tests/worker.py calls last: piper_moe's finish(), with staggered_exit's wait."""
+    if not _linger:
+        _launch.finish(code)
+    import time
+
+    from mpi4py import MPI
+
+    _launch._shutdown()
+    MPI.Finalize()
+    time.sleep(_linger)
+    _launch._leave(code)
