@@ -6,14 +6,16 @@
     steps: 200
     moe: {aux_loss_coef: 0.01, bias_update_rate: 0.0}      # MoEConfig overrides
     moe_layer: {dispatcher: alltoall, pipeline_chunks: 1, dedup: true, pipeline_recheck: 50,
-                chunk_memory: auto}
+                chunk_memory: auto, chunk_memory_headroom: 0.25}
         # dispatcher "ppmoe": the EP group all-gathers its tokens, each rank runs its experts
         #   by index selection, a reduce-scatter returns the rows (PPMoE; needs ep == dp and
         #   the EP group inside a node); pipeline_chunks C > 1 or "auto": MPipeMoE-style
         #   chunked dispatch/experts/combine over the asynchronous all-to-all;
         #   chunk_memory (C > 1 only) save | offload | recompute | auto: what the chunked
         #   layer keeps of its dispatched rows for backward (auto: by free memory, the same
-        #   choice on every EP rank; see piper_moe/layer/chunk_memory.py)
+        #   choice on every EP rank; see piper_moe/layer/chunk_memory.py);
+        #   chunk_memory_headroom in (0, 1]: auto keeps the rows on the device while they
+        #   take at most this fraction of its free memory
     strategy: {pp: 2, dp: 2, ep: 2, schedule: 1f1b, vpp: 1}  # or: strategy: auto
                                     # (order: "ep,edp,pp" rank order, innermost first)
     batch: {micro_batch: 2, global_batch: 16, seq_len: 64}   # sequences; micro_batch per replica
@@ -46,7 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "steps": 100,
     "moe": {},
     "moe_layer": {"dispatcher": "alltoall", "pipeline_chunks": 1, "dedup": True,
-                  "pipeline_recheck": 50, "chunk_memory": "auto"},
+                  "pipeline_recheck": 50, "chunk_memory": "auto",
+                  "chunk_memory_headroom": 0.25},
     "strategy": {"pp": 1, "dp": 1, "ep": 1, "schedule": "1f1b", "vpp": 1,
                  "order": "ep,edp,pp"},
     "batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 64},

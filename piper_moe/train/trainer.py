@@ -164,7 +164,8 @@ class Trainer:
             chunks = 1
         kw = {"dedup": bool(ml["dedup"]), "pipeline_chunks": chunks,
               "pipeline_recheck": int(ml["pipeline_recheck"]),
-              "chunk_memory": ml["chunk_memory"]}
+              "chunk_memory": ml["chunk_memory"],
+              "chunk_memory_headroom": float(ml["chunk_memory_headroom"])}
         if ml["dispatcher"] == "ppmoe":
             if m.ep != m.dp or m.ep == 1:
                 raise ValueError(f"moe_layer.dispatcher ppmoe needs ep == dp > 1 (the EP group "

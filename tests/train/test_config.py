@@ -64,3 +64,20 @@ def test_auto_hands_a_chunked_plan_to_the_layer(monkeypatch):
     layer = st["moe_layer"]
     assert layer["dispatcher"] == "alltoall", st
     assert (layer["pipeline_chunks"], layer["chunk_memory"]) == (4, "recompute"), st
+
+
+def test_chunk_memory_headroom_reaches_the_layers():
+    """moe_layer.chunk_memory_headroom is handed to every MoELayer's ChunkMemory; a value
+    outside (0, 1] is refused when the layers are built, naming the key."""
+    from piper_moe.train.trainer import Trainer
+
+    def cfg(headroom):
+        return C.load("tiny", {"strategy": {"pp": 1, "dp": 1, "ep": 1},
+                               "moe_layer": {"chunk_memory_headroom": headroom},
+                               "batch": {"micro_batch": 2, "global_batch": 2,
+                                         "seq_len": 16}})
+
+    t = Trainer(cfg(0.5), progress=False)
+    assert t.moe_layers and {m.chunk_memory.headroom for m in t.moe_layers} == {0.5}
+    with pytest.raises(ValueError, match="chunk_memory_headroom"):
+        Trainer(cfg(1.5), progress=False)
