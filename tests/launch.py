@@ -41,9 +41,44 @@ class Run:
         return "\n".join(lines) + "\n--- output ---\n" + self.output[-20000:]
 
 
+MPICH_SHM = "mpich_shm_*"  # MPICH's node segments in /dev/shm (removed by MPI_Finalize)
+
+
+def _mapped_shm() -> set[str]:
+    """Every /dev/shm file some live process maps."""
+    names = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        names.update(line.rsplit(" ", 1)[-1] for line in text.splitlines()
+                     if "/dev/shm/" in line)
+    return names
+
+
+def _remove_leaked_mpich_shm(before: set[Path]) -> int:
+    """After a job in which a rank died (SIGKILL tests, timeouts), MPICH's segments of that job
+    stay in /dev/shm (RAM; 4-8 MiB each): removes those that appeared during the job and no
+    live process maps. Returns how many were removed."""
+    new = set(Path("/dev/shm").glob(MPICH_SHM)) - before
+    if not new:
+        return 0
+    in_use = _mapped_shm()
+    removed = 0
+    for path in new - {Path(n) for n in in_use}:
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict | None,
             timeout: float, expect_ok: bool) -> Run:
     outdir = Path(tempfile.mkdtemp(prefix="piper-test-"))
+    shm_before = set(Path("/dev/shm").glob(MPICH_SHM))
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.setdefault("PIPER_TIMEOUT", "30")
     # A rank that dies of a signal (SIGSEGV, SIGABRT, ...) prints its Python stacks: hydra's
@@ -67,6 +102,10 @@ def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict
         f = outdir / f"rank{r}.json"
         ranks.append(json.loads(f.read_text()) if f.exists() else None)
     shutil.rmtree(outdir, ignore_errors=True)
+    if code != 0:  # a clean job leaves nothing behind; only a dead rank's segments stay
+        removed = _remove_leaked_mpich_shm(shm_before)
+        if removed:
+            out += f"\n[launch.py] removed {removed} MPICH segment(s) of this job from /dev/shm\n"
     run = Run(code, out, ranks, elapsed)
     if expect_ok and (code != 0 or any(r is None or r["status"] != "ok" for r in ranks)):
         raise AssertionError(f"{func} on {nprocs} ranks failed:\n{run.report()}")

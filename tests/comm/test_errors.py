@@ -13,6 +13,10 @@ def _piper_segments() -> list[str]:
     return sorted(p.name for p in Path("/dev/shm").glob("piper-*"))
 
 
+def _mpich_segments() -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob("mpich_shm_*"))
+
+
 @pytest.mark.parametrize(("nprocs", "local_size"), [(1, None), (4, 2), (6, 4)])
 def test_bad_input_raises_on_every_rank(nprocs, local_size):
     run = run_mpi(nprocs, "comm.cases:bad_input", {"local_size": local_size})
@@ -42,7 +46,7 @@ def test_killed_rank_ends_the_job_and_shm_is_clean(mpi_args):
     rank) or the launcher ended it because of the failure. No Piper segment may remain.
     (Piper's own detection is tested deterministically in tests/unit/test_host.py; MPICH's
     launcher often ends the survivors first, even with -disable-auto-cleanup.)"""
-    before = _piper_segments()
+    before, mpich_before = _piper_segments(), _mpich_segments()
     timeout = 5.0
     run = run_mpi(8, "comm.cases:kill_midway", {"local_size": 4, "timeout": timeout},
                   mpi_args=mpi_args, timeout=120, expect_ok=False)
@@ -56,6 +60,9 @@ def test_killed_rank_ends_the_job_and_shm_is_clean(mpi_args):
             assert res["result"]["took"] <= timeout + 5, run.report()
     leaked = sorted(set(_piper_segments()) - set(before))
     assert not leaked, f"Piper segments left in /dev/shm: {leaked}"
+    # MPICH's own segments of the job stay after a rank's death; tests/launch.py removes them
+    leaked = sorted(set(_mpich_segments()) - set(mpich_before))
+    assert not leaked, f"MPICH segments left in /dev/shm: {leaked}\n{run.report()}"
 
 
 def test_no_segment_outlives_a_job():
