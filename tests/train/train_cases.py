@@ -102,7 +102,6 @@ def resume(root: str, steps: int, stop: int) -> dict:
             "migrations": len(a.migrations)}
 
 
-
 _linger = 0.0  # staggered_exit: seconds this rank waits between MPI_Finalize and its exit
 
 
