@@ -58,9 +58,9 @@ def _mapped_shm() -> set[str]:
 
 
 def _remove_leaked_mpich_shm(before: set[Path]) -> int:
-    """After a job in which a rank died (SIGKILL tests, timeouts), MPICH's segments of that job
-    stay in /dev/shm (RAM; 4-8 MiB each): removes those that appeared during the job and no
-    live process maps. Returns how many were removed."""
+    """After a job in which a rank died (SIGKILL tests, timeouts) or left without MPI_Finalize,
+    MPICH's segments of that job stay in /dev/shm (RAM; 3-8 MiB each): removes those that
+    appeared during the job and no live process maps. Returns how many were removed."""
     new = set(Path("/dev/shm").glob(MPICH_SHM)) - before
     if not new:
         return 0
@@ -102,10 +102,11 @@ def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict
         f = outdir / f"rank{r}.json"
         ranks.append(json.loads(f.read_text()) if f.exists() else None)
     shutil.rmtree(outdir, ignore_errors=True)
-    if code != 0:  # a clean job leaves nothing behind; only a dead rank's segments stay
-        removed = _remove_leaked_mpich_shm(shm_before)
-        if removed:
-            out += f"\n[launch.py] removed {removed} MPICH segment(s) of this job from /dev/shm\n"
+    # A job that finalised leaves nothing; one with a dead rank, or whose ranks left without
+    # MPI_Finalize (the hard exits of the failure tests), leaves its segments.
+    removed = _remove_leaked_mpich_shm(shm_before)
+    if removed:
+        out += f"\n[launch.py] removed {removed} MPICH segment(s) of this job from /dev/shm\n"
     run = Run(code, out, ranks, elapsed)
     if expect_ok and (code != 0 or any(r is None or r["status"] != "ok" for r in ranks)):
         raise AssertionError(f"{func} on {nprocs} ranks failed:\n{run.report()}")
