@@ -6,8 +6,10 @@ outcome. On failure the assertion shows every rank's outcome and the launcher's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,13 +34,39 @@ class Run:
 
     def report(self) -> str:
         lines = [f"launcher exit code {self.returncode}, {self.elapsed:.1f} s"]
+        exits = exit_statuses(self.output)
         for r, res in enumerate(self.ranks):
             if res is None:
-                lines.append(f"  rank {r}: no result (crashed, killed or hung)")
+                why = (f"exit: {describe_status(exits[r])}" if r < len(exits)
+                       else "crashed, killed or hung")
+                lines.append(f"  rank {r}: no result; {why}")
             else:
                 lines.append(f"  rank {r}: {res['status']} after {res['elapsed']:.2f} s"
                              + (f": {res['error']}" if res.get("error") else ""))
         return "\n".join(lines) + "\n--- output ---\n" + self.output[-20000:]
+
+
+def exit_statuses(output: str) -> list[int]:
+    """Every rank's wait status as MPICH's hydra reports it with -print-all-exitcodes
+    ("[mpiexec@host] Exit codes: [host] 256,9,0": ranks in order on one host), [] if absent."""
+    m = re.search(r"Exit codes: ((?:\[[^\]]+\] [\d,-]+\s*)+)", output)
+    if not m:
+        return []
+    return [int(c) for part in re.findall(r"\] ([\d,-]+)", m.group(1))
+            for c in part.split(",") if c]
+
+
+def describe_status(status: int) -> str:
+    """A wait status in words (hydra reports the raw one: exit(1) is 256, SIGKILL is 9)."""
+    if status == 0:
+        return "exited 0, or was ended by the launcher's cleanup (reported as 0)"
+    if status & 0x7F:
+        try:
+            name = signal.Signals(status & 0x7F).name
+        except ValueError:
+            name = f"signal {status & 0x7F}"
+        return f"killed by {name}"
+    return f"exited with status {status >> 8}"
 
 
 MPICH_SHM = "mpich_shm_*"  # MPICH's node segments in /dev/shm (removed by MPI_Finalize)
@@ -75,6 +103,39 @@ def _remove_leaked_mpich_shm(before: set[Path]) -> int:
     return removed
 
 
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(text[text.rfind(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _dump_stacks(launcher: int) -> list[int]:
+    """Asks every rank (tests.worker) below the launcher to print its Python stacks (the
+    worker registers faulthandler on SIGUSR1), waits a moment for them; returns their pids."""
+    ranks = []
+    for pid in _descendants(launcher):
+        try:
+            if b"tests.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGUSR1)
+                ranks.append(pid)
+        except OSError:
+            continue
+    if ranks:
+        time.sleep(1.0)
+    return ranks
+
+
 def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict | None,
             timeout: float, expect_ok: bool) -> Run:
     outdir = Path(tempfile.mkdtemp(prefix="piper-test-"))
@@ -92,10 +153,15 @@ def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict
         out, _ = proc.communicate(timeout=timeout)
         code = proc.returncode
     except subprocess.TimeoutExpired:
+        stuck = _dump_stacks(proc.pid)  # where each rank hangs, in the output below
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in stuck:  # ranks a launcher put in process groups of their own
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate()
         code = -9
-        out += f"\n[launch.py] killed after the {timeout:.0f} s test timeout (a hang)\n"
+        out += (f"\n[launch.py] killed after the {timeout:.0f} s test timeout (a hang); the "
+                f"Python stacks of the {len(stuck)} rank(s) still running are above\n")
     elapsed = time.monotonic() - t0
     ranks = []
     for r in range(nprocs):
@@ -117,6 +183,8 @@ def run_mpi(nprocs: int, func: str, args: dict | None = None, *, env: dict | Non
             timeout: float = 300, mpi_args: tuple[str, ...] = (), expect_ok: bool = True) -> Run:
     """Runs tests.<func> ("module:function") on nprocs ranks under mpirun."""
     assert MPIRUN, "mpirun not found (make venv installs MPICH from PyPI)"
+    if "-print-all-exitcodes" not in mpi_args:  # which rank died, and of what, in the report
+        mpi_args = ("-print-all-exitcodes", *mpi_args)
     return _launch([MPIRUN, *mpi_args, "-n", str(nprocs)], nprocs, func, args, env, timeout,
                    expect_ok)
 

@@ -4,9 +4,11 @@ Writes outdir/rank<r>.json = {status: ok|error, result, error, elapsed}. A case 
 leave without MPI finalisation (after a peer died) returns {"hard_exit": code}.
 """
 
+import faulthandler
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -34,6 +36,8 @@ def _wait_for_all_results(outdir: str, limit: float = 15.0) -> None:
 
 def main() -> None:
     func, args, outdir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    # tests/launch.py sends SIGUSR1 before it kills a hung job: every thread's stack to stderr
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     module, name = func.split(":")
     t0 = time.monotonic()
     out = {"status": "ok", "result": None, "error": None}
