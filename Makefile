@@ -1,12 +1,13 @@
 # Piper: `make test` and `make demo` set everything up from scratch (venv in .venv/, MPI from
-# PyPI, the compiled extension) and then run. Other targets: venv, build, lint, bench, clean.
+# PyPI, the compiled extension) and then run. Other targets: venv, build, lint, bench, stress,
+# clean.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 MPIRUN := $(VENV)/bin/mpirun
 SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: test demo venv build lint bench clean
+.PHONY: test demo venv build lint bench stress clean
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: requirements.txt
@@ -39,6 +40,12 @@ demo: build
 # The recorded run of bench/results (8 ranks; local sizes 4 and 1).
 bench: build
 	bash bench/run_cpu.sh
+
+# The suite RUNS times in a row (the first as `make test` in a fresh clone of HEAD), every
+# failure kept with its ranks' outcomes, a table of tests, runs, failures and symptoms at the end.
+RUNS ?= 10
+stress: venv
+	$(PY) bench/stress.py --runs $(RUNS) --fresh-clone
 
 clean:
 	rm -rf build $(VENV) piper_comm/_C*.so *.egg-info

@@ -5,7 +5,7 @@
 
 Each run is `pytest tests` (with --fresh-clone the first run is `make test` in a fresh clone of
 HEAD, so that set-up is stressed too, and the next runs use that clone). Per run the tool keeps
-the console log and a JUnit XML file; per failure, the whole failure text (for multi-rank tests
+the console log and a JUnit XML file in raw/ (not tracked by git); per failure, the whole failure text (for multi-rank tests
 that is tests/launch.py's report: every rank's outcome, exit status and the launcher's output)
 in failures/. At the end it prints, and writes to summary.md and summary.json, one row per test
 that failed at least once: runs, failures, and the symptom of each failure (a hang, a rank
@@ -76,8 +76,9 @@ def parse_junit(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def run_once(k: int, cwd: Path, out: Path, make_test: bool, pytest_args: list[str]) -> dict:
-    xml = out / f"run{k:02d}.xml"
-    log = out / f"run{k:02d}.log"
+    (out / "raw").mkdir(exist_ok=True)
+    xml = out / "raw" / f"run{k:02d}.xml"
+    log = out / "raw" / f"run{k:02d}.log"
     env = {**os.environ, "PYTEST_ADDOPTS": f"--junitxml={xml} -p no:cacheprovider"}
     if make_test:
         cmd = ["make", "test"]
