@@ -5,11 +5,12 @@
 
 Each run is `pytest tests` (with --fresh-clone the first run is `make test` in a fresh clone of
 HEAD, so that set-up is stressed too, and the next runs use that clone). Per run the tool keeps
-the console log and a JUnit XML file in raw/ (not tracked by git); per failure, the whole failure text (for multi-rank tests
-that is tests/launch.py's report: every rank's outcome, exit status and the launcher's output)
-in failures/. At the end it prints, and writes to summary.md and summary.json, one row per test
-that failed at least once: runs, failures, and the symptom of each failure (a hang, a rank
-without result and its exit status, the exception), then the totals of every run.
+the console log and a JUnit XML file in raw/ (not tracked by git); per failure, the whole
+failure text (for multi-rank tests that is tests/launch.py's report: every rank's outcome, exit
+status and the launcher's output) in failures/. At the end it prints, and writes to summary.md
+and summary.json, one row per test that failed at least once: runs, failures, and the symptom
+of each failure (a hang, a rank without result and its exit status, the exception), then the
+totals of every run.
 
 Run it on an idle machine: the suite's timing tests (deadlines of the fault cases) are sized for
 a quiet 2-core host, and a benchmark or build beside it makes failures that say nothing.
