@@ -120,18 +120,27 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _dump_stacks(launcher: int) -> list[int]:
-    """Asks every rank (tests.worker) below the launcher to print its Python stacks (the
-    worker registers faulthandler on SIGUSR1), waits a moment for them; returns their pids."""
-    ranks = []
+def _dump_stacks(launcher: int, outdir: Path) -> list[int]:
+    """Asks every rank (tests.worker) below the launcher that has not written its result to
+    print its Python stacks (the worker registers faulthandler on SIGUSR1), waits a moment for
+    them; returns the pids of all ranks. Ranks that wrote their result are not signalled: they
+    may be finalising, when faulthandler is gone and SIGUSR1 would kill them (and MPICH's
+    launcher then ends the job before the hung ranks' stacks are out)."""
+    ranks, signalled = [], 0
     for pid in _descendants(launcher):
         try:
-            if b"tests.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"tests.worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            ranks.append(pid)
+            env = dict(kv.split(b"=", 1) for kv in
+                       Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
+            rank = int(env.get(b"PMI_RANK", env.get(b"RANK", b"-1")))
+            if rank >= 0 and not (outdir / f"rank{rank}.json").exists():
                 os.kill(pid, signal.SIGUSR1)
-                ranks.append(pid)
-        except OSError:
+                signalled += 1
+        except (OSError, ValueError):
             continue
-    if ranks:
+    if signalled:
         time.sleep(1.0)
     return ranks
 
@@ -153,7 +162,7 @@ def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict
         out, _ = proc.communicate(timeout=timeout)
         code = proc.returncode
     except subprocess.TimeoutExpired:
-        stuck = _dump_stacks(proc.pid)  # where each rank hangs, in the output below
+        stuck = _dump_stacks(proc.pid, outdir)  # where each rank hangs, in the output below
         os.killpg(proc.pid, signal.SIGKILL)
         for pid in stuck:  # ranks a launcher put in process groups of their own
             with contextlib.suppress(OSError):
@@ -161,7 +170,7 @@ def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict
         out, _ = proc.communicate()
         code = -9
         out += (f"\n[launch.py] killed after the {timeout:.0f} s test timeout (a hang); the "
-                f"Python stacks of the {len(stuck)} rank(s) still running are above\n")
+                f"Python stacks of the ranks without a result are above\n")
     elapsed = time.monotonic() - t0
     ranks = []
     for r in range(nprocs):
