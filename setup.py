@@ -1,6 +1,7 @@
 """Builds piper_comm._C by running CMake (CMakeLists.txt over csrc/sources.txt).
 
 Environment: PIPER_CUDA=AUTO|ON|OFF (default AUTO: the CUDA backend when nvcc is found),
+PIPER_MPI=AUTO|ON|OFF (default AUTO: MPI called from C++ when mpi4py's MPI is found),
 CMAKE_CUDA_ARCHITECTURES (default "80;90"), PIPER_BUILD_TYPE (default Release),
 PIPER_BUILD_DIR (default build/). Install with `pip install --no-build-isolation -e .`.
 """
@@ -32,6 +33,7 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('PIPER_BUILD_TYPE', 'Release')}",
             f"-DPIPER_CUDA={os.environ.get('PIPER_CUDA', 'AUTO')}",
+            f"-DPIPER_MPI={os.environ.get('PIPER_MPI', 'AUTO')}",
         ]
         if "CMAKE_CUDA_ARCHITECTURES" in os.environ:
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CMAKE_CUDA_ARCHITECTURES']}")

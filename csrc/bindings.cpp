@@ -1,4 +1,5 @@
-// The only file that includes pybind11: binds csrc/plan and csrc/host as piper_comm._C.
+// Binds csrc/plan, csrc/host and csrc/runtime as piper_comm._C. pybind11 is included here and in
+// runtime/py_transport.cpp (the adapter that runs the executor over a Python transport) only.
 // Pointers cross as integers (addresses) with their sizes; blocking calls release the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -10,6 +11,12 @@
 #include "host/node_channel.hpp"
 #include "plan/schedule.hpp"
 #include "plan/topology.hpp"
+#include "runtime/exec_context.hpp"
+#include "runtime/executor.hpp"
+#include "runtime/py_transport.hpp"
+#ifdef PIPER_WITH_MPI
+#include "runtime/mpi_transport.hpp"
+#endif
 #ifdef PIPER_WITH_CUDA
 #include "cuda/api.hpp"
 #endif
@@ -54,7 +61,37 @@ py::dict build_info() {
   info["cuda"] = false;
   info["cuda_archs"] = "";
 #endif
+#ifdef PIPER_WITH_MPI
+  info["mpi_linked"] = piper::runtime::MpiTransport::library_version();
+#else
+  info["mpi_linked"] = false;
+#endif
   return info;
+}
+
+piper::runtime::Algorithm algorithm_of(const std::string& name) {
+  using piper::runtime::Algorithm;
+  if (name == "flat") return Algorithm::kFlat;
+  if (name == "pairwise") return Algorithm::kPairwise;
+  if (name == "halo") return Algorithm::kHalo;
+  throw piper::Error(piper::ErrorCode::kUsage, "piper: unknown algorithm '" + name + "'");
+}
+
+// An executor over MPI called from C++ (the handle of an mpi4py communicator).
+std::unique_ptr<piper::runtime::Executor> executor_over_mpi(
+    const Topology& topology, uint64_t mpi_handle, piper::host::NodeChannel* channel,
+    std::vector<int64_t> pids, std::vector<uint8_t> same_host) {
+#ifdef PIPER_WITH_MPI
+  auto transport = std::make_shared<piper::runtime::MpiTransport>(mpi_handle);
+  if (channel != nullptr) channel->set_progress([transport] { transport->progress(); });
+  auto context = std::make_unique<piper::runtime::HostContext>(channel, topology.size());
+  return std::make_unique<piper::runtime::Executor>(topology, transport, std::move(context),
+                                                    std::move(pids), std::move(same_host));
+#else
+  (void)topology, (void)mpi_handle, (void)channel, (void)pids, (void)same_host;
+  throw piper::Error(piper::ErrorCode::kUsage,
+                     "piper: Executor.over_mpi: piper_comm._C was built without MPI");
+#endif
 }
 
 // CUDA block copies (csrc/cuda/api.hpp). Without CUDA the same names exist and raise
@@ -84,6 +121,16 @@ void cuda_alltoallv(bool pack, uintptr_t src, uintptr_t dst, uintptr_t counts, i
                      piper::fmt("piper: cuda_", pack ? "pack" : "unpack",
                                 "_alltoallv: piper_comm._C was built without CUDA"));
 #endif
+}
+
+// An executor over a Python transport object (piper_comm/transport.py).
+std::unique_ptr<piper::runtime::Executor> executor_over_python(
+    const Topology& topology, py::object transport, piper::host::NodeChannel* channel,
+    std::vector<int64_t> pids, std::vector<uint8_t> same_host) {
+  auto tr = std::make_shared<piper::runtime::PyTransport>(std::move(transport));
+  auto context = std::make_unique<piper::runtime::HostContext>(channel, topology.size());
+  return std::make_unique<piper::runtime::Executor>(topology, tr, std::move(context),
+                                                    std::move(pids), std::move(same_host));
 }
 
 }  // namespace
@@ -196,6 +243,59 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "Inverse of cuda_pack_alltoallv: counts[p] rows from src + p * slot_bytes go to dst,\n"
       "back to back in peer order. Same arguments and units.");
+
+  using piper::runtime::Deadline;
+  using piper::runtime::Executor;
+  py::class_<Executor>(m, "Executor",
+                       "The all-to-all(v) algorithms over a transport and an execution context\n"
+                       "(csrc/runtime/executor.hpp); every call runs with the GIL released.")
+      .def_static("over_mpi", &executor_over_mpi, py::arg("topology"), py::arg("mpi_handle"),
+                  py::arg("channel").none(true), py::arg("pids"), py::arg("same_host"),
+                  py::keep_alive<0, 3>(),
+                  "mpi_handle: mpi4py Comm.handle (MPI_ERRORS_RETURN set). channel: the node's\n"
+                  "NodeChannel, or None on a node of one rank. pids, same_host: per rank.")
+      .def_static("over_python", &executor_over_python, py::arg("topology"),
+                  py::arg("transport"), py::arg("channel").none(true), py::arg("pids"),
+                  py::arg("same_host"), py::keep_alive<0, 3>(),
+                  "transport: a piper_comm.transport.Transport (torch/gloo, mpi4py, single);\n"
+                  "the executor calls it with the GIL held. Other arguments as over_mpi.")
+      .def_property_readonly("transport_name",
+                             [](Executor& ex) { return ex.transport().name(); })
+      .def(
+          "alltoallv",
+          [](Executor& ex, uintptr_t send, int64_t send_n, uintptr_t recv, int64_t recv_n,
+             const I64Array& send_bytes, const I64Array& recv_bytes, const std::string& algo,
+             int64_t seq, int tag, const std::string& what, double left_s, double timeout_s) {
+            const auto sb = to_vector(send_bytes), rb = to_vector(recv_bytes);
+            const auto a = algorithm_of(algo);
+            py::gil_scoped_release nogil;
+            ex.alltoallv(reinterpret_cast<const uint8_t*>(send), send_n,
+                         reinterpret_cast<uint8_t*>(recv), recv_n, sb, rb, a, seq, tag, what,
+                         Deadline::in(left_s, timeout_s));
+          },
+          py::arg("send"), py::arg("send_n"), py::arg("recv"), py::arg("recv_n"),
+          py::arg("send_bytes"), py::arg("recv_bytes"), py::arg("algorithm"), py::arg("seq"),
+          py::arg("tag"), py::arg("what"), py::arg("left_s"), py::arg("timeout_s"),
+          "One whole all-to-all(v) of raw bytes: send/recv are addresses with their sizes,\n"
+          "send_bytes/recv_bytes the bytes to/from every rank (back to back). Raises\n"
+          "PiperTimeoutError / PiperPeerError / PiperUsageError naming `what`.")
+      .def(
+          "allgather",
+          [](Executor& ex, const I64Array& mine, int tag, const std::string& what, double left_s,
+             double timeout_s) {
+            const auto row = to_vector(mine);
+            std::vector<int64_t> table;
+            {
+              py::gil_scoped_release nogil;
+              table = ex.allgather(row.data(), static_cast<int64_t>(row.size()), tag, what,
+                                   Deadline::in(left_s, timeout_s));
+            }
+            py::array_t<int64_t> out({ex.topology().size(), static_cast<int64_t>(row.size())});
+            std::copy(table.begin(), table.end(), out.mutable_data());
+            return out;
+          },
+          py::arg("mine"), py::arg("tag"), py::arg("what"), py::arg("left_s"),
+          py::arg("timeout_s"), "All-gather of one int64 row per rank: P x len(mine).");
 
   using piper::host::NodeChannel;
   py::class_<NodeChannel>(m, "NodeChannel", "Shared memory of one node (csrc/host/node_channel.hpp).")

@@ -34,8 +34,12 @@ __all__ = [
 
 
 def build_info() -> dict:
-    """What this installation contains: version, CUDA backend, MPI library, NCCL version."""
+    """What this installation contains: version, CUDA backend, the MPI library mpi4py loads
+    ("mpi") and the one the C++ executor was linked against ("mpi_linked", False when the
+    extension was built without MPI), NCCL version."""
     info = {"version": __version__, **_C.build_info(), "nccl_version": None, "mpi": None}
+    if info["mpi_linked"]:
+        info["mpi_linked"] = info["mpi_linked"].splitlines()[0].strip()
     try:
         from mpi4py import MPI
 

@@ -15,7 +15,6 @@ import numpy as np
 
 from . import _C, envs, validate
 from . import arrays as A
-from .algorithms import HaloState, flat, halo
 from .cost import Links, choose
 from .errors import PiperError, PiperPeerError, PiperTimeoutError, PiperUsageError
 from .transport import Transport
@@ -44,6 +43,25 @@ def _counts(values: Any, size: int, which: int) -> tuple[np.ndarray | None, tupl
     return arr, (A.E_NONE, 0, 0)
 
 
+def _executor(transport: Transport, topology, segment):
+    """The C++ executor (csrc/runtime) of this communicator: MPI called from C++ when the
+    transport is MPI and the extension was built against the very MPI library mpi4py loaded,
+    else the Python transport object called from C++ (torch.distributed/gloo, one process)."""
+    channel = segment if isinstance(segment, _C.NodeChannel) else None
+    same_host = [int(h) for h in transport.same_host]
+    linked = _C.build_info().get("mpi_linked")
+    if transport.name == "mpi" and linked and envs.mpi_calls() == "cpp":
+        loaded = transport.MPI.Get_library_version()
+        if loaded.strip() == linked.strip():
+            return _C.Executor.over_mpi(topology, transport.comm.handle, channel, transport.pids,
+                                        same_host)
+        log.warning("piper: rank %d: mpi4py loaded another MPI (%s) than the one piper_comm._C "
+                    "was built against (%s); MPI is called through mpi4py instead (rebuild Piper "
+                    "in this environment)", transport.rank, loaded.splitlines()[0],
+                    linked.splitlines()[0])
+    return _C.Executor.over_python(topology, transport, channel, transport.pids, same_host)
+
+
 class Communicator:
     """All-to-all(v) over `size` ranks grouped into nodes.
 
@@ -67,8 +85,12 @@ class Communicator:
         self.links = links or Links()
         self.timeout = timeout if timeout is not None else envs.timeout()
         self.last_algorithm: str | None = None
-        self._halo = HaloState(segment, self._topology)
+        # The environment is read once, as NCCL and MPI read theirs (see envs.py).
+        self._forced_algorithm, self._check, self._debug = envs.algorithm(), envs.check(), \
+            envs.debug()
+        self._segment = segment
         segment.set_progress(transport.progress)
+        self._executor = _executor(transport, self._topology, segment)
         self._seq = 0
         self._failed: PiperError | None = None
         self._closed = False
@@ -78,7 +100,13 @@ class Communicator:
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, node={self.node}/"
                 f"{self.num_nodes}, local_rank={self.local_rank}/{self.local_size}, "
-                f"transport={self._transport.name})")
+                f"transport={self.transport})")
+
+    @property
+    def transport(self) -> str:
+        """What the executor sends through: "mpi" (MPI called from C++), or "python:mpi",
+        "python:torch", "python:single" (a Python transport called from the C++ executor)."""
+        return self._executor.transport_name
 
     # -- lifecycle
     def close(self) -> None:
@@ -96,7 +124,8 @@ class Communicator:
             log.warning("piper: close on rank %d: the progress thread is still running; the "
                         "segment and transport are left open", self.rank)
             return
-        self._halo.segment.close()
+        self._executor = None  # before the segment it points into is unmapped
+        self._segment.close()
         self._transport.close()
 
     def abort(self, code: int = 1) -> None:
@@ -173,8 +202,12 @@ class Communicator:
     def _barrier_now(self, seq: int, what: str) -> None:
         deadline = self._start(what)
         mine = np.array([seq], dtype=np.int64)
-        self._guard(validate.exchange, self._transport, mine, self._tag(seq, 0), what, deadline,
-                    self.timeout)
+        self._allgather(mine, self._tag(seq, 0), what, deadline)
+
+    def _allgather(self, mine: np.ndarray, tag: int, what: str, deadline: float) -> np.ndarray:
+        """P x len(mine) int64: every rank's row (the per-call metadata exchange)."""
+        return self._guard(self._executor.allgather, mine, tag, f"{what} (metadata exchange)",
+                           deadline - time.monotonic(), self.timeout)
 
     def all_to_all(self, send: Any, recv: Any = None, algorithm: str = "auto",
                    async_op: bool = False) -> Any:
@@ -243,8 +276,7 @@ class Communicator:
         deadline = self._start(what)
         P, me = self.size, self.rank
         t0 = time.perf_counter()
-        forced = envs.algorithm()
-        algorithm = forced if forced is not None else algorithm
+        algorithm = self._forced_algorithm or algorithm
 
         # Local checks: collect the first error; validate.verdict raises it on every rank.
         err = (A.E_NONE, 0, 0)
@@ -283,10 +315,9 @@ class Communicator:
 
         # Cross-rank agreement (or, unchecked, trust the caller).
         S = None
-        if envs.check() or rcounts is None:
+        if self._check or rcounts is None:
             mine = validate.header(P, seq, op, algorithm, sv, scounts, rv, rcounts, err)
-            table = self._guard(validate.exchange, self._transport, mine, self._tag(seq, 0),
-                                what, deadline, self.timeout)
+            table = self._allgather(mine, self._tag(seq, 0), what, deadline)
             S = validate.verdict(table, what)
             rcounts = S[:, me].copy()
         elif err[0] != A.E_NONE:
@@ -309,16 +340,11 @@ class Communicator:
             algo = "flat" if S is None and self.num_nodes == 1 else (
                 choose(S * rb, self._node_of, self.links) if S is not None else "halo")
         tag = self._tag(seq, 1)
-        if algo == "halo" and self.num_nodes < P:
-            self._guard(halo, self._halo, self._transport, sv.data, rv.data, send_bytes,
-                        recv_bytes, seq=seq, tag=tag, what=what, deadline=deadline,
-                        timeout=self.timeout)
-        else:  # flat, pairwise, and halo on one-rank nodes (where HALO's schedule is flat's)
-            self._guard(flat, self._transport, sv.data, rv.data, send_bytes, recv_bytes,
-                        pairwise=algo == "pairwise", tag=tag, what=what, deadline=deadline,
-                        timeout=self.timeout)
+        self._guard(self._executor.alltoallv, sv.address, sv.nbytes, rv.address, rv.nbytes,
+                    send_bytes, recv_bytes, algo, seq, tag, what, deadline - time.monotonic(),
+                    self.timeout)
         self.last_algorithm = algo
-        if envs.debug():
+        if self._debug:
             log.info("%s rank %d: %s, sent %d B, received %d B, %.1f us", what, me, algo,
                      int(send_bytes.sum()), int(recv_bytes.sum()),
                      1e6 * (time.perf_counter() - t0))

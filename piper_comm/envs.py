@@ -1,4 +1,5 @@
-"""Every PIPER_* environment variable, read in one place.
+"""Every PIPER_* environment variable, read in one place (a communicator reads them once, when
+it is created).
 
 PIPER_LOCAL_SIZE  int    consecutive groups of k ranks form one (emulated) node; default: host names
 PIPER_TIMEOUT     float  seconds any blocking wait may last before PiperTimeoutError (default 300)
@@ -7,6 +8,9 @@ PIPER_CHECK       0|1    cross-rank validation of every call (default 1; 0 skips
                          exchange when the receive counts are known, trusting the caller)
 PIPER_DEBUG       0|1    logs every collective (op, algorithm, bytes, time) at INFO on "piper"
 PIPER_BACKEND     str    mpi | torch | single: overrides launcher detection in pc.init()
+PIPER_MPI_CALLS   str    cpp | mpi4py: who calls MPI under the C++ executor (default cpp when
+                         the extension was built against mpi4py's MPI; mpi4py: through the
+                         Python transport, for comparison)
 """
 
 from __future__ import annotations
@@ -72,4 +76,11 @@ def backend() -> str | None:
     value = _get("PIPER_BACKEND")
     if value is not None and value not in ("mpi", "torch", "single"):
         raise PiperUsageError(f"PIPER_BACKEND={value!r}: expected mpi, torch or single")
+    return value
+
+
+def mpi_calls() -> str:
+    value = _get("PIPER_MPI_CALLS") or "cpp"
+    if value not in ("cpp", "mpi4py"):
+        raise PiperUsageError(f"PIPER_MPI_CALLS={value!r}: expected cpp or mpi4py")
     return value

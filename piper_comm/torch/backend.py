@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import ProcessGroupGloo
+from torch._C._distributed_c10d import ProcessGroupGloo, _create_work_from_future
 from torch.futures import Future
 
 from .. import envs
@@ -33,29 +33,14 @@ class PiperDistPeerError(PiperPeerError, dist.DistBackendError):
     """A peer died inside torch.distributed (caught as DistBackendError too)."""
 
 
-class DoneWork(dist.Work):
-    """The Work of a collective that already ran: wait() returns at once."""
-
-    def __init__(self, result: list[torch.Tensor]):
-        super().__init__()
-        self._result = result
-
-    def wait(self, timeout: timedelta | None = None) -> bool:
-        return True
-
-    def is_completed(self) -> bool:
-        return True
-
-    def is_success(self) -> bool:
-        return True
-
-    def result(self) -> list[torch.Tensor]:
-        return self._result
-
-    def get_future(self) -> Future:
-        fut: Future = Future()
-        fut.set_result(self._result)
-        return fut
+def _done_work(result: list[torch.Tensor]) -> dist.Work:
+    """The Work of a collective that already ran. A C++ Work around a completed future:
+    torch's dispatcher hands it on unchanged, so wait() returns at once and is_completed() is
+    True on what dist.all_to_all_single(..., async_op=True) returns (a Python dist.Work
+    subclass would be wrapped there, and its is_completed() would stay False)."""
+    fut: Future = Future()
+    fut.set_result(result)
+    return _create_work_from_future(fut)
 
 
 def _as_dist_error(e: Exception) -> Exception:
@@ -125,7 +110,14 @@ class PiperProcessGroup(dist.ProcessGroup):
                     input_split_sizes, "all_to_all_single")
         except (PiperTimeoutError, PiperPeerError) as e:
             raise _as_dist_error(e) from e
-        return DoneWork([output])
+        return _done_work([output])
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
+                          output_split_sizes: list[int], input_split_sizes: list[int],
+                          opts: Any = None) -> dist.Work:
+        """What dist.all_to_all_single calls on the group: without it torch's C++ method would
+        call alltoall_base and wrap its Work in one whose is_completed() never turns True."""
+        return self.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
 
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
                  opts: Any = None) -> dist.Work:
@@ -137,7 +129,7 @@ class PiperProcessGroup(dist.ProcessGroup):
             _list(self.piper_communicator, output_tensors, input_tensors)
         except (PiperTimeoutError, PiperPeerError) as e:
             raise _as_dist_error(e) from e
-        return DoneWork(output_tensors)
+        return _done_work(output_tensors)
 
     def shutdown(self) -> None:
         self.piper_communicator.close()

@@ -103,9 +103,9 @@ def all_to_all_single(output: torch.Tensor, input: torch.Tensor,
                 "all_to_all_single")
         result = output
     if async_op:
-        from .backend import DoneWork
+        from .backend import _done_work
 
-        return DoneWork([result])
+        return _done_work([result])
     return result
 
 
@@ -115,7 +115,7 @@ def all_to_all(output_tensor_list: list[torch.Tensor], input_tensor_list: list[t
     differentiable (use all_to_all_single or AllToAll for autograd)."""
     _list(resolve(group), output_tensor_list, input_tensor_list)
     if async_op:
-        from .backend import DoneWork
+        from .backend import _done_work
 
-        return DoneWork(output_tensor_list)
+        return _done_work(output_tensor_list)
     return None

@@ -107,9 +107,14 @@ def check_exchange(comm, C: np.ndarray, kind: str, dtype: str, trailing: tuple, 
 
 
 def exactness(local_size: int | None = None, node_ids: list[int] | None = None,
-              seed: int = 1, kinds: tuple = ("numpy", "torch"), full: bool = True) -> int:
-    """Every count pattern x dtype x algorithm (x trailing shape, recv given or not)."""
+              seed: int = 1, kinds: tuple = ("numpy", "torch"), full: bool = True,
+              expect_transport: str | None = None) -> int:
+    """Every count pattern x dtype x algorithm (x trailing shape, recv given or not).
+    expect_transport: "cpp" (MPI called from C++) or "mpi4py" (through the Python transport)."""
     comm = pc.init(local_size=local_size, node_ids=node_ids)
+    if expect_transport is not None:
+        want = {"cpp": "mpi", "mpi4py": "python:mpi"}[expect_transport]
+        assert comm.transport == want, (comm.transport, want, pc.build_info())
     P = comm.size
     patterns = count_patterns(P, seed)
     call = 0

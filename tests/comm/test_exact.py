@@ -31,6 +31,15 @@ def test_exact_noncontiguous_nodes(node_ids):
     assert all(r["result"] > 50 for r in run.ranks)
 
 
+@pytest.mark.parametrize("mpi_calls", ["cpp", "mpi4py"])
+def test_exact_through_each_mpi_transport(mpi_calls):
+    """The executor's MPI transport in C++ and, with PIPER_MPI_CALLS=mpi4py, the Python one."""
+    run = run_mpi(4, "comm.cases:exactness", {"local_size": 2, "kinds": ["numpy"],
+                                               "full": False, "expect_transport": mpi_calls},
+                  env={"PIPER_MPI_CALLS": mpi_calls})
+    assert all(r["result"] > 50 for r in run.ranks)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("nprocs", "local_size"), [(4, 2), (8, 4)])
 def test_exact_64mib_per_rank(nprocs, local_size):

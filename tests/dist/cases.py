@@ -61,7 +61,7 @@ def side_by_side(seed: int = 0) -> int:
                 assert torch.equal(a, b), (pattern, dtype, trailing)
                 w = dist.all_to_all_single(a, x, rs, ss, async_op=True)
                 w.wait()
-                assert torch.equal(a, b)
+                assert w.is_completed() and torch.equal(a, b)
                 checked += 1
             # list form: shapes differ per peer; compare with gloo's single on the same data
             ins = [_random((send[j], 2), dtype, gen) for j in range(P)]

@@ -1,0 +1,75 @@
+// Executor: the all-to-all(v) algorithms, once, over a Transport and an ExecContext.
+//
+// One call runs a whole exchange (local copies, posting, progress, waiting) without Python:
+// the bindings release the GIL around it. Every wait is bounded by the call's deadline and
+// watches the processes of peers on this host, so a late peer raises kTimeout and a dead one
+// kPeer, both naming the operation, this rank, the peers still pending and their bytes.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "plan/schedule.hpp"
+#include "plan/topology.hpp"
+#include "runtime/exec_context.hpp"
+#include "runtime/transport.hpp"
+
+namespace piper::runtime {
+
+enum class Algorithm { kFlat, kPairwise, kHalo };
+
+/// A deadline and the timeout it came from (errors print the timeout).
+struct Deadline {
+  std::chrono::steady_clock::time_point at;
+  double timeout_s;
+  static Deadline in(double left_s, double timeout_s);
+  double left_s() const;
+};
+
+class Executor {
+ public:
+  /// pids, same_host: every rank's process id and whether it runs on this host (liveness).
+  Executor(plan::Topology topology, std::shared_ptr<Transport> transport,
+           std::unique_ptr<ExecContext> context, std::vector<int64_t> pids,
+           std::vector<uint8_t> same_host);
+
+  /// All-to-all(v) of raw bytes: send holds send_bytes[p] bytes for every rank p back to back,
+  /// recv receives recv_bytes[p] from every rank p back to back. The counts must agree between
+  /// ranks (the caller checked them, or trusts them; a receive too small raises kUsage).
+  /// tag: the call's message tag. what: "all_to_all_v #12", for errors.
+  void alltoallv(const uint8_t* send, int64_t send_n, uint8_t* recv, int64_t recv_n,
+                 const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes,
+                 Algorithm algo, int64_t seq, int tag, const std::string& what,
+                 const Deadline& deadline);
+
+  /// All-gather of `words` int64 per rank: returns P x words, row r = rank r's.
+  std::vector<int64_t> allgather(const int64_t* mine, int64_t words, int tag,
+                                 const std::string& what, const Deadline& deadline);
+
+  /// Completes the transport's batch or throws (kTimeout / kPeer) before the deadline.
+  void wait_all(const std::string& what, const Deadline& deadline);
+
+  Transport& transport() { return *transport_; }
+  const plan::Topology& topology() const { return topology_; }
+
+ private:
+  void flat(const uint8_t* send, int64_t send_n, uint8_t* recv, int64_t recv_n,
+            const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes,
+            bool pairwise, int tag, const std::string& what, const Deadline& deadline);
+  void halo(const uint8_t* send, int64_t send_n, uint8_t* recv, int64_t recv_n,
+            const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes,
+            int64_t seq, int tag, const std::string& what, const Deadline& deadline);
+  std::vector<int64_t> dead_peers(const std::vector<Message>& pending) const;
+
+  plan::Topology topology_;
+  std::shared_ptr<Transport> transport_;
+  std::unique_ptr<ExecContext> context_;
+  std::vector<int64_t> pids_;
+  std::vector<uint8_t> same_host_;
+  int64_t me_;
+};
+
+}  // namespace piper::runtime

@@ -1,0 +1,54 @@
+// Transport: the point-to-point layer under the algorithms of csrc/runtime/executor.hpp.
+//
+// A transport holds one batch of posted messages at a time: the executor posts a batch
+// (post_send / post_recv), then polls test_all() until it returns true, or gives up with
+// cancel_all() (deadline passed, peer dead). Buffers are plain host pointers with sizes in
+// bytes; a transport never copies them. Implementations: MpiTransport (mpi_transport.hpp,
+// compiled when MPI is found) and PyTransport (py_transport.hpp: a Python transport object of
+// piper_comm/transport.py, e.g. torch.distributed's gloo, called with the GIL held).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace piper::runtime {
+
+/// One posted message, as an error names it.
+struct Message {
+  bool send;      // send or receive
+  int64_t peer;   // rank in the transport's numbering
+  int64_t bytes;  // payload size
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual int64_t rank() const = 0;
+  virtual int64_t size() const = 0;
+  virtual std::string name() const = 0;
+
+  /// Posts one message of the current batch. Zero-byte messages are never posted.
+  virtual void post_send(const void* buf, int64_t bytes, int64_t peer, int tag) = 0;
+  virtual void post_recv(void* buf, int64_t bytes, int64_t peer, int tag) = 0;
+  /// True once every message of the batch completed (the batch is then empty). Throws
+  /// piper::Error: kUsage when a message was larger than its receive buffer, kPeer when the
+  /// transport reports a failure.
+  virtual bool test_all() = 0;
+  /// The messages of the batch that have not completed yet (after a false test_all()).
+  virtual std::vector<Message> pending() const = 0;
+  /// Cancels what is left of the batch (best effort; the transport is unusable afterwards).
+  virtual void cancel_all() = 0;
+  /// Lets the transport move queued messages while the caller waits on something else.
+  virtual void progress() = 0;
+  /// A transport that must wait blockingly (gloo's point-to-point work completes only inside
+  /// wait()) completes the batch here, or throws kTimeout / kPeer naming `what`, and returns
+  /// true; false (the default) lets the executor poll test_all() itself.
+  virtual bool wait_all(const std::string& what, double deadline_monotonic_s,
+                        double timeout_s) {
+    (void)what, (void)deadline_monotonic_s, (void)timeout_s;
+    return false;
+  }
+};
+
+}  // namespace piper::runtime
