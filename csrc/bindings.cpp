@@ -13,6 +13,7 @@
 #include "plan/topology.hpp"
 #include "runtime/exec_context.hpp"
 #include "runtime/executor.hpp"
+#include "runtime/header.hpp"
 #include "runtime/py_transport.hpp"
 #ifdef PIPER_WITH_MPI
 #include "runtime/mpi_transport.hpp"
@@ -243,6 +244,30 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>(),
       "Inverse of cuda_pack_alltoallv: counts[p] rows from src + p * slot_bytes go to dst,\n"
       "back to back in peer order. Same arguments and units.");
+
+  namespace hdr = piper::runtime::header;
+  py::dict fields;
+  for (auto [name, index] : {std::pair{"SEQ", hdr::kSeq}, {"OP", hdr::kOp}, {"ALGO", hdr::kAlgo},
+                             {"DTYPE", hdr::kDtype}, {"ROW_BYTES", hdr::kRowBytes},
+                             {"TRAIL", hdr::kTrail}, {"ERR", hdr::kErr}, {"ERR_A", hdr::kErrA},
+                             {"ERR_B", hdr::kErrB}, {"RECV_CAP", hdr::kRecvCap},
+                             {"NFIXED", hdr::kFixed}})
+    fields[name] = static_cast<int64_t>(index);
+  m.attr("HEADER_FIELDS") = fields;
+  m.def(
+      "agree",
+      [](const I64Array& table) -> py::object {
+        PIPER_HOST_ASSERT(table.ndim() == 2);
+        const int64_t P = table.shape(0), W = table.shape(1);
+        std::vector<int64_t> S;
+        if (!hdr::agree(table.data(), P, W, S)) return py::none();
+        py::array_t<int64_t> out({P, P});
+        std::copy(S.begin(), S.end(), out.mutable_data());
+        return out;
+      },
+      py::arg("table"),
+      "The fast verdict on the gathered P x W headers (csrc/runtime/header.hpp): the P x P\n"
+      "send-count matrix when every check passes, else None (validate.py names the problem).");
 
   using piper::runtime::Deadline;
   using piper::runtime::Executor;

@@ -1,0 +1,25 @@
+// The per-call header every rank sends every other rank before an all-to-all(v) (the
+// validation round of piper_comm/validate.py), and the verdict on the gathered table.
+//
+// Row layout (int64): the kFixed fields below, then send_counts[P], then recv_counts[P]
+// (counts in rows; recv_counts -1 when not given). piper_comm/validate.py reads these indices
+// from piper_comm._C, so the layout is defined here only.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace piper::runtime::header {
+
+enum Field : int64_t {
+  kSeq, kOp, kAlgo, kDtype, kRowBytes, kTrail, kErr, kErrA, kErrB, kRecvCap, kFixed
+};
+
+/// The fast verdict: true, with S (P x P, row = source, in rows) filled, when every rank is in
+/// the same call with the same op, algorithm request, dtype and row shape, no rank reported a
+/// local error, every given recv count matches what its source sends, and every given recv
+/// buffer is large enough. False otherwise: the caller then names the first problem (the slow
+/// path of validate.py, the one place where messages are written).
+bool agree(const int64_t* table, int64_t P, int64_t W, std::vector<int64_t>& S);
+
+}  // namespace piper::runtime::header
