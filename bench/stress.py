@@ -1,6 +1,6 @@
 """Stress run of the test suite: the whole suite N times in a row, every failure kept.
 
-    python bench/stress.py --runs 10 --out bench/results/stress_<date>   # in this checkout
+    python bench/stress.py --runs 10 --out /tmp/stress                   # in this checkout
     python bench/stress.py --runs 10 --fresh-clone                       # make test first
 
 Each run is `pytest tests` (with --fresh-clone the first run is `make test` in a fresh clone of
@@ -124,12 +124,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=10, help="suite runs (default 10)")
     ap.add_argument("--out", type=Path, default=None,
-                    help="result folder (default bench/results/stress_<date>)")
+                    help="result folder (default bench/results/stress)")
     ap.add_argument("--fresh-clone", action="store_true",
                     help="clone HEAD into a temporary folder; run 1 is `make test` there")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = ap.parse_args()
-    out = (args.out or ROOT / "bench/results" / f"stress_{time.strftime('%Y-%m-%d')}").resolve()
+    out = (args.out or ROOT / "bench/results/stress").resolve()
     out.mkdir(parents=True, exist_ok=True)
     cwd, clone = ROOT, None
     if args.fresh_clone:

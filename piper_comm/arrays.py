@@ -35,10 +35,17 @@ def _torch():
     return sys.modules.get("torch")
 
 
+_NAMES: dict[Any, str] = {}  # dtype object -> name (numpy's .name costs microseconds)
+
+
 def dtype_name(dtype: Any) -> str:
     """'float32' for np.float32, np.dtype('<f4') or torch.float32."""
-    text = str(dtype)
-    return text[len("torch."):] if text.startswith("torch.") else np.dtype(dtype).name
+    name = _NAMES.get(dtype)
+    if name is None:
+        text = str(dtype)
+        name = _NAMES[dtype] = (text[len("torch."):] if text.startswith("torch.")
+                                else np.dtype(dtype).name)
+    return name
 
 
 @dataclass
@@ -55,7 +62,7 @@ class ArrayView:
 
     @property
     def address(self) -> int:
-        return int(self.data.ctypes.data)
+        return self.data.__array_interface__["data"][0]
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +82,7 @@ def view(array: Any) -> tuple[ArrayView | None, int, int]:
         if not array.flags.c_contiguous:
             return None, E_NONCONTIG, 0
         data = array.reshape(-1).view(np.uint8)
-        kind, dtype = "numpy", array.dtype.name
+        kind, dtype = "numpy", dtype_name(array.dtype)
     elif torch is not None and isinstance(array, torch.Tensor):
         if array.device.type != "cpu":
             return None, E_DEVICE, 0
