@@ -1,10 +1,12 @@
 """MODELLED (not measured) all-to-all time of HALO vs flat on multi-node GPU platforms.
 
 No multi-node or multi-GPU machine exists here, so this is what Piper's alpha-beta model
-(`piper_moe/model/comm.py`) predicts from a shipped platform file (public figures, plus the
+(`piper_comm/cost.py`, the one `algorithm="auto"` uses, in its uniform case through
+`piper_moe/model/comm.py`) predicts from a shipped platform file (public figures, plus the
 latencies marked [I] in it, which are our assumptions), for 8 GPUs per node and 1-128 nodes.
-The same model was checked against measurements on CPU hosts only
-(bench/results/a2a_validation.md); the GPU figures below are predictions.
+Only CPU hosts were ever measured against it (bench/results/a2a_validation.md, made with an
+earlier HALO formula, the two-phase exchange the executor does not run); the GPU figures below
+are predictions.
 
     .venv/bin/python bench/a2a_modelled.py                 # dgx-h100 and frontier
     .venv/bin/python bench/a2a_modelled.py --platform my-calibrated.yaml --out -
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from piper_moe.model import load_platform  # noqa: E402
-from piper_moe.model.comm import a2a_flat, a2a_halo  # noqa: E402
+from piper_moe.model.comm import a2a_flat, a2a_halo, cost_links  # noqa: E402
 
 NODES = (1, 2, 4, 8, 16, 32, 64, 128)
 SIZES = tuple(2**k for k in range(13, 31, 2))  # 8 KiB .. 1 GiB per rank, factor 4
@@ -64,7 +66,8 @@ def table(name: str) -> str:
            f"# platform: {name} (piper_moe/configs/platforms or a path); intra: "
            f"{p.intra.latency * 1e6:g} us + {p.intra.bandwidth / 1e9:g} GB/s, inter: "
            f"{p.inter.latency * 1e6:g} us + {p.inter.bandwidth / 1e9:g} GB/s per rank, "
-           f"copies {p.copy_bandwidth / 1e9:g} GB/s",
+           f"copies {p.copy_bandwidth / 1e9:g} GB/s, node barrier "
+           f"{cost_links(p).alpha_barrier * 1e6:g} us",
            "# cell: t_flat / t_halo (> 1: HALO predicted faster)"]
     head = f"{'size per rank':>14} |" + "".join(f" {f'{N} node' + ('s' if N > 1 else ''):>9}"
                                                 for N in NODES)
@@ -101,14 +104,17 @@ def main(argv=None) -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     text = "\n".join([
-        "# MODELLED all-to-all, HALO vs flat: predictions of piper_moe/model/comm.py, NOT "
-        "measurements",
+        "# MODELLED all-to-all, HALO vs flat: predictions of piper_comm/cost.py (uniform case, "
+        "through", "# piper_moe/model/comm.py), NOT measurements",
         f"# command: python bench/a2a_modelled.py {' '.join(argv or sys.argv[1:])}".rstrip(),
         f"# date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}  commit: {commit}",
-        "# model: alpha-beta per link level (design.md): every message pays its latency in "
-        "turn (no overlap", "# of message latencies, which favours HALO at small sizes), no "
-        "congestion, no NIC or switch", "# contention, no kernel-launch or per-call software "
-        "overhead; validated on CPU hosts only", "# (bench/results/a2a_validation.md)", ""]
+        "# model: alpha-beta per link level; HALO as the executor runs it (pack into the node "
+        "segment,", "# two node barriers, one message per remote node, copy-out); every "
+        "message pays its latency in", "# turn (no overlap of message latencies, which favours "
+        "HALO at small sizes), no congestion, no", "# NIC or switch contention, no kernel-launch "
+        "or per-call software overhead. Only CPU hosts were", "# measured against the model "
+        "(bench/results/a2a_validation.md, made with the earlier two-phase", "# HALO formula)",
+        ""]
         + [table(n) + "\n" for n in names])
     print(text)
     if args.out != "-":

@@ -4,19 +4,21 @@ Each level (``platform.intra``, ``platform.inter``) has a per-message latency al
 per-rank bandwidth beta (bytes/s, per direction, when every rank of the node is busy). A group of
 ``n`` ranks placed with ``per_node`` members on each node spans ``N = n / per_node`` nodes.
 
-All-to-all, each rank sending ``m`` bytes in total, m/n to each rank (itself included), with
-g = per_node and N nodes:
+All-to-all: the uniform case of piper_comm.cost, the model ``algorithm="auto"`` scores per call,
+with the platform's levels, node barrier latency and copy bandwidth as its ``Links``
+(``cost_links``). Each rank sends ``m`` bytes in total, b = m/n to each rank (itself included),
+g = per_node, N = n/g nodes:
 
 - flat: every rank sends n - 1 messages directly, g - 1 inside its node and n - g across:
-  ``(g-1)*(a_i + m/n/b_i) + (n-g)*(a_e + m/n/b_e)``
-- HALO (design.md): (A) intra-node aggregation: each rank hands each local peer l' the blocks
-  bound for local index l' on all N nodes, ``(g-1)*(a_i + N*m/n/b_i)``; (B) one message per node
-  pair between same-local-rank peers, ``(N-1)*(a_e + g*m/n/b_e)``; (C) a local reorder; packing
-  for (A) and reordering for (C) copy ``2*m`` bytes at ``copy_bandwidth``. With N = 1 HALO is the
-  flat exchange.
+  ``(g-1)*(a_i + b/b_i) + (n-g)*(a_e + b/b_e)``
+- HALO, as the executor runs it: every rank packs its m bytes into the node-shared segment, two
+  node barriers, each rank proxies N - 1 aggregated messages of g*b bytes (one per remote node:
+  the blocks of its node's ranks for the remote destinations with its local index), and copies
+  the g*b bytes its node's ranks sent it out of the segment:
+  ``2*a_barrier + m/copy + (N-1)*(a_e + g*b/b_e) + g*b/copy``. With g = 1 the executor runs flat.
 
-Both send the same (n - g)*m/n bytes across nodes; HALO trades (n - g) - (N - 1) network latencies
-for about m extra intra-node bytes and two local copies.
+Both send the same (n - g)*b bytes across nodes; HALO trades (n - g) - (N - 1) network latencies
+and the (g - 1)*b intra-node bytes for two barriers and (m + g*b) bytes of local copies.
 
 Ring collectives of S bytes are hierarchical: reduce-scatter inside the node, the inter-node ring
 on S/g among same-local-rank peers, all-gather inside the node.
@@ -26,7 +28,10 @@ from __future__ import annotations
 
 import math
 
+from piper_comm.cost import Links, predict_uniform
+
 from .spec import PlatformSpec
+from .strategy import A2A
 
 
 def per_node(n: int, stride: int, devices_per_node: int) -> int:
@@ -36,41 +41,34 @@ def per_node(n: int, stride: int, devices_per_node: int) -> int:
     return max(1, min(n, devices_per_node // stride))
 
 
-def a2a_flat(m: float, n: int, g: int, platform: PlatformSpec) -> float:
-    """Flat all-to-all time (s): ``m`` bytes sent per rank over ``n`` ranks, ``g`` per node."""
+def cost_links(platform: PlatformSpec) -> Links:
+    """The all-to-all cost-model parameters of ``platform``; its barrier latency defaults to one
+    intra-node latency."""
+    barrier = platform.barrier_latency
+    return Links(alpha_intra=platform.intra.latency, beta_intra=platform.intra.bandwidth,
+                 alpha_inter=platform.inter.latency, beta_inter=platform.inter.bandwidth,
+                 alpha_barrier=platform.intra.latency if barrier is None else barrier,
+                 beta_copy=platform.copy_bandwidth)
+
+
+def all_to_all(m: float, n: int, g: int, platform: PlatformSpec, algorithm: str) -> float:
+    """All-to-all time (s) with ``algorithm`` "flat" or "halo": ``m`` bytes sent per rank over
+    ``n`` ranks, ``g`` per node (capped at ``n``); 0 for ``n`` <= 1."""
+    if algorithm not in A2A:
+        raise ValueError(f"all-to-all algorithm must be 'flat' or 'halo' (got {algorithm!r})")
     if n <= 1:
         return 0.0
-    g = min(g, n)
-    block = m / n
-    intra, inter = platform.intra, platform.inter
-    return (g - 1) * (intra.latency + block / intra.bandwidth) + (n - g) * (
-        inter.latency + block / inter.bandwidth
-    )
+    return predict_uniform(m, n, min(g, n), cost_links(platform))[algorithm]
+
+
+def a2a_flat(m: float, n: int, g: int, platform: PlatformSpec) -> float:
+    """Flat all-to-all time (s): ``m`` bytes sent per rank over ``n`` ranks, ``g`` per node."""
+    return all_to_all(m, n, g, platform, "flat")
 
 
 def a2a_halo(m: float, n: int, g: int, platform: PlatformSpec) -> float:
     """HALO all-to-all time (s), same arguments as ``a2a_flat``."""
-    if n <= 1:
-        return 0.0
-    g = min(g, n)
-    nodes = math.ceil(n / g)
-    if nodes == 1:
-        return a2a_flat(m, n, g, platform)
-    block = m / n
-    intra, inter = platform.intra, platform.inter
-    phase_a = (g - 1) * (intra.latency + nodes * block / intra.bandwidth)
-    phase_b = (nodes - 1) * (inter.latency + g * block / inter.bandwidth)
-    copies = 2 * m / platform.copy_bandwidth
-    return phase_a + phase_b + copies
-
-
-def all_to_all(m: float, n: int, g: int, platform: PlatformSpec, algorithm: str) -> float:
-    """All-to-all time (s) with ``algorithm`` "flat" or "halo"."""
-    if algorithm == "flat":
-        return a2a_flat(m, n, g, platform)
-    if algorithm == "halo":
-        return a2a_halo(m, n, g, platform)
-    raise ValueError(f"all-to-all algorithm must be 'flat' or 'halo' (got {algorithm!r})")
+    return all_to_all(m, n, g, platform, "halo")
 
 
 def _ring(size: float, n: int, latency: float, bandwidth: float) -> float:

@@ -232,8 +232,9 @@ class PlatformSpec:
     """A machine: ``devices_per_node`` devices of ``device_memory`` bytes each, dense 16-bit peak
     ``peak_flops`` (FLOP/s per device), HBM bandwidth, copy bandwidth (device-local memcpy), an
     intra-node link level and an inter-node level (``inter.bandwidth`` is the per-device share of
-    the node's NICs), and ``memory_reserved`` bytes per device the framework cannot use (context,
-    communicator buffers, allocator fragmentation)."""
+    the node's NICs), ``barrier_latency`` seconds per node barrier (None: one ``intra.latency``),
+    and ``memory_reserved`` bytes per device the framework cannot use (context, communicator
+    buffers, allocator fragmentation)."""
 
     name: str
     device: str
@@ -246,6 +247,7 @@ class PlatformSpec:
     gemm: GemmSpec
     intra: LinkSpec
     inter: LinkSpec
+    barrier_latency: float | None = None
     source: str = ""
     calibrated: dict[str, Any] = field(default_factory=dict)
 
@@ -258,6 +260,9 @@ class PlatformSpec:
             hbm_bandwidth=self.hbm_bandwidth,
             copy_bandwidth=self.copy_bandwidth,
         )
+        if self.barrier_latency is not None and self.barrier_latency < 0:
+            raise ValueError(f"platform {self.name}: barrier_latency must be >= 0 "
+                             f"(got {self.barrier_latency})")
         if not 0 <= self.memory_reserved < self.device_memory:
             raise ValueError(
                 f"platform {self.name}: memory_reserved ({self.memory_reserved}) must be in "
@@ -298,7 +303,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     for key, value in data.items():
         # YAML 1.1 reads "64e9" as a string; accept it for float fields
-        if types[key] == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+        if (types[key] in ("float", "float | None") and isinstance(value, (str, int))
+                and not isinstance(value, bool)):
             try:
                 data[key] = float(value)
             except ValueError:

@@ -2,8 +2,10 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
+from piper_comm import cost
 from piper_moe.model import comm, load_model, load_platform
 from piper_moe.model.compute import gemm_efficiency, gemm_time, model_flops_per_token
 from piper_moe.model.spec import GemmSpec, LinkSpec
@@ -23,19 +25,36 @@ def test_per_node():
 
 
 def test_a2a_flat_and_halo_by_hand():
-    # 8 ranks, 4 per node (2 nodes), 8 MB per rank -> 1 MB per peer
+    # 8 ranks, 4 per node (2 nodes), 8 MB per rank -> 1 MB per peer; the barrier defaults to
+    # one intra-node latency
     flat = 3 * (1e-6 + 1e6 / 1e9) + 4 * (1e-5 + 1e6 / 1e8)
     assert comm.a2a_flat(8e6, 8, 4, PLAT) == pytest.approx(flat)
-    halo = 3 * (1e-6 + 2 * 1e6 / 1e9) + 1 * (1e-5 + 4 * 1e6 / 1e8) + 2 * 8e6 / 1e10
+    # 2 barriers, pack 8 MB, one 4 MB message to the other node, copy out 4 MB
+    halo = 2 * 1e-6 + 8e6 / 1e10 + (1e-5 + 4e6 / 1e8) + 4e6 / 1e10
     assert comm.a2a_halo(8e6, 8, 4, PLAT) == pytest.approx(halo)
-    assert flat < halo  # large blocks: HALO's extra copies and intra bytes cost more
+    assert halo < flat  # copies 10x faster than the intra link: HALO's 12 MB beat flat's 3 MB
+    slow_copy = dataclasses.replace(PLAT, copy_bandwidth=1e9)
+    assert comm.a2a_flat(8e6, 8, 4, slow_copy) < comm.a2a_halo(8e6, 8, 4, slow_copy)
     # 8 kB per rank -> 1 kB per peer: latency-bound, HALO's 1 network message wins over 4
-    assert comm.a2a_halo(8e3, 8, 4, PLAT) < comm.a2a_flat(8e3, 8, 4, PLAT)
+    assert comm.a2a_halo(8e3, 8, 4, slow_copy) < comm.a2a_flat(8e3, 8, 4, slow_copy)
+    assert comm.a2a_halo(8e6, 8, 4, dataclasses.replace(PLAT, barrier_latency=1e-3)) == (
+        pytest.approx(halo - 2 * 1e-6 + 2 * 1e-3))
+
+
+def test_a2a_is_the_cost_model_of_the_uniform_matrix():
+    links = comm.cost_links(PLAT)
+    node_of = np.repeat(np.arange(4), 4)
+    for algo in ("flat", "halo"):
+        per_call = cost.predict(np.full((16, 16), 1e5), node_of, links)[algo]
+        assert comm.all_to_all(1.6e6, 16, 4, PLAT, algo) == pytest.approx(per_call, rel=1e-12)
 
 
 def test_a2a_one_node_and_one_rank():
-    assert comm.a2a_halo(8e6, 4, 4, PLAT) == comm.a2a_flat(8e6, 4, 4, PLAT)
-    assert comm.a2a_flat(8e6, 1, 1, PLAT) == 0.0
+    # one node: HALO is the two barriers, the pack and the copy-out
+    assert comm.a2a_halo(8e6, 4, 4, PLAT) == pytest.approx(2 * 1e-6 + 2 * 8e6 / 1e10)
+    # one rank per node: the executor runs flat
+    assert comm.a2a_halo(8e6, 4, 1, PLAT) == comm.a2a_flat(8e6, 4, 1, PLAT)
+    assert comm.a2a_flat(8e6, 1, 1, PLAT) == 0.0 == comm.a2a_halo(8e6, 1, 1, PLAT)
     with pytest.raises(ValueError, match="'ring'"):
         comm.all_to_all(1.0, 2, 2, PLAT, "ring")
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from piper_moe.model import Strategy, load_model, load_platform
-from piper_moe.model.spec import model_from_dict, shipped
+from piper_moe.model.spec import model_from_dict, platform_from_dict, shipped
 
 
 def test_every_shipped_file_loads():
@@ -29,6 +29,14 @@ def test_unknown_key_is_named():
     m["hiddden"] = 3
     with pytest.raises(ValueError, match="hiddden"):
         model_from_dict(m)
+
+
+def test_platform_barrier_latency():
+    data = dataclasses.asdict(load_platform("cpu-host"))
+    assert data["barrier_latency"] is None  # none given: the model charges one intra latency
+    assert platform_from_dict({**data, "barrier_latency": "5e-6"}).barrier_latency == 5e-6
+    with pytest.raises(ValueError, match="barrier_latency"):
+        platform_from_dict({**data, "barrier_latency": -1.0})
 
 
 def test_tiny_param_counts_by_hand():
