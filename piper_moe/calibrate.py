@@ -14,16 +14,16 @@ Measures (every rank runs; rank 0 writes the file):
   recv buffers, ``warmup`` calls, a barrier, the mean of ``iters`` back-to-back calls, max over
   ranks), median of ``repeats`` such measurements; fitted to the alpha-beta models of
   ``piper_moe.model.comm`` by non-negative least squares on relative residuals (each row divided
-  by its measured time, so a 1 ms row weighs as much as a 100 ms one): flat rows
-  [(g-1), (g-1)*b, (n-g), (n-g)*b, 0] and HALO rows [(g-1), (g-1)*N*b, (N-1), (N-1)*g*b, 2*m],
-  unknowns (alpha_intra, 1/beta_intra, alpha_inter, 1/beta_inter, 1/copy_bandwidth), b = bytes
-  per peer, m = n*b. With one node only the intra level is measured (and HALO is flat), with one
-  rank per node only the inter level; the other level is kept from ``--base``. With one rank
-  per node, HALO minus flat isolates the copies, so 1/copy_bandwidth is fitted too and the
-  fitted rate (HALO's copies as they cost inside the all-to-all) replaces the memcpy
-  measurement in the platform (which stays under ``calibrated.copy``); otherwise the copy
-  term is collinear with the link bandwidths, so it is charged at the memcpy rate and
-  subtracted from the HALO timings before the fit.
+  by its measured time, so a 1 ms row weighs as much as a 100 ms one). The rows are the terms
+  of ``piper_comm.cost.traffic_uniform`` (the one model of the algorithms the executor runs):
+  flat [(g-1), (g-1)*b, (n-g), (n-g)*b, 0] and HALO [2, 0, (N-1), (n-g)*b, m + g*b] (two node
+  barriers, charged at the intra-node latency, then the proxied messages and the copies into
+  and out of the node segment), unknowns (alpha_intra, 1/beta_intra, alpha_inter,
+  1/beta_inter, 1/copy_bandwidth), b = bytes per peer, m = n*b, N = n/g nodes. With one node
+  only the intra level is measured, with one rank per node only the inter level (and HALO is
+  flat there); the other level is kept from ``--base``. The copy term is collinear with the
+  link bandwidths, so it is charged at the measured memcpy rate and subtracted from the HALO
+  timings before the fit.
 ``PIPER_LOCAL_SIZE=k`` (read by piper_comm) emulates nodes of k ranks on one host.
 
 Numbers not measured (device memory, reserve, peak) are kept from ``--base``; the raw
@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from piper_comm.cost import traffic_uniform
 from piper_moe.model.spec import load_platform
 
 log = logging.getLogger("piper")
@@ -112,12 +113,11 @@ def measure_copy(nbytes: int = 64 * 2**20, iters: int = 5,
 
 
 def a2a_rows(algorithm: str, n: int, g: int, block: float) -> list[float]:
-    """Coefficients of (alpha_i, 1/beta_i, alpha_e, 1/beta_e, 1/copy_bandwidth) in the
-    alpha-beta model (the last: HALO's 2*m bytes of local copies, m = n * block)."""
-    nodes = n // g
-    if algorithm == "flat" or nodes == 1:
-        return [g - 1, (g - 1) * block, n - g, (n - g) * block, 0.0]
-    return [g - 1, (g - 1) * nodes * block, nodes - 1, (nodes - 1) * g * block, 2 * n * block]
+    """Coefficients of (alpha_i, 1/beta_i, alpha_e, 1/beta_e, 1/copy_bandwidth) of one timing:
+    the terms of ``piper_comm.cost.traffic_uniform`` (node barriers at the intra latency)."""
+    t = traffic_uniform(n * block, n, g)[algorithm]
+    return [float(v) for v in (t.msgs_intra + t.barriers, t.bytes_intra, t.msgs_inter,
+                               t.bytes_inter, t.copy_bytes)]
 
 
 def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -141,31 +141,25 @@ def fit_a2a(points: list[dict[str, Any]], n: int, g: int,
             copy_bandwidth: float | None = None) -> dict[str, float]:
     """Non-negative least-squares alpha/beta per level from all-to-all timings, on relative
     residuals (see module docstring). Returns latency_<level> and bandwidth_<level> for each
-    level the run exercises (intra when g > 1, inter when n > g). HALO's copies: with one rank
-    per node (g = 1) their rate is fitted too and returned as copy_bandwidth (HALO minus flat
-    isolates it); with g > 1 their size term is collinear with the two link bandwidths, so they
-    are charged at the measured ``copy_bandwidth`` and removed from the HALO timings first."""
+    level the run exercises (intra when g > 1, inter when n > g). HALO's copies are charged at
+    the measured ``copy_bandwidth`` (required when a HALO timing has copies) and removed from
+    the timings first."""
     x = np.array([a2a_rows(p["algorithm"], n, g, p["block"]) for p in points], dtype=float)
     t = np.array([p["seconds"] for p in points], dtype=float)
     y = t.copy()
-    fit_copy = n > g and g == 1
-    if n > g and not fit_copy:
+    if np.any(x[:, 4] > 0):
         if not copy_bandwidth:
             raise ValueError(f"fit_a2a: {n} ranks in nodes of {g} need the measured "
                              f"copy_bandwidth to remove HALO's copies")
         y -= x[:, 4] / copy_bandwidth
     levels = [lv for lv, used in (("intra", g > 1), ("inter", n > g)) if used]
     cols = [j for lv in levels for j in ((0, 1) if lv == "intra" else (2, 3))]
-    if fit_copy:
-        cols.append(4)
     sol = dict(zip(cols, _nnls(x[:, cols] / t[:, None], y / t), strict=True))
     out: dict[str, float] = {}
     for lv in levels:
         a, inv_b = (sol[0], sol[1]) if lv == "intra" else (sol[2], sol[3])
         out[f"latency_{lv}"] = float(a)
         out[f"bandwidth_{lv}"] = 1.0 / float(inv_b) if inv_b > 0 else float("inf")
-    if fit_copy:
-        out["copy_bandwidth"] = 1.0 / float(sol[4]) if sol[4] > 0 else float("inf")
     return out
 
 
@@ -220,8 +214,6 @@ def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit) -> dic
             log.warning("calibrate: %s level fitted with latency only (1/bandwidth = 0: no "
                         "size dependence resolved over the measured blocks)", level)
         data[level] = {"latency": a2a_fit[f"latency_{level}"], "bandwidth": bandwidth}
-    if "copy_bandwidth" in a2a_fit:  # HALO's copies as the all-to-all sees them
-        data["copy_bandwidth"] = a2a_fit["copy_bandwidth"]
     data["calibrated"] = {"gemm": gemm_points, "copy": copy, "a2a_fit": a2a_fit or {}}
     return data
 

@@ -61,7 +61,8 @@ def candidates(model: ModelSpec, platform: PlatformSpec, gpus: int, *, global_ba
                 for ep in _divisors(moe.num_experts):
                     if (dp * tp) % (ep * etp):
                         continue
-                    # HALO equals flat when the EP group sits in one node
+                    # Inside one node only flat is planned (HALO there is a copy through the
+                    # node segment; the per-call choice of algorithm="auto" may still take it)
                     one_node = comm.per_node(ep, etp, platform.devices_per_node) >= ep
                     algos = [(a, "alltoall") for a in
                              (("flat",) if ep == 1 or one_node else ("flat", "halo"))]
