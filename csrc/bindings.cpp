@@ -11,6 +11,7 @@
 #include "host/node_channel.hpp"
 #include "plan/schedule.hpp"
 #include "plan/topology.hpp"
+#include "plan/traffic.hpp"
 #include "runtime/exec_context.hpp"
 #include "runtime/executor.hpp"
 #include "runtime/header.hpp"
@@ -202,6 +203,22 @@ PYBIND11_MODULE(_C, m) {
         return piper::plan::plan_halo(topo, me, to_vector(node_send_bytes), to_vector(recv_bytes));
       },
       py::arg("topology"), py::arg("me"), py::arg("node_send_bytes"), py::arg("recv_bytes"));
+
+  m.def(
+      "a2a_traffic",
+      [](const Topology& topo,
+         const py::array_t<double, py::array::c_style | py::array::forcecast>& send_bytes) {
+        const int64_t P = topo.size();
+        PIPER_HOST_ASSERT(send_bytes.size() == P * P);
+        const auto t = piper::plan::a2a_traffic(topo, send_bytes.data());
+        py::array_t<double> out({int64_t{2}, static_cast<int64_t>(piper::plan::kNumTerms), P});
+        std::copy(t.begin(), t.end(), out.mutable_data());
+        return out;
+      },
+      py::arg("topology"), py::arg("send_bytes"),
+      "Per-rank traffic terms of flat and HALO (csrc/plan/traffic.hpp) for a P x P byte\n"
+      "matrix: float64 [2 (flat, halo), 6 (msgs/bytes intra, msgs/bytes inter, barriers,\n"
+      "copy bytes), P].");
 
   m.def(
       "copy_blocks",

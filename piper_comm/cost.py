@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _C
+
 Amount = float | np.ndarray  # one rank's, or one per rank
 
 
@@ -54,6 +56,11 @@ class Links:
     beta_inter: float = 4e9
     alpha_barrier: float = 6e-6   # one shared-memory barrier of a node
     beta_copy: float = 6e9        # memcpy into / out of the node segment
+
+    def coefficients(self) -> np.ndarray:
+        """Seconds per unit of each Traffic term, in Traffic's field order."""
+        return np.array([self.alpha_intra, 1 / self.beta_intra, self.alpha_inter,
+                         1 / self.beta_inter, self.alpha_barrier, 1 / self.beta_copy])
 
 
 @dataclass(frozen=True)
@@ -71,66 +78,39 @@ class Traffic:
 
     def seconds(self, links: Links) -> Amount:
         """Time of this traffic under `links` (same shape as the fields)."""
-        return (self.msgs_intra * links.alpha_intra + self.bytes_intra / links.beta_intra
-                + self.msgs_inter * links.alpha_inter + self.bytes_inter / links.beta_inter
-                + self.barriers * links.alpha_barrier + self.copy_bytes / links.beta_copy)
+        terms = (self.msgs_intra, self.bytes_intra, self.msgs_inter, self.bytes_inter,
+                 self.barriers, self.copy_bytes)
+        return sum(t * c for t, c in zip(terms, links.coefficients()))
 
 
-@dataclass(frozen=True)
-class _Topology:
-    """What `traffic` needs of node_of alone, computed once per communicator."""
-
-    same: np.ndarray      # P x P bool: ranks on one node
-    intra: np.ndarray     # P x P bool: same node, off the diagonal
-    inter: np.ndarray     # P x P bool: different nodes
-    onehot: np.ndarray    # P x N int64
-    local_sz: np.ndarray  # N: ranks per node
-    multi: np.ndarray     # P bool: the rank's node has several ranks
+_TOPOLOGIES: dict[bytes, _C.Topology] = {}
 
 
-_TOPOLOGIES: dict[bytes, _Topology] = {}
-
-
-def _topology(node_of: np.ndarray) -> _Topology:
+def _topology(node_of: np.ndarray) -> _C.Topology:
     key = np.asarray(node_of, dtype=np.int64).tobytes()
     topo = _TOPOLOGIES.get(key)
     if topo is None:
-        P = node_of.shape[0]
-        same = node_of[:, None] == node_of[None, :]
-        offdiag = ~np.eye(P, dtype=bool)
-        onehot = np.eye(int(node_of.max()) + 1, dtype=np.int64)[node_of]
-        local_sz = onehot.sum(0)
-        topo = _TOPOLOGIES[key] = _Topology(same, same & offdiag, ~same, onehot, local_sz,
-                                            local_sz[node_of] > 1)
+        topo = _TOPOLOGIES[key] = _C.Topology(np.asarray(node_of, dtype=np.int64))
     return topo
+
+
+def _terms(send_bytes: np.ndarray, node_of: np.ndarray) -> np.ndarray:
+    """[2 (flat, halo), 6 (Traffic's fields), P] per-rank terms (csrc/plan/traffic.hpp)."""
+    return _C.a2a_traffic(_topology(node_of), np.asarray(send_bytes).reshape(-1))
 
 
 def traffic(send_bytes: np.ndarray, node_of: np.ndarray) -> dict[str, Traffic]:
     """Per-rank traffic of "flat" and "halo" for a P x P matrix of bytes (row = source rank)
     on ranks placed on nodes by node_of (P node ids)."""
-    t = _topology(node_of)
-    nz = send_bytes > 0
-    flat = Traffic(msgs_intra=(nz & t.intra).sum(1), bytes_intra=(send_bytes * t.intra).sum(1),
-                   msgs_inter=(nz & t.inter).sum(1), bytes_inter=(send_bytes * t.inter).sum(1))
-    if not t.multi.any():  # one-rank nodes: the executor runs the flat schedule
-        return {"flat": flat, "halo": flat}
-    # Per node pair, the aggregated message goes from a proxy of the source node; each source
-    # node spreads its outgoing aggregated messages over its ranks.
-    node_to_rank = t.onehot.T @ send_bytes                         # N x P
-    remote = node_to_rank * (1 - t.onehot.T)                       # drop same-node destinations
-    msgs_per_node = (remote > 0).sum(1) / t.local_sz
-    bytes_per_node = remote.sum(1) / t.local_sz
-    halo = Traffic(msgs_inter=msgs_per_node[node_of], bytes_inter=bytes_per_node[node_of],
-                   barriers=2 * t.multi,
-                   copy_bytes=send_bytes.sum(1) + (send_bytes * t.same).sum(0))
-    return {"flat": flat, "halo": halo}
+    t = _terms(send_bytes, node_of)
+    return {"flat": Traffic(*t[0]), "halo": Traffic(*t[1])}
 
 
 def predict(send_bytes: np.ndarray, node_of: np.ndarray, links: Links) -> dict[str, float]:
     """Predicted time of each algorithm ("flat", "halo") for a P x P matrix of bytes (row =
     source rank): the time of its slowest rank."""
-    return {algo: float(np.max(tr.seconds(links)))
-            for algo, tr in traffic(send_bytes, node_of).items()}
+    flat, halo = (links.coefficients() @ _terms(send_bytes, node_of)).max(axis=1)
+    return {"flat": float(flat), "halo": float(halo)}
 
 
 def traffic_uniform(m: float, n: int, g: int) -> dict[str, Traffic]:
