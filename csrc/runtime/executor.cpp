@@ -207,9 +207,21 @@ void Executor::halo(const uint8_t* send, int64_t send_n, uint8_t* recv, int64_t 
                     int64_t seq, int tag, const std::string& what, const Deadline& deadline) {
   ExecContext& ctx = *context_;
   Transport& tr = *transport_;
+  // A fence names its operation, this rank and the local peers it waits for; add the bytes.
+  auto fence = [&](const char* step) {
+    try {
+      ctx.fence(fmt(what, " (halo: ", step, ")"), deadline.left_s());
+    } catch (const Error& e) {
+      int64_t out = 0, in = 0;
+      for (int64_t b : send_bytes) out += b;
+      for (int64_t b : recv_bytes) in += b;
+      throw Error(e.code(), fmt(e.what(), "; this rank's call sends ", out, " B and receives ",
+                                in, " B"));
+    }
+  };
   // 1. The node's ranks share their counts and pack their blocks into the node segment.
   ctx.publish_counts(seq, send_bytes);
-  ctx.fence(what + " (halo: counts shared)", deadline.left_s());
+  fence("counts shared");
   const plan::HaloPlan plan = plan::plan_halo(topology_, me_, ctx.read_counts(seq), recv_bytes);
   ctx.ensure_segment(plan.segment_bytes, what, deadline.left_s());
   uint8_t* seg = ctx.segment();
@@ -222,7 +234,7 @@ void Executor::halo(const uint8_t* send, int64_t send_n, uint8_t* recv, int64_t 
     PIPER_HOST_ASSERT(off + len <= (staged ? plan.staging_bytes : recv_n));
     tr.post_recv((staged ? staging : recv) + off, len, plan.recvs.peer[i], tag);
   }
-  ctx.fence(what + " (halo: blocks packed)", deadline.left_s());
+  fence("blocks packed");
   // 2. Proxies send one aggregated message per remote destination straight from the segment.
   for (size_t i = 0; i < plan.sends.len.size(); ++i) {
     PIPER_HOST_ASSERT(plan.sends.off[i] + plan.sends.len[i] <= seg_n);
