@@ -92,8 +92,19 @@ std::vector<int64_t> Executor::dead_peers(const std::vector<Message>& pending) c
 
 void Executor::wait_all(const std::string& what, const Deadline& deadline) {
   Transport& tr = *transport_;
+  // A transport's error (a truncated message, MPI's report of a dead peer) gets the operation
+  // and what was still pending.
+  auto test_all = [&] {
+    try {
+      return tr.test_all();
+    } catch (const Error& e) {
+      const std::string pending = describe(tr.pending());
+      tr.cancel_all();
+      throw Error(e.code(), fmt("piper: ", what, ": ", e.what(), " (pending: ", pending, ")"));
+    }
+  };
   const double deadline_s = std::chrono::duration<double>(deadline.at.time_since_epoch()).count();
-  if (tr.wait_all(what, deadline_s, deadline.timeout_s) || tr.test_all()) return;
+  if (tr.wait_all(what, deadline_s, deadline.timeout_s) || test_all()) return;
   const auto start = Clock::now();
   auto next_check = start + kCheckEvery;
   while (true) {
@@ -106,7 +117,7 @@ void Executor::wait_all(const std::string& what, const Deadline& deadline) {
       struct timespec ts {0, kSleepNs};
       nanosleep(&ts, nullptr);
     }
-    if (tr.test_all()) return;
+    if (test_all()) return;
     if (now < next_check && now < deadline.at) continue;
     const std::vector<Message> todo = tr.pending();
     if (const auto dead = dead_peers(todo); !dead.empty()) {

@@ -91,15 +91,17 @@ bool MpiTransport::test_all() {
       const Message& m = messages_[i];
       if (cls == MPI_ERR_TRUNCATE)
         throw Error(ErrorCode::kUsage,
-                    fmt("piper: rank ", rank_, ": a message from rank ", m.peer,
+                    fmt("rank ", rank_, ": a message from rank ", m.peer,
                         " was larger than its ", m.bytes, " B receive buffer (counts disagree "
                         "between ranks; run with PIPER_CHECK=1 to find them)"));
-      throw Error(ErrorCode::kPeer, fmt("piper: MPI reported an error on rank ", rank_, " for the ",
+      throw Error(ErrorCode::kPeer, fmt("MPI reported an error on rank ", rank_, " for the ",
                                         m.send ? "send to" : "receive from", " rank ", m.peer,
                                         ": ", error_string(err)));
     }
   }
-  if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS) fail(rc, "MPI_Testall");
+  if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS)
+    throw Error(ErrorCode::kPeer, fmt("MPI reported an error on rank ", rank_, " in MPI_Testall: ",
+                                      error_string(rc)));
   if (!flag) return false;
   requests_.clear();
   messages_.clear();

@@ -33,7 +33,8 @@ class Transport {
   virtual void post_recv(void* buf, int64_t bytes, int64_t peer, int tag) = 0;
   /// True once every message of the batch completed (the batch is then empty). Throws
   /// piper::Error: kUsage when a message was larger than its receive buffer, kPeer when the
-  /// transport reports a failure.
+  /// transport reports a failure; the message starts with the rank (the executor prefixes the
+  /// operation).
   virtual bool test_all() = 0;
   /// The messages of the batch that have not completed yet (after a false test_all()).
   virtual std::vector<Message> pending() const = 0;

@@ -279,3 +279,26 @@ def kill_midway(local_size: int | None = None, timeout: float = 5.0) -> dict:
         # returns 0 in about 1 job of 4 (seen in CI; 5 of 20 in a bare mpi4py reproduction).
         return {"hard_exit": 1, "took": took, "error": type(e).__name__, "msg": str(e)}
     raise AssertionError("the loop ended without an error")
+
+
+def truncated_message(local_size: int | None = None, algo: str = "flat") -> dict:
+    """PIPER_CHECK=0 and counts that disagree: rank 1 sends rank 0 one row more than rank 0
+    expects. Rank 0's receive is truncated: it raises PiperUsageError naming the call, the
+    sender and its buffer, instead of writing past the buffer."""
+    comm = pc.init(local_size=local_size, timeout=5.0)
+    P, me = comm.size, comm.rank
+    send = np.full(P, 2)
+    if me == 1:
+        send[0] = 3
+    recv_counts = np.full(P, 2)
+    x = np.ones((int(send.sum()), 4), dtype=np.float32)
+    try:
+        comm.all_to_all_v(x, send, recv_counts=recv_counts, algorithm=algo)
+    except pc.PiperUsageError as e:
+        msg = str(e)
+        assert me == 0 and "all_to_all_v #1" in msg and "from rank 1" in msg, msg
+        assert "larger than its 32 B receive buffer" in msg, msg
+        return {"hard_exit": 0, "hard_exit_after_all": True, "raised": True}
+    except pc.PiperError as e:  # the other ranks may wait for rank 0, which left the call
+        return {"hard_exit": 0, "hard_exit_after_all": True, "raised": type(e).__name__}
+    return {"hard_exit": 0, "hard_exit_after_all": True, "raised": False}

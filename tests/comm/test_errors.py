@@ -69,3 +69,9 @@ def test_no_segment_outlives_a_job():
     before = _piper_segments()
     run_mpi(4, "comm.cases:exactness", {"local_size": 4, "kinds": ["numpy"], "full": False})
     assert sorted(set(_piper_segments()) - set(before)) == []
+
+
+def test_unchecked_count_mismatch_is_a_truncation_error_not_corruption():
+    run = run_mpi(3, "comm.cases:truncated_message", {"local_size": 1},
+                  env={"PIPER_CHECK": "0"}, timeout=120, expect_ok=False)
+    assert run.ranks[0] is not None and run.ranks[0]["result"]["raised"] is True, run.report()
