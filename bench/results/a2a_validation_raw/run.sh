@@ -1,5 +1,5 @@
 #!/bin/bash
-# quiet-host rerun of the a2a validation (issue 6)
+# quiet-host rerun of the a2a validation (bench/a2a_validation.py reads its output)
 cd "$(dirname "$0")/../../.."  # the repository root
 D=${1:?usage: run.sh OUTDIR}; mkdir -p $D
 for cfg in "2 1" "2 2" "4 1" "4 2" "8 2" "8 4"; do
