@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "common/error.hpp"
+#include "host/process.hpp"
 
 namespace piper::host {
 
@@ -40,21 +41,6 @@ void futex_wake_all(std::atomic<uint32_t>* word) {
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// False once the process is gone or a zombie (dead but not yet reaped by its launcher, which
-// kill(pid, 0) would still report as alive).
-bool process_alive(int64_t pid) {
-  if (kill(static_cast<pid_t>(pid), 0) < 0 && errno == ESRCH) return false;
-  char path[64];
-  std::snprintf(path, sizeof(path), "/proc/%lld/stat", static_cast<long long>(pid));
-  FILE* f = std::fopen(path, "r");
-  if (f == nullptr) return errno != ENOENT;
-  char buf[512];
-  const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
-  std::fclose(f);
-  buf[n] = 0;
-  const char* paren = std::strrchr(buf, ')');
-  return paren == nullptr || paren[1] == 0 || (paren[2] != 'Z' && paren[2] != 'X');
-}
 }  // namespace
 
 struct NodeChannel::Slot {

@@ -1,16 +1,14 @@
 #include "runtime/executor.hpp"
 
 #include <sched.h>
-#include <signal.h>
 #include <time.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
-#include <cstring>
 #include <set>
 
 #include "common/error.hpp"
+#include "host/process.hpp"
 
 namespace piper::runtime {
 
@@ -20,21 +18,6 @@ constexpr auto kSpinPhase = std::chrono::milliseconds(20);   // yield, then slee
 constexpr auto kCheckEvery = std::chrono::milliseconds(100);  // liveness and deadline checks
 constexpr long kSleepNs = 200'000;
 constexpr size_t kNamedMessages = 8;
-
-// False once the process is gone or a zombie (dead, not yet reaped by its launcher).
-bool process_alive(int64_t pid) {
-  if (kill(static_cast<pid_t>(pid), 0) < 0 && errno == ESRCH) return false;
-  char path[64];
-  std::snprintf(path, sizeof(path), "/proc/%lld/stat", static_cast<long long>(pid));
-  FILE* f = std::fopen(path, "r");
-  if (f == nullptr) return errno != ENOENT;
-  char buf[512];
-  const size_t n = std::fread(buf, 1, sizeof(buf) - 1, f);
-  std::fclose(f);
-  buf[n] = 0;
-  const char* paren = std::strrchr(buf, ')');
-  return paren == nullptr || paren[1] == 0 || (paren[2] != 'Z' && paren[2] != 'X');
-}
 
 std::string describe(const std::vector<Message>& todo) {
   std::string out;
@@ -86,7 +69,7 @@ std::vector<int64_t> Executor::dead_peers(const std::vector<Message>& pending) c
   std::vector<int64_t> dead;
   if (pids_.empty()) return dead;
   for (int64_t p : peers)
-    if (p >= 0 && same_host_[p] && !process_alive(pids_[p])) dead.push_back(p);
+    if (p >= 0 && same_host_[p] && !host::process_alive(pids_[p])) dead.push_back(p);
   return dead;
 }
 

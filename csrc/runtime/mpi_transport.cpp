@@ -46,34 +46,31 @@ void MpiTransport::fail(int code, const char* call) const {
                                     ": ", error_string(code)));
 }
 
-void MpiTransport::post_send(const void* buf, int64_t bytes, int64_t peer, int tag) {
+void MpiTransport::post(bool send, void* buf, int64_t bytes, int64_t peer, int tag) {
   MPI_Request req;
+  const int dest = static_cast<int>(peer);
   int rc;
 #if MPI_VERSION >= 4
-  rc = MPI_Isend_c(buf, static_cast<MPI_Count>(bytes), MPI_BYTE, static_cast<int>(peer), tag,
-                   comm_, &req);
+  const auto n = static_cast<MPI_Count>(bytes);
+  rc = send ? MPI_Isend_c(buf, n, MPI_BYTE, dest, tag, comm_, &req)
+            : MPI_Irecv_c(buf, n, MPI_BYTE, dest, tag, comm_, &req);
 #else
   PIPER_HOST_ASSERT(bytes <= INT_MAX);
-  rc = MPI_Isend(buf, static_cast<int>(bytes), MPI_BYTE, static_cast<int>(peer), tag, comm_, &req);
+  const int n = static_cast<int>(bytes);
+  rc = send ? MPI_Isend(buf, n, MPI_BYTE, dest, tag, comm_, &req)
+            : MPI_Irecv(buf, n, MPI_BYTE, dest, tag, comm_, &req);
 #endif
-  if (rc != MPI_SUCCESS) fail(rc, "MPI_Isend");
+  if (rc != MPI_SUCCESS) fail(rc, send ? "MPI_Isend" : "MPI_Irecv");
   requests_.push_back(req);
-  messages_.push_back({true, peer, bytes});
+  messages_.push_back({send, peer, bytes});
+}
+
+void MpiTransport::post_send(const void* buf, int64_t bytes, int64_t peer, int tag) {
+  post(true, const_cast<void*>(buf), bytes, peer, tag);  // MPI's send buffer is const
 }
 
 void MpiTransport::post_recv(void* buf, int64_t bytes, int64_t peer, int tag) {
-  MPI_Request req;
-  int rc;
-#if MPI_VERSION >= 4
-  rc = MPI_Irecv_c(buf, static_cast<MPI_Count>(bytes), MPI_BYTE, static_cast<int>(peer), tag,
-                   comm_, &req);
-#else
-  PIPER_HOST_ASSERT(bytes <= INT_MAX);
-  rc = MPI_Irecv(buf, static_cast<int>(bytes), MPI_BYTE, static_cast<int>(peer), tag, comm_, &req);
-#endif
-  if (rc != MPI_SUCCESS) fail(rc, "MPI_Irecv");
-  requests_.push_back(req);
-  messages_.push_back({false, peer, bytes});
+  post(false, buf, bytes, peer, tag);
 }
 
 bool MpiTransport::test_all() {

@@ -34,6 +34,7 @@ class MpiTransport final : public Transport {
   static std::string library_version();
 
  private:
+  void post(bool send, void* buf, int64_t bytes, int64_t peer, int tag);
   [[noreturn]] void fail(int code, const char* call) const;
 
   MPI_Comm comm_;
