@@ -36,6 +36,7 @@ moves no bytes over the intra-node link, at the price of two copies and two barr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +58,10 @@ class Links:
     alpha_barrier: float = 6e-6   # one shared-memory barrier of a node
     beta_copy: float = 6e9        # memcpy into / out of the node segment
 
+    @functools.cached_property
     def coefficients(self) -> np.ndarray:
-        """Seconds per unit of each Traffic term, in Traffic's field order."""
+        """Seconds per unit of each Traffic term, in Traffic's field order (computed once:
+        `choose` prices every call with it)."""
         return np.array([self.alpha_intra, 1 / self.beta_intra, self.alpha_inter,
                          1 / self.beta_inter, self.alpha_barrier, 1 / self.beta_copy])
 
@@ -80,7 +83,7 @@ class Traffic:
         """Time of this traffic under `links` (same shape as the fields)."""
         terms = (self.msgs_intra, self.bytes_intra, self.msgs_inter, self.bytes_inter,
                  self.barriers, self.copy_bytes)
-        return sum(t * c for t, c in zip(terms, links.coefficients()))
+        return sum(t * c for t, c in zip(terms, links.coefficients))
 
 
 _TOPOLOGIES: dict[bytes, _C.Topology] = {}
@@ -109,7 +112,7 @@ def traffic(send_bytes: np.ndarray, node_of: np.ndarray) -> dict[str, Traffic]:
 def predict(send_bytes: np.ndarray, node_of: np.ndarray, links: Links) -> dict[str, float]:
     """Predicted time of each algorithm ("flat", "halo") for a P x P matrix of bytes (row =
     source rank): the time of its slowest rank."""
-    flat, halo = (links.coefficients() @ _terms(send_bytes, node_of)).max(axis=1)
+    flat, halo = (links.coefficients @ _terms(send_bytes, node_of)).max(axis=1)
     return {"flat": float(flat), "halo": float(halo)}
 
 
