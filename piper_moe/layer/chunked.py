@@ -62,7 +62,8 @@ import numpy as np
 import torch
 
 from . import chunk_memory
-from .dispatch import _inverse, exchange_counts
+from .dispatch import _inverse, exchange_counts, weighted_sum
+from .precision import dequantize_fp8, pack_fp8, quantize_fp8, unpack_fp8
 
 log = logging.getLogger("piper.moe")
 
@@ -294,16 +295,22 @@ def _reverse(plan: ChunkPlan, src: torch.Tensor, dst: torch.Tensor, forward_send
     return dst
 
 
-def _redispatch(plan: ChunkPlan, x: torch.Tensor) -> torch.Tensor:
+def _redispatch(plan: ChunkPlan, x: torch.Tensor, fp8: bool = False) -> torch.Tensor:
     """The dispatched rows [R, H] (unchunked expert order) again, from the layer input x
-    [T, H]: the forward's gather and every chunk's dispatch all-to-all-v (all issued, then
-    waited). Collective: every rank of plan.comm calls it for the same forward."""
+    [T, H] (compute dtype): the forward's gather and every chunk's dispatch all-to-all-v (all
+    issued, then waited), as packed FP8 when fp8 (the same values as the forward's).
+    Collective: every rank of plan.comm calls it for the same forward."""
     send = x.index_select(0, plan.pair_token)
     if plan.to_send is not None:
         send = send.index_select(0, plan.to_send)
-    recv = x.new_empty((int(plan.offsets("recv")[-1]), x.shape[1]))
+    H, R = x.shape[1], int(plan.offsets("recv")[-1])
+    if fp8:
+        send = pack_fp8(*quantize_fp8(send))
+    recv = send.new_empty((R, send.shape[1]))
     # the dispatch direction: the combine's backward exchange (send side -> receive side)
     _reverse(plan, send.contiguous(), recv, forward_send="recv")
+    if fp8:
+        recv = dequantize_fp8(*unpack_fp8(recv, H), x.dtype)
     return recv.index_select(0, plan.to_expert)
 
 
@@ -315,12 +322,12 @@ class _Experts(torch.autograd.Function):
 
     apply(rows [R, H], w1, w3, w2, value [R, H], experts (the Experts module), counts (rows per
     local expert), memory ("save" | "offload" | "recompute", the same on every rank),
-    x [T, H] detached, plan (ChunkPlan, for the re-dispatch)).
+    x [T, H] detached, plan (ChunkPlan, for the re-dispatch), fp8 (the re-dispatch's wire)).
     """
 
     @staticmethod
-    def forward(ctx, rows, w1, w3, w2, value, experts, counts, memory, x, plan):
-        ctx.memory, ctx.device = memory, rows.device
+    def forward(ctx, rows, w1, w3, w2, value, experts, counts, memory, x, plan, fp8):
+        ctx.memory, ctx.device, ctx.fp8 = memory, rows.device, fp8
         if memory == "save":
             ctx.save_for_backward(rows)
         elif memory == "offload":
@@ -341,21 +348,23 @@ class _Experts(torch.autograd.Function):
         elif ctx.memory == "offload":
             rows = chunk_memory.reload(saved, ctx.event, ctx.device)
         else:
-            rows = _redispatch(ctx.plan, saved)
+            rows = _redispatch(ctx.plan, saved, ctx.fp8)
         ex = ctx.experts
         with torch.enable_grad():
             r = rows.detach().requires_grad_()
             y = ex(r, ctx.counts)
             grads = torch.autograd.grad(y, (r, ex.w1, ex.w3, ex.w2), grad, allow_unused=True)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 # -- the chunked forward
 def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
                     slot_of: torch.Tensor | None, chunks: int
                     ) -> tuple[torch.Tensor, SimpleNamespace, dict]:
-    """Dispatch -> experts -> combine of x [T, H] in `chunks` pipelined chunks. Returns
-    (y [T, H] without the shared expert, splits (send_splits / recv_splits summed over the
+    """Dispatch -> experts -> combine of x [T, H] (the compute dtype) in `chunks` pipelined
+    chunks, the dispatches as packed FP8 when layer.fp8_dispatch (each chunk dequantized when
+    it arrives). Returns (y [T, H] without the shared expert, in the combine's accumulate
+    dtype, splits (send_splits / recv_splits summed over the
     chunks, for layer._stats), timing {chunks, comm_seconds_exposed, comm_seconds_total,
     chunk_memory}). Collective, like dispatch and combine; the backward too (and its
     "recompute" strategy re-runs the dispatch). layer.chunk_memory (a ChunkMemory) decides
@@ -378,9 +387,14 @@ def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
     if plan.to_send is not None:
         gathered = gathered.index_select(0, plan.to_send)
     send = gathered.detach()
+    fp8 = layer.fp8_dispatch
+    if fp8:
+        send = pack_fp8(*quantize_fp8(send))
     # One allocation per forward: every chunk's dispatch is in flight at once, so each chunk
     # owns a row range of the receive buffer (and of the combine's send and receive buffers).
-    recv_buf = x.new_empty((int(r_off[-1]), H))
+    # FP8: the packed rows land in recv_buf and are dequantized per chunk into rows_buf.
+    recv_buf = send.new_empty((int(r_off[-1]), send.shape[1]))
+    rows_buf = x.new_empty((int(r_off[-1]), H)) if fp8 else recv_buf
     y_buf = x.new_empty((int(r_off[-1]), H))
     back_buf = x.new_empty((int(s_off[-1]), H))
     scratch = x.new_empty((int(np.diff(r_off).max(initial=0)), H))
@@ -395,7 +409,10 @@ def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
             clock.poll()
             clock.wait(dispatches[c])
             n = int(r_off[c + 1] - r_off[c])
-            rows = torch.index_select(recv_buf[r_off[c]:r_off[c + 1]], 0, plan.to_expert_c[c],
+            if fp8:
+                rows_buf[r_off[c]:r_off[c + 1]] = dequantize_fp8(
+                    *unpack_fp8(recv_buf[r_off[c]:r_off[c + 1]], H), x.dtype)
+            rows = torch.index_select(rows_buf[r_off[c]:r_off[c + 1]], 0, plan.to_expert_c[c],
                                       out=scratch[:n])
             out = layer.experts(rows, [int(v) for v in plan.recv_counts[c].sum(axis=0)])
             y_c = y_buf[r_off[c]:r_off[c + 1]]
@@ -406,20 +423,19 @@ def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
                 recv_counts=plan.send_rows(c), async_op=True)))
         for rec in combines:
             clock.wait(rec)
-        rows_value = recv_buf.index_select(0, plan.to_expert)
+        rows_value = rows_buf.index_select(0, plan.to_expert)
         y_value = y_buf.index_select(0, plan.to_expert)
         back_value = back_buf if plan.from_send is None else back_buf.index_select(
             0, plan.from_send)
-    del recv_buf, y_buf, scratch
+    del recv_buf, rows_buf, y_buf, scratch
 
     # Re-attach autograd: the same stages (and row orders) as the unchunked path.
     ex = layer.experts
     rows = _Dispatched.apply(gathered, rows_value, plan)
     y = _Experts.apply(rows, ex.w1, ex.w3, ex.w2, y_value, ex, plan.expert_counts, memory,
-                       x.detach(), plan)
+                       x.detach(), plan, fp8)
     back = _Combined.apply(y, back_value, plan)
-    w = routing.weights.reshape(-1).index_select(0, plan.pair_order).unsqueeze(1)
-    out = back.new_zeros(x.shape[0], H).index_add(0, plan.pair_token, back * w)
+    out = weighted_sum(back, routing.weights, plan.pair_order, plan.pair_token, x.shape[0])
     splits = SimpleNamespace(send_splits=[int(v) for v in plan.send_counts.sum(axis=(0, 2))],
                              recv_splits=[int(v) for v in plan.recv_counts.sum(axis=(0, 2))])
     timing = {"chunks": chunks, "comm_seconds_exposed": clock.exposed,

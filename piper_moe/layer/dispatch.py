@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .precision import Fp8Exchange, accumulate_dtype
+
 
 @dataclass(frozen=True)
 class DispatchHandle:
@@ -60,8 +62,14 @@ class DispatchHandle:
     from_send_order: torch.Tensor | None = None
 
 
-def exchange(x: torch.Tensor, send: list[int], recv: list[int], comm) -> torch.Tensor:
-    """Differentiable all-to-all-v of rows (identity without a communicator)."""
+def exchange(x: torch.Tensor, send: list[int], recv: list[int], comm, fp8: bool = False
+             ) -> torch.Tensor:
+    """Differentiable all-to-all-v of rows (identity without a communicator). fp8: the rows
+    travel as packed e4m3 + scales and arrive dequantized in x's dtype (precision.Fp8Exchange;
+    quantized even without a communicator, so every EP size computes on the same values);
+    the backward carries the gradient in its own dtype."""
+    if fp8:
+        return Fp8Exchange.apply(x.contiguous(), send, recv, comm, x.dtype)
     if comm is None:
         return x
     from piper_comm.torch import AllToAll  # imported (collectively) by MoELayer.__init__
@@ -78,12 +86,12 @@ def exchange_counts(counts: np.ndarray, comm) -> np.ndarray:
 
 
 def dispatch(x: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor | None,
-             num_experts: int, comm, slot_of: torch.Tensor | None = None
+             num_experts: int, comm, slot_of: torch.Tensor | None = None, fp8: bool = False
              ) -> tuple[torch.Tensor, DispatchHandle]:
     """x [T, hidden], experts int64 [T, k] logical expert ids (entries that keep drops may be
     -1), keep bool [T, k] or None (all kept), slot_of int64 [num_experts] on x's device or None
-    (identity placement) -> (rows [sum(expert_counts), hidden] grouped by this rank's local
-    slots, handle)."""
+    (identity placement), fp8: rows travel as FP8 (exchange) -> (rows [sum(expert_counts),
+    hidden] in x's dtype, grouped by this rank's local slots, handle)."""
     ep = 1 if comm is None else comm.size
     e_local = num_experts // ep
     T, k = experts.shape
@@ -114,7 +122,7 @@ def dispatch(x: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor | None,
     gathered = x.index_select(0, pair_token)
     if to_send is not None:
         gathered = gathered.index_select(0, to_send)
-    rows = exchange(gathered, send, recv, comm)
+    rows = exchange(gathered, send, recv, comm, fp8)
     handle = DispatchHandle(pair_order, pair_token, send, recv, to_expert, from_expert,
                             [int(c) for c in recv_counts.sum(axis=0)], T, comm, to_send,
                             from_send)
@@ -129,14 +137,25 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
 
 def combine(y: torch.Tensor, weights: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
     """y [sum(expert_counts), hidden] (dispatch's row order), weights [T, k] -> [T, hidden]:
-    out[t] = sum over t's kept choices c of weights[t, c] * expert_output(t, c)."""
+    out[t] = sum over t's kept choices c of weights[t, c] * expert_output(t, c). The rows
+    travel in y's dtype; the sum runs in accumulate_dtype (float32 for bf16 rows) and is
+    returned in the promoted dtype of y and weights."""
     back = exchange(y.index_select(0, handle.from_expert_order), handle.recv_splits,
                     handle.send_splits, handle.comm)
     if handle.from_send_order is not None:
         back = back.index_select(0, handle.from_send_order)
-    w = weights.reshape(-1).index_select(0, handle.pair_order).unsqueeze(1)
-    out = back.new_zeros(handle.tokens, back.shape[1])
-    return out.index_add(0, handle.pair_token, back * w)
+    return weighted_sum(back, weights, handle.pair_order, handle.pair_token, handle.tokens)
+
+
+def weighted_sum(back: torch.Tensor, weights: torch.Tensor, pair_order: torch.Tensor,
+                 pair_token: torch.Tensor, tokens: int) -> torch.Tensor:
+    """out [tokens, hidden] = sum over pairs p of weights.flat[pair_order[p]] * back[p] into
+    row pair_token[p]; back [N, hidden], accumulated in float32 at least (accumulate_dtype),
+    result dtype = promote(back, weights, accumulate)."""
+    dt = torch.promote_types(accumulate_dtype(back.dtype), weights.dtype)
+    w = weights.reshape(-1).index_select(0, pair_order).unsqueeze(1).to(dt)
+    out = back.new_zeros(tokens, back.shape[1], dtype=dt)
+    return out.index_add(0, pair_token, back.to(dt) * w)
 
 
 @dataclass(frozen=True)
@@ -173,7 +192,8 @@ def gateways(comm) -> np.ndarray:
 
 def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                    keep: torch.Tensor | None, num_experts: int, comm,
-                   slot_of: torch.Tensor | None = None) -> tuple[torch.Tensor, DedupHandle]:
+                   slot_of: torch.Tensor | None = None, fp8: bool = False
+                   ) -> tuple[torch.Tensor, DedupHandle]:
     """Node-level deduplicated dispatch: each token crosses to a node once, whatever the number
     of its experts there, then is replicated inside that node.
 
@@ -182,9 +202,11 @@ def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     slots of other nodes) and their weights ([k], differentiable). Stage 2: the gateway
     dispatches the received rows to the experts of its node (`dispatch`, intra-node only).
     x [T, hidden], experts int64 [T, k] logical ids, weights [T, k], keep bool [T, k] or None,
-    slot_of as in dispatch -> (rows grouped by this rank's local slots, handle). Collective,
-    like dispatch. Logical ids travel to the gateway; a placement that moves an expert to
-    another node changes which outputs are summed on which node (rounding, for top_k >= 3).
+    slot_of as in dispatch, fp8: both stages carry FP8 rows (the gateway re-quantizes the
+    dequantized rows, which is lossless: layer/precision.py) -> (rows grouped by this rank's
+    local slots, in x's dtype, handle). Collective, like dispatch. Logical ids travel to the
+    gateway; a placement that moves an expert to another node changes which outputs are
+    summed on which node (rounding, for top_k >= 3).
     """
     ep, T = comm.size, experts.shape[0]
     e_local = num_experts // ep
@@ -203,11 +225,11 @@ def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     send_counts = torch.bincount(row_gw, minlength=ep).cpu().numpy().reshape(ep, 1)
     send = [int(s) for s in send_counts[:, 0]]
     recv = [int(r) for r in exchange_counts(send_counts, comm)[:, 0]]
-    x_recv = exchange(x.index_select(0, row_token), send, recv, comm)
+    x_recv = exchange(x.index_select(0, row_token), send, recv, comm, fp8)
     w_recv = exchange(w, send, recv, comm)
     ids_recv, _ = comm.all_to_all_v(ids.cpu().contiguous(), send, recv_counts=recv)
     ids_recv = ids_recv.to(x.device)
-    rows, inner = dispatch(x_recv, ids_recv, ids_recv >= 0, num_experts, comm, slot_of)
+    rows, inner = dispatch(x_recv, ids_recv, ids_recv >= 0, num_experts, comm, slot_of, fp8)
     remote = pair_node[valid] != comm.node
     remote_rows = int((node_of[row_gw] != comm.node).sum())
     handle = DedupHandle(row_token, send, recv, w_recv, inner, T,
@@ -218,8 +240,10 @@ def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
 def combine_dedup(y: torch.Tensor, handle: DedupHandle) -> torch.Tensor:
     """Reverse of dispatch_dedup: y [sum(inner.expert_counts), hidden] -> [T, hidden]. The
     weighted outputs of a token's experts on one node are summed on that node's gateway, so
-    one row per (token, node) crosses back."""
-    partial = combine(y, handle.weights, handle.inner)
+    one row per (token, node) crosses back, in y's dtype (the partial sums are accumulated in
+    float32 at least and cast to it); the final sum runs as in combine."""
+    partial = combine(y, handle.weights, handle.inner).to(y.dtype)
     back = exchange(partial, handle.recv_splits, handle.send_splits, handle.inner.comm)
-    out = back.new_zeros(handle.tokens, back.shape[1])
-    return out.index_add(0, handle.row_token, back)
+    dt = torch.promote_types(accumulate_dtype(back.dtype), handle.weights.dtype)
+    out = back.new_zeros(handle.tokens, back.shape[1], dtype=dt)
+    return out.index_add(0, handle.row_token, back.to(dt))

@@ -11,13 +11,20 @@ from .init import SHARED_ID, generator, swiglu_weights
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """(silu(x w1) * (x w3)) w2 for x [N, hidden], w1/w3 [hidden, ffn], w2 [ffn, hidden]."""
+    """(silu(x w1) * (x w3)) w2 for x [N, hidden], w1/w3 [hidden, ffn], w2 [ffn, hidden],
+    computed in x's dtype (weights of another dtype are cast: bf16 compute over float32
+    master weights, whose gradients come back float32 through the cast)."""
+    w1, w3, w2 = (_as(w, x.dtype) for w in (w1, w3, w2))
     return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def _as(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return w if w.dtype == dtype else w.to(dtype)
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm wants float32/bf16/fp16 and 16-byte aligned row strides (checked
-    on torch 2.8+ CPU; float64 is refused)."""
+    on torch 2.8+ CPU; float64 is refused); the weights are used in x's dtype."""
     return (hasattr(torch, "_grouped_mm") and x.dtype in (torch.float32, torch.bfloat16,
                                                             torch.float16)
             and all(d * x.element_size() % 16 == 0 for d in (w.shape[1], w.shape[2])))
@@ -47,15 +54,17 @@ class Experts(nn.Module):
         no padding) -> [sum(counts), hidden] in the same order.
 
         grouped: use torch._grouped_mm (None: when dtype and shapes allow it); else a loop of
-        one GEMM chain per non-empty expert.
+        one GEMM chain per non-empty expert. Computed in x's dtype: with bf16 rows over float32
+        weights the weights are cast once per call (their gradients are float32).
         """
         if grouped is None:
             grouped = _grouped_mm_ok(x, self.w1) and _grouped_mm_ok(x, self.w2)
         if grouped and x.shape[0] > 0:
+            w1, w3, w2 = (_as(w, x.dtype) for w in (self.w1, self.w3, self.w2))
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-            h = F.silu(torch._grouped_mm(x, self.w1, offs=offs)) * torch._grouped_mm(
-                x, self.w3, offs=offs)
-            return torch._grouped_mm(h, self.w2, offs=offs)
+            h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(
+                x, w3, offs=offs)
+            return torch._grouped_mm(h, w2, offs=offs)
         outs, start = [], 0
         for j, n in enumerate(counts):
             if n:
@@ -81,5 +90,5 @@ class SharedExpert(nn.Module):
         self.w2 = nn.Parameter(w2.to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]."""
+        """x [T, hidden] -> [T, hidden], computed in x's dtype (swiglu)."""
         return swiglu(x, self.w1, self.w3, self.w2)

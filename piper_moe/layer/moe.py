@@ -14,6 +14,7 @@ from .config import MoEConfig
 from .dispatch import combine, combine_dedup, dispatch, dispatch_dedup, exchange_counts
 from .experts import Experts, SharedExpert
 from .ppmoe import DISPATCHERS, ppmoe_forward
+from .precision import check_precision, compute_dtype, fp8_row_bytes, param_dtype
 from .router import Router, balance_loss, capacity_keep
 
 EXPERT_KEYS = ("experts.w1", "experts.w3", "experts.w2")
@@ -94,6 +95,19 @@ class MoELayer(nn.Module):
         C = 1 (the unchunked path keeps its own intermediates). layer.stats["chunk_memory"]: the
         strategy this forward used (None when C = 1); layer.chunk_memory: the ChunkMemory.
 
+    precision: "fp32" (default: parameters and compute in dtype), "bf16-mixed" (parameters
+        in float32, whatever dtype says; expert and shared-expert GEMMs, dispatched and
+        combined rows in bfloat16; router, combine sum and aux_loss in float32) or "bf16"
+        (parameters in bfloat16 too). The output has x's dtype. What stays float32 and why:
+        layer/precision.py.
+    fp8_dispatch: the dispatch all-to-all (and dedup's inter-node stage, the chunked layer's
+        dispatches, PPMoE's sequence-sharded all-gather) carries rows as float8 e4m3 with a
+        power-of-two float32 scale per 128 hidden elements, dequantized to bf16 for the
+        experts; combine and every backward exchange stay bf16 (layer/precision.py). Needs
+        precision "bf16-mixed" or "bf16". layer.stats then counts the packed FP8 bytes.
+    layer.stats also has bytes_dispatch and bytes_combine: the bytes this rank sends to other
+        ranks in each direction (intra + inter node), at the wire format used.
+
     Replicated parameters (router, shared expert) get per-rank partial gradients: sum them
     over ranks (data-parallel all-reduce) to get the global-batch gradient.
     """
@@ -102,9 +116,14 @@ class MoELayer(nn.Module):
                  device="cpu", dedup: bool = True, *, stats_comm=None, slot_of=None,
                  dispatcher: str = "alltoall", sequence_sharded: bool = False,
                  pipeline_chunks=1, pipeline_recheck: int = 50, chunk_memory: str = "auto",
-                 chunk_memory_headroom: float = 0.25):
+                 chunk_memory_headroom: float = 0.25, precision: str = "fp32",
+                 fp8_dispatch: bool = False):
         super().__init__()
         _check_dispatcher(dispatcher, comm, sequence_sharded)
+        check_precision(precision, fp8_dispatch)
+        self.precision, self.fp8_dispatch = precision, bool(fp8_dispatch)
+        self.compute_dtype = compute_dtype(precision, dtype)
+        dtype = param_dtype(precision, dtype)
         self.dispatcher, self.sequence_sharded = dispatcher, sequence_sharded
         ep = 1 if comm is None else comm.size
         if cfg.num_experts % ep:
@@ -160,10 +179,24 @@ class MoELayer(nn.Module):
         lo = self.rank * self.e_local
         return np.argsort(self._slot_of, kind="stable")[lo:lo + self.e_local]
 
+    def row_bytes(self) -> tuple[int, int]:
+        """Bytes of one token row on the wire: (dispatch, combine), at the compute dtype, or
+        packed FP8 for the dispatch with fp8_dispatch."""
+        h = self.cfg.hidden
+        combine = h * self.compute_dtype.itemsize
+        return (fp8_row_bytes(h) if self.fp8_dispatch else combine), combine
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]; collective (see the class docstring)."""
-        if self.dispatcher == "ppmoe":
-            return ppmoe_forward(self, x)
+        """x [T, hidden] -> [T, hidden] in x's dtype; collective (see the class docstring).
+        Autocast is off inside: the precision policy casts explicitly."""
+        with torch.autocast(x.device.type, enabled=False):
+            y = (ppmoe_forward(self, x) if self.dispatcher == "ppmoe"
+                 else self._forward(x))
+        return y.to(x.dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The all-to-all dispatcher's forward: the router on x as given, everything else on
+        x in the compute dtype; returns [T, hidden] in the combine's accumulate dtype."""
         cfg = self.cfg
         routing = self.router(x)
         keep = (capacity_keep(routing.experts, cfg) if cfg.capacity_factor is not None
@@ -176,23 +209,25 @@ class MoELayer(nn.Module):
         global_load = torch.from_numpy(load[:-1]).to(x.device)
         self.aux_loss = (balance_loss(routing.probs, global_load, int(load[-1]), cfg)
                          if cfg.aux_loss_coef else routing.probs.sum() * 0)
-        row_bytes = x.element_size() * cfg.hidden
+        row_bytes = self.row_bytes()
         slot_of = self._slot_t
         if slot_of is not None and slot_of.device != x.device:
             slot_of = self._slot_t = slot_of.to(x.device)
         chunks = self._chunks()
+        fp8 = self.fp8_dispatch
+        x = x.to(self.compute_dtype)
         if self.dedup:
             rows, handle = dispatch_dedup(x, routing.experts, routing.weights, keep,
-                                          cfg.num_experts, self.comm, slot_of)
+                                          cfg.num_experts, self.comm, slot_of, fp8)
             y = combine_dedup(self.experts(rows, handle.inner.expert_counts), handle)
             self.stats = self._stats(load[:-1], [handle, handle.inner], row_bytes,
-                                     2 * row_bytes * handle.inter_node_rows_saved)
+                                     sum(row_bytes) * handle.inter_node_rows_saved)
         elif chunks > 1:
             y, splits, timing = chunked_forward(self, x, routing, keep, slot_of, chunks)
             self.stats = {**self._stats(load[:-1], [splits], row_bytes, 0), **timing}
         else:
             rows, handle = dispatch(x, routing.experts, keep, cfg.num_experts, self.comm,
-                                    slot_of)
+                                    slot_of, fp8)
             y = combine(self.experts(rows, handle.expert_counts), routing.weights, handle)
             self.stats = self._stats(load[:-1], [handle], row_bytes, 0)
         if chunks == 1:  # synchronous exchanges: nothing hidden, their time not measured
@@ -226,20 +261,26 @@ class MoELayer(nn.Module):
         n = 1 if comm is None else comm.size
         return exchange_counts(np.tile(v, (n, 1)), comm).sum(axis=0)
 
-    def _stats(self, load: np.ndarray, handles: list, row_bytes: int, saved: int) -> dict:
-        """handles: the exchanges of this forward (each with send_splits / recv_splits)."""
-        intra = inter = 0
+    def _stats(self, load: np.ndarray, handles: list, row_bytes: tuple[int, int], saved: int
+               ) -> dict:
+        """handles: the exchanges of this forward (each with send_splits, the rows this rank
+        sends in the dispatch direction, and recv_splits, the rows it sends back in the
+        combine direction); row_bytes: (dispatch, combine) bytes per row."""
+        intra = inter = sent_dispatch = sent_combine = 0
         if self.comm is not None:
             for r in range(self.ep):
                 if r == self.rank:
                     continue
-                b = sum(h.send_splits[r] + h.recv_splits[r] for h in handles) * row_bytes
+                d = sum(h.send_splits[r] for h in handles) * row_bytes[0]
+                c = sum(h.recv_splits[r] for h in handles) * row_bytes[1]
+                sent_dispatch, sent_combine = sent_dispatch + d, sent_combine + c
                 if self.comm._node_of[r] == self.comm.node:
-                    intra += b
+                    intra += d + c
                 else:
-                    inter += b
+                    inter += d + c
         return {"tokens_per_expert": [int(n) for n in load], "bytes_sent_intra_node": intra,
-                "bytes_sent_inter_node": inter, "bytes_saved_by_dedup": saved}
+                "bytes_sent_inter_node": inter, "bytes_saved_by_dedup": saved,
+                "bytes_dispatch": sent_dispatch, "bytes_combine": sent_combine}
 
     # -- whole-model state across layouts
     def global_state_dict(self) -> dict[str, torch.Tensor]:

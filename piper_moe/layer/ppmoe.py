@@ -41,7 +41,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .dispatch import exchange_counts
+from .dispatch import exchange_counts, weighted_sum
+from .precision import dequantize_fp8, pack_fp8, quantize_fp8, unpack_fp8
 from .router import balance_loss, capacity_keep
 
 DISPATCHERS = ("alltoall", "ppmoe")
@@ -77,18 +78,23 @@ def _all_reduce(x: torch.Tensor, comm) -> torch.Tensor:
 
 
 class GatherFromGroup(torch.autograd.Function):
-    """y = all-gather(x): x [counts[rank], *] -> y [sum(counts), *] on every rank. Every rank
+    """y = all-gather(x): x [counts[rank], D] -> y [sum(counts), D] on every rank. Every rank
     uses all of y, so the gradient of rank r's shard is the sum over ranks of their gradients
-    of its rows: the backward is a reduce-scatter."""
+    of its rows: the backward is a reduce-scatter (in the gradient's dtype). fp8: the rows
+    travel as packed FP8 and arrive dequantized in x's dtype (layer/precision.py), the
+    backward taking the quantization as the identity."""
 
     @staticmethod
-    def forward(ctx, x, counts, comm):
+    def forward(ctx, x, counts, comm, fp8=False):
         ctx.counts, ctx.comm = counts, comm
-        return _all_gather(x, counts, comm)
+        if not fp8:
+            return _all_gather(x, counts, comm)
+        packed = _all_gather(pack_fp8(*quantize_fp8(x)), counts, comm)
+        return dequantize_fp8(*unpack_fp8(packed, x.shape[1]), x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.counts, ctx.comm), None, None
+        return _reduce_scatter(grad, ctx.counts, ctx.comm), None, None, None
 
 
 class ScatterToGroup(torch.autograd.Function):
@@ -148,15 +154,20 @@ def shard_counts(rows: int, comm) -> list[int]:
 
 def ppmoe_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """The forward of MoELayer(dispatcher="ppmoe"): x [T, D] (replicated) or [T_r, D] (shard,
-    sequence_sharded) -> the same shape. Sets layer.aux_loss and layer.stats (module
-    docstring)."""
+    sequence_sharded) -> the same shape, in the layer's accumulate dtype. Sets layer.aux_loss
+    and layer.stats (module docstring). Precision: the shards are gathered in the compute
+    dtype (as FP8 with layer.fp8_dispatch), so under bf16 the router runs (in float32) on the
+    gathered bf16 rows; the experts run in the compute dtype and the partials are summed over
+    the group in it (each rank's partial accumulated in float32 first). The replicated mode
+    moves no token rows, so fp8_dispatch changes nothing there."""
     cfg, comm = layer.cfg, layer.comm
     n, me = comm.size, comm.rank
     # Gather the group's tokens (sequence-sharded), so every rank routes all of them
     shard = None
     if layer.sequence_sharded:
         shard = shard_counts(x.shape[0], comm)
-        x_TD = GatherFromGroup.apply(x, shard, comm)
+        x_TD = GatherFromGroup.apply(x.to(layer.compute_dtype), shard, comm,
+                                     layer.fp8_dispatch)
     else:
         x_TD = x
     T, K = x_TD.shape[0], cfg.top_k
@@ -189,31 +200,34 @@ def ppmoe_forward(layer, x: torch.Tensor) -> torch.Tensor:
         x_in, w_TK = CopyToGroup.apply(x_TD, routing.weights, comm)
     else:
         x_in, w_TK = x_TD, routing.weights
+    cdt = layer.compute_dtype
+    x_in = x_in.to(cdt)
     out = layer.experts(x_in.index_select(0, token), counts.tolist())
-    w = w_TK.reshape(-1).index_select(0, pairs).unsqueeze(1)
-    partial_TD = x_in.new_zeros(T, x_in.shape[1]).index_add(0, token, out * w)
+    partial_TD = weighted_sum(out, w_TK, pairs, token, T).to(cdt)
     # Sum the partials over the group: everywhere (replicated) or each rank its rows (sharded)
     if shard is None:
         y = ReduceFromGroup.apply(partial_TD, comm)
         sent = _peer_rows(chunks(T, n), me)
+        gathered = [0] * n
     else:
         y = ScatterToGroup.apply(partial_TD, shard, comm)
-        sent = _peer_rows(shard, me, gathered=shard[me])
-    layer.stats = layer._stats(load[:-1], [SimpleNamespace(send_splits=sent,
-                                                           recv_splits=[0] * n)],
-                               x.element_size() * cfg.hidden, 0)
+        sent = _peer_rows(shard, me, replicated=False)
+        gathered = [0 if s == me else shard[me] for s in range(n)]
+    # dispatch direction: the token all-gather; combine direction: the sum of the partials
+    layer.stats = layer._stats(load[:-1], [SimpleNamespace(send_splits=gathered,
+                                                           recv_splits=sent)],
+                               layer.row_bytes(), 0)
     # Shared expert once per row: after the sum, on the rows this rank returns
     if layer.shared is not None:
-        y = y + layer.shared(x)
+        y = y + layer.shared(x.to(cdt))
     if layer.training and cfg.bias_update_rate:
         layer.router.update_bias(global_load)
     return y
 
 
-def _peer_rows(counts: list[int], me: int, gathered: int | None = None) -> list[int]:
-    """Rows this rank sends to each peer in forward: the reduce-scatter sends peer s its chunk
-    (counts[s] rows); the all-gather sends each peer this rank's chunk (counts[me]) in the
-    replicated all-reduce, or this rank's shard (`gathered` rows) in the sequence-sharded
-    input all-gather."""
-    back = counts[me] if gathered is None else gathered
+def _peer_rows(counts: list[int], me: int, replicated: bool = True) -> list[int]:
+    """Rows of partial sums this rank sends to each peer in forward: the reduce-scatter sends
+    peer s its chunk (counts[s] rows), and in the replicated all-reduce the all-gather sends
+    each peer this rank's summed chunk (counts[me] rows) too."""
+    back = counts[me] if replicated else 0
     return [0 if s == me else c + back for s, c in enumerate(counts)]

@@ -12,15 +12,33 @@ from torch import nn
 
 from .config import MoEConfig
 from .experts import Experts, SharedExpert, swiglu
+from .precision import (
+    accumulate_dtype,
+    check_precision,
+    compute_dtype,
+    fake_quantize_fp8,
+    param_dtype,
+)
 from .router import Router, balance_loss, capacity_keep
 
 
 class ReferenceMoE(nn.Module):
     """y = ref(x) for the whole batch x [T, hidden] -> [T, hidden]; ref.aux_loss after it.
-    Training-mode bias updates behave as in MoELayer."""
+    Training-mode bias updates behave as in MoELayer.
 
-    def __init__(self, cfg: MoEConfig, seed: int = 0, dtype=torch.float32, device="cpu"):
+    precision, fp8_dispatch: MoELayer's policy (layer/precision.py) applied the textbook way:
+    the router on x as given (in float32 at least), the experts and the shared expert on x
+    in the compute dtype (with fp8_dispatch: the experts on fake_quantize_fp8 of it, the
+    gradient passing straight through), the weighted sum in float32 at least, the output in
+    x's dtype."""
+
+    def __init__(self, cfg: MoEConfig, seed: int = 0, dtype=torch.float32, device="cpu",
+                 precision: str = "fp32", fp8_dispatch: bool = False):
         super().__init__()
+        check_precision(precision, fp8_dispatch)
+        self.compute_dtype = compute_dtype(precision, dtype)
+        self.fp8_dispatch = fp8_dispatch
+        dtype = param_dtype(precision, dtype)
         self.cfg = cfg
         self.router = Router(cfg, seed, dtype, device)
         self.experts = Experts(cfg, 0, cfg.num_experts, seed, dtype, device)
@@ -34,17 +52,23 @@ class ReferenceMoE(nn.Module):
         chosen = routing.experts
         if cfg.capacity_factor is not None:
             chosen = chosen.masked_fill(~capacity_keep(chosen, cfg), -1)
-        out = torch.zeros_like(x)
+        x_in, x = x, x.to(self.compute_dtype)
+        x_e = x
+        if self.fp8_dispatch:  # the values an FP8 dispatch delivers; straight-through grad
+            x_e = x + (fake_quantize_fp8(x.detach(), x.dtype) - x).detach()
+        acc = torch.promote_types(accumulate_dtype(x.dtype), routing.weights.dtype)
+        out = torch.zeros(x.shape, dtype=acc, device=x.device)
         for e in range(cfg.num_experts):
             token, choice = (chosen == e).nonzero(as_tuple=True)
             if token.numel():
-                h = swiglu(x.index_select(0, token), self.experts.w1[e], self.experts.w3[e],
+                h = swiglu(x_e.index_select(0, token), self.experts.w1[e], self.experts.w3[e],
                            self.experts.w2[e])
-                out = out.index_add(0, token, h * routing.weights[token, choice].unsqueeze(1))
+                out = out.index_add(0, token, h.to(acc)
+                                    * routing.weights[token, choice].unsqueeze(1).to(acc))
         load = torch.bincount(chosen[chosen >= 0], minlength=cfg.num_experts)
         self.aux_loss = balance_loss(routing.probs, load, x.shape[0], cfg)
         if self.training and cfg.bias_update_rate:
             self.router.update_bias(load)
         if self.shared is not None:
             out = out + self.shared(x)
-        return out
+        return out.to(x_in.dtype)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .init import router_weight
+from .precision import accumulate_dtype
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,12 @@ class Router(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.num_experts, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """x [T, hidden] -> Routing for those T tokens."""
+        """x [T, hidden] -> Routing for those T tokens. Logits, scores, weights and probs are
+        computed in at least float32 (precision.accumulate_dtype: bf16 inputs and weights are
+        upcast; see layer/precision.py for why)."""
         cfg = self.cfg
-        logits = x @ self.weight.t()
+        dt = accumulate_dtype(x.dtype)
+        logits = x.to(dt) @ self.weight.to(dt).t()
         if cfg.router == "softmax":
             scores = logits.softmax(dim=-1)
             probs = scores

@@ -1,0 +1,207 @@
+"""Precision policies of the MoE layer and the trainer, and FP8 (e4m3) token dispatch.
+
+Policies (``precision=``; the names the layer, the model and ``python -m piper_moe.train``
+accept):
+
+- ``fp32``: parameters, optimizer state and compute in the parameter dtype (float32, or
+  float64 for the exactness tests).
+- ``bf16-mixed``: parameters and AdamW state in float32 (the master weights), compute in
+  bfloat16: expert and shared-expert GEMMs (weights cast per forward, the cast's backward
+  returns a float32 gradient), attention and dense layers (the model runs them under
+  ``torch.autocast``), the dispatched rows and the combine exchange. What stays float32, and
+  why: the router logits, softmax / sigmoid and top-k (a bf16 logit has 8 significant bits,
+  so near ties the chosen experts would flip between runs and layouts, and the combine
+  weights and the balancing loss are probabilities summed over many tokens), the combine's
+  weighted sum over a token's top-k outputs (accumulated in float32, then cast), RMSNorm and
+  RoPE (they already compute in float32), the residual stream between blocks, the logits'
+  cross-entropy and the loss. Gradients: every parameter's ``.grad`` is float32 (the master
+  dtype), so micro-batch accumulation and the data-parallel all-reduce sum in float32; a
+  bf16 reduction would halve the gradient bytes but round each partial sum to 8 bits, which
+  costs more than it saves on this library's CPU transports, where the gradient all-reduce
+  is a small part of a step.
+- ``bf16``: everything in bfloat16, parameters and AdamW state included (what Piper did
+  before mixed precision: half the memory, and updates smaller than 2^-8 of a weight are
+  lost). The router logits, the combine sum and the loss are still computed in float32.
+- ``auto`` (trainer config and ``resolve``): ``bf16-mixed`` where bfloat16 GEMMs are native
+  (a CUDA device with bf16, or a CPU with AVX512-BF16 / AMX as oneDNN reports), else
+  ``fp32``.
+
+FP8 dispatch (``fp8_dispatch=True``, with ``bf16-mixed`` or ``bf16``): the dispatch
+all-to-all carries each token row as float8 e4m3 (torch.float8_e4m3fn) with one float32 scale
+per block of ``FP8_BLOCK`` = 128 consecutive hidden elements (DeepSeek-V3's 1x128 activation
+tiles; the last block of a row may be shorter), packed into one uint8 row of
+``fp8_row_bytes(hidden)`` bytes so that one all-to-all moves both. Scales are powers of two
+(the smallest with amax(block) / scale <= 448, as DeepGEMM's UE8M0 scales), so
+dequantization (``q * scale``, exact in bfloat16) and re-quantization of a dequantized row
+are lossless; the node-dedup path can therefore re-quantize at its gateway. The expert input
+is the dequantized bf16 row (no scaled FP8 GEMM on CPU). The combine exchange carries bf16.
+Backward: the dispatch's gradient (combine direction) travels in bf16, with the
+quantization treated as the identity (straight-through), as DeepEP's combine and
+DeepSeek-V3's backward do: gradients have a wider dynamic range than activations and feed
+the weight updates directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16")
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+FP8_BLOCK = 128
+_SCALE_BYTES = 4  # float32 scales
+
+
+# -- policies
+def check_precision(precision: str, fp8_dispatch: bool = False) -> None:
+    """ValueError unless precision is one of PRECISIONS and fp8_dispatch is used with a
+    bfloat16 compute precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if fp8_dispatch and precision == "fp32":
+        raise ValueError("fp8_dispatch=True needs precision 'bf16-mixed' or 'bf16' (the "
+                         "expert input is dequantized to bfloat16), got 'fp32'")
+
+
+def bf16_native(device) -> bool:
+    """True when bfloat16 GEMMs run natively on device: CUDA with bf16 support, or a CPU
+    whose oneDNN has bf16 kernels (AVX512-BF16 / AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve(precision: str, device) -> str:
+    """'auto' -> 'bf16-mixed' where bf16 is native on device (bf16_native), else 'fp32';
+    any other name is checked and returned."""
+    if precision == "auto":
+        return "bf16-mixed" if bf16_native(device) else "fp32"
+    check_precision(precision)
+    return precision
+
+
+def param_dtype(precision: str, dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of parameters and optimizer state: dtype for 'fp32' (float32 or float64),
+    float32 for 'bf16-mixed', bfloat16 for 'bf16'."""
+    check_precision(precision)
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "bf16-mixed":
+        return torch.float32
+    return dtype
+
+
+def compute_dtype(precision: str, dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype GEMMs and dispatched rows use: dtype for 'fp32', bfloat16 otherwise."""
+    check_precision(precision)
+    return dtype if precision == "fp32" else torch.bfloat16
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums over a token's experts and the router run in: float32 for 16-bit
+    dtypes, dtype itself for float32 / float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# -- FP8 quantization
+def fp8_blocks(hidden: int) -> int:
+    """Scale blocks per row: ceil(hidden / FP8_BLOCK)."""
+    return -(-hidden // FP8_BLOCK)
+
+
+def fp8_row_bytes(hidden: int) -> int:
+    """Bytes of one packed FP8 row on the wire: hidden e4m3 bytes + 4 bytes per scale."""
+    return hidden + _SCALE_BYTES * fp8_blocks(hidden)
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H] (any float dtype, finite) -> (q float8_e4m3fn [N, H], scales float32 [N, nb]),
+    nb = fp8_blocks(H), such that x ~= q * scale of its block. scale = the smallest power of
+    two with amax(block) / scale <= 448 (1.0 for an all-zero block); q = x / scale rounded to
+    nearest even. Error: |dequantized - x| <= max(|x| * 2^-4, scale * 2^-10) per element
+    (3 mantissa bits; subnormals below 2^-6 * scale). Non-finite inputs give NaN rows."""
+    N, H = x.shape
+    nb = fp8_blocks(H)
+    xf = x.detach().float()
+    if nb * FP8_BLOCK != H:
+        xf = torch.nn.functional.pad(xf, (0, nb * FP8_BLOCK - H))
+    blocks = xf.view(N, nb, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=-1)
+    # amax = m * 2^e, m in [0.5, 1): the smallest 2^s with amax / 2^s <= 448 = 0.875 * 2^9
+    # is s = e - 9, or e - 8 when m > 0.875 (exact: frexp / ldexp only move the exponent).
+    m, e = torch.frexp(amax)
+    e = e - 9 + (m > FP8_MAX / 512).to(e.dtype)
+    scales = torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), e),
+                         torch.ones_like(amax))
+    q = (blocks / scales.unsqueeze(-1)).to(FP8_DTYPE).view(N, nb * FP8_BLOCK)[:, :H]
+    return q.contiguous(), scales
+
+
+def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+                   ) -> torch.Tensor:
+    """(q float8_e4m3fn [N, H], scales float32 [N, nb]) -> [N, H] in dtype: q * scale.
+    Exact in bfloat16 and float32 (3 mantissa bits times a power of two)."""
+    N, H = q.shape
+    nb = scales.shape[1]
+    qf = q.float()
+    if nb * FP8_BLOCK != H:
+        qf = torch.nn.functional.pad(qf, (0, nb * FP8_BLOCK - H))
+    out = qf.view(N, nb, FP8_BLOCK) * scales.unsqueeze(-1)
+    return out.view(N, nb * FP8_BLOCK)[:, :H].to(dtype)
+
+
+def pack_fp8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(q [N, H] e4m3, scales float32 [N, nb]) -> uint8 [N, fp8_row_bytes(H)]: each row's H
+    e4m3 bytes, then its nb scales' bytes (native byte order; both ends are one machine
+    architecture)."""
+    N, nb = scales.shape
+    return torch.cat([q.view(torch.uint8), scales.contiguous().view(torch.uint8)
+                      .view(N, nb * _SCALE_BYTES)], dim=1)
+
+
+def unpack_fp8(buf: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [N, fp8_row_bytes(hidden)] -> (q e4m3 [N, hidden], scales float32 [N, nb])."""
+    q = buf[:, :hidden].contiguous().view(FP8_DTYPE)
+    scales = buf[:, hidden:].contiguous().view(torch.float32)
+    return q, scales
+
+
+def fake_quantize_fp8(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """dequantize_fp8(*quantize_fp8(x), dtype): the values an FP8 dispatch delivers, without
+    any exchange (the reference for the layer's FP8 path)."""
+    return dequantize_fp8(*quantize_fp8(x), dtype)
+
+
+# -- the FP8 exchange
+def fp8_all_to_all_v(x: torch.Tensor, send: list[int], recv: list[int], comm,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Rows x [sum(send), H] -> the rows received [sum(recv), H] in dtype, travelling as packed
+    FP8 (quantize, all-to-all-v of uint8 rows, dequantize). No autograd; collective."""
+    H = x.shape[1]
+    buf = pack_fp8(*quantize_fp8(x))
+    if comm is not None:
+        buf, _ = comm.all_to_all_v(buf, send, recv_counts=recv)
+    return dequantize_fp8(*unpack_fp8(buf, H), dtype)
+
+
+class Fp8Exchange(torch.autograd.Function):
+    """Differentiable FP8 all-to-all-v of rows: forward as fp8_all_to_all_v (output in
+    `dtype`); backward: the reverse all-to-all-v of the gradient in its own dtype (bf16), the
+    quantization taken as the identity (straight-through). apply(x [sum(send), H], send,
+    recv, comm, dtype) -> [sum(recv), H]."""
+
+    @staticmethod
+    def forward(ctx, x, send, recv, comm, dtype):
+        ctx.send, ctx.recv, ctx.comm, ctx.x_dtype = send, recv, comm, x.dtype
+        return fp8_all_to_all_v(x, send, recv, comm, dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.contiguous()
+        if ctx.comm is not None:
+            g, _ = ctx.comm.all_to_all_v(g, ctx.recv, recv_counts=ctx.send)
+        return g.to(ctx.x_dtype), None, None, None, None
