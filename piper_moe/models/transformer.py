@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer.config import MoEConfig
+from ..layer.precision import check_precision, param_dtype
 from ..model.spec import ModelSpec
 from .blocks import DenseFFN, RMSNorm, make_attention, rope_dim, rope_tables
 
@@ -209,11 +210,17 @@ class Stage(nn.Module):
     and the final norm + LM head if ``last``.
 
     Stage(spec, layers, *, first, last, ep_comm=None, seed=0, dtype=torch.float32,
-          device="cpu", moe_overrides=None, moe_kwargs=None)
+          device="cpu", moe_overrides=None, moe_kwargs=None, precision="fp32")
         ep_comm: piper_comm.Communicator for the MoE layers' expert parallelism (None: EP=1).
             Construction is collective over it when the stage has MoE layers.
         moe_overrides: MoEConfig fields on top of moe_config(spec) (aux_loss_coef, ...).
-        moe_kwargs: passed untouched to every MoELayer (dedup, stats_comm, ...).
+        moe_kwargs: passed to every MoELayer (dedup, stats_comm, fp8_dispatch, ...), with
+            precision added.
+        precision: "fp32" (everything in dtype), "bf16-mixed" (parameters in dtype = float32;
+            the forward runs under torch.autocast(bfloat16): attention, dense FFN and head
+            GEMMs in bf16; RMSNorm, RoPE and the residual stream in float32; the MoE layers
+            apply their own policy, piper_moe/layer/precision.py) or "bf16" (dtype must be
+            bfloat16). The logits are bf16 under bf16-mixed; cross_entropy upcasts them.
         tied_embeddings needs first and last in the same Stage (ValueError otherwise).
 
     y = stage(x): first: x int64 tokens [b, s]; else x hidden [b, s, h]. Returns logits
@@ -225,8 +232,15 @@ class Stage(nn.Module):
 
     def __init__(self, spec: ModelSpec, layers: range, *, first: bool, last: bool,
                  ep_comm=None, seed: int = 0, dtype=torch.float32, device="cpu",
-                 moe_overrides: dict | None = None, moe_kwargs: dict | None = None):
+                 moe_overrides: dict | None = None, moe_kwargs: dict | None = None,
+                 precision: str = "fp32"):
         super().__init__()
+        check_precision(precision)
+        if param_dtype(precision, dtype) != dtype:
+            raise ValueError(f"Stage precision={precision!r} keeps parameters in "
+                             f"{param_dtype(precision, dtype)}, got dtype={dtype}")
+        self.precision = precision
+        moe_kwargs = {**(moe_kwargs or {}), "precision": precision}
         if not isinstance(layers, range) or layers.step != 1:
             raise ValueError(f"Stage layers must be a consecutive range (got {layers!r})")
         if layers.start < 0 or layers.stop > spec.num_layers or layers.start > layers.stop:
@@ -256,6 +270,12 @@ class Stage(nn.Module):
             _init_normal(self.head.weight, seed, "head", "weight", INIT_STD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision != "bf16-mixed":
+            return self._forward(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.first:
             if x.dtype != torch.int64 or x.dim() != 2:
                 raise ValueError(f"first Stage takes int64 tokens [b, s] (got {x.dtype} "

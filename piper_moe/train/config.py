@@ -6,7 +6,7 @@
     steps: 200
     moe: {aux_loss_coef: 0.01, bias_update_rate: 0.0}      # MoEConfig overrides
     moe_layer: {dispatcher: alltoall, pipeline_chunks: 1, dedup: true, pipeline_recheck: 50,
-                chunk_memory: auto, chunk_memory_headroom: 0.25}
+                chunk_memory: auto, chunk_memory_headroom: 0.25, fp8_dispatch: false}
         # dispatcher "ppmoe": the EP group all-gathers its tokens, each rank runs its experts
         #   by index selection, a reduce-scatter returns the rows (PPMoE; needs ep == dp and
         #   the EP group inside a node); pipeline_chunks C > 1 or "auto": MPipeMoE-style
@@ -15,7 +15,15 @@
         #   layer keeps of its dispatched rows for backward (auto: by free memory, the same
         #   choice on every EP rank; see piper_moe/layer/chunk_memory.py);
         #   chunk_memory_headroom in (0, 1]: auto keeps the rows on the device while they
-        #   take at most this fraction of its free memory
+        #   take at most this fraction of its free memory; fp8_dispatch: tokens cross the
+        #   dispatch all-to-all as float8 e4m3 with per-128-element scales (needs a bf16
+        #   precision; piper_moe/layer/precision.py)
+    precision: auto                 # fp32 | bf16-mixed | bf16 | auto (piper_moe/layer/
+        #   precision.py): bf16-mixed keeps float32 parameters and AdamW state and computes
+        #   in bf16; auto is bf16-mixed where bf16 GEMMs are native (CUDA with bf16, CPUs with
+        #   AVX512-BF16 / AMX), else fp32. dtype (float32 | float64 | bfloat16) is the
+        #   parameter dtype of fp32 runs: float64 runs (exactness tests) resolve auto to fp32,
+        #   and dtype bfloat16 means precision bf16.
     strategy: {pp: 2, dp: 2, ep: 2, schedule: 1f1b, vpp: 1}  # or: strategy: auto
                                     # (order: "ep,edp,pp" rank order, innermost first)
     batch: {micro_batch: 2, global_batch: 16, seq_len: 64}   # sequences; micro_batch per replica
@@ -49,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "moe": {},
     "moe_layer": {"dispatcher": "alltoall", "pipeline_chunks": 1, "dedup": True,
                   "pipeline_recheck": 50, "chunk_memory": "auto",
-                  "chunk_memory_headroom": 0.25},
+                  "chunk_memory_headroom": 0.25, "fp8_dispatch": False},
     "strategy": {"pp": 1, "dp": 1, "ep": 1, "schedule": "1f1b", "vpp": 1,
                  "order": "ep,edp,pp"},
     "batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 64},
@@ -61,8 +69,10 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint": {"dir": None, "every": 50, "keep": 2},
     "log_every": 10,
     "dtype": "float32",
+    "precision": "auto",
     "device": "cpu",
 }
+PRECISION_CHOICES = ("auto", "fp32", "bf16-mixed", "bf16")
 FREE_FORM = {"moe", "data"}  # passed through to MoEConfig / data.make_source (they validate)
 
 
@@ -111,7 +121,33 @@ def load(name_or_path: str | Path | None = None, overrides: dict | None = None) 
             raise ValueError(f"train config: batch.{k} must be a positive int, got {b[k]!r}")
     if not isinstance(cfg["steps"], int) or cfg["steps"] < 0:
         raise ValueError(f"train config: steps must be an int >= 0, got {cfg['steps']!r}")
+    if cfg["precision"] not in PRECISION_CHOICES:
+        raise ValueError(f"train config: precision must be one of {PRECISION_CHOICES}, got "
+                         f"{cfg['precision']!r}")
     return cfg
+
+
+def resolve_precision(cfg: dict, device) -> str:
+    """The run's precision (fp32 | bf16-mixed | bf16) from cfg["precision"] and cfg["dtype"]:
+    dtype bfloat16 means bf16; float64 means fp32 (auto) and refuses a bf16 precision;
+    auto is precision.resolve's choice for device. ValueError on a conflict."""
+    from ..layer.precision import resolve
+
+    p, dtype = cfg["precision"], cfg["dtype"]
+    if dtype not in ("float32", "float64", "bfloat16"):
+        raise ValueError(f"train config: dtype must be float32, float64 or bfloat16, got "
+                         f"{dtype!r}")
+    if dtype == "bfloat16":
+        if p not in ("auto", "bf16"):
+            raise ValueError(f"train config: dtype bfloat16 is precision bf16, got precision "
+                             f"{p!r}")
+        return "bf16"
+    if dtype == "float64":
+        if p not in ("auto", "fp32"):
+            raise ValueError(f"train config: dtype float64 needs precision fp32 (or auto), "
+                             f"got {p!r}")
+        return "fp32"
+    return resolve(p, device)
 
 
 def num_micro(cfg: dict, dp: int) -> int:

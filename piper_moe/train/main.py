@@ -1,4 +1,5 @@
-"""`python -m piper_moe.train --config NAME|PATH [--steps N] [--resume DIR] [--out DIR]`
+"""`python -m piper_moe.train --config NAME|PATH [--steps N] [--resume DIR] [--out DIR]
+[--precision auto|fp32|bf16-mixed|bf16] [--fp8-dispatch]`
 
 Trains a DeepSeek-style MoE transformer with pipeline (PP) x data (DP) x expert (EP)
 parallelism under mpirun, torchrun or as one process. Every rank runs the same code:
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", help="checkpoint directory to resume from (if it has one)")
     for k, kind in (("pp", int), ("dp", int), ("ep", int), ("vpp", int), ("schedule", str)):
         ap.add_argument(f"--{k}", type=kind, help=f"strategy.{k} (overrides the config)")
+    ap.add_argument("--precision", choices=C.PRECISION_CHOICES,
+                    help="precision (overrides the config; piper_moe/layer/precision.py)")
+    ap.add_argument("--fp8-dispatch", action="store_true",
+                    help="moe_layer.fp8_dispatch: FP8 token dispatch (needs a bf16 precision)")
     ap.add_argument("--out", default=None, help="run directory (metrics.json, plots)")
     ap.add_argument("--plot", action="store_true", help="write loss.png and expert_load.png")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -48,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = C.load(args.config)
     if args.steps is not None:
         cfg["steps"] = args.steps
+    if args.precision is not None:
+        cfg["precision"] = args.precision
+    if args.fp8_dispatch:
+        cfg["moe_layer"]["fp8_dispatch"] = True
     given = {k: getattr(args, k) for k in ("pp", "dp", "ep", "vpp", "schedule")
              if getattr(args, k) is not None}
     if given:
@@ -60,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         floor = trainer.source.entropy_rate()
         log.info("piper_moe.train: %s, %s, schedule %s, %d micro-batches of %d x %d tokens; "
-                 "data %s (floor %s nats/token)", cfg["model"], trainer.mesh.describe(),
-                 trainer.schedule, trainer.num_micro, trainer.micro_batch, trainer.seq_len,
-                 cfg["data"].get("kind"), f"{floor:.4f}" if floor is not None else "unknown")
+                 "data %s (floor %s nats/token); precision %s%s", cfg["model"],
+                 trainer.mesh.describe(), trainer.schedule, trainer.num_micro,
+                 trainer.micro_batch, trainer.seq_len, cfg["data"].get("kind"),
+                 f"{floor:.4f}" if floor is not None else "unknown", trainer.precision,
+                 " + fp8 dispatch" if cfg["moe_layer"]["fp8_dispatch"] else "")
     if args.resume and trainer.resume(args.resume) and rank == 0:
         log.info("piper_moe.train: resumed at step %d from %s", trainer.step, args.resume)
     trainer.train(cfg["steps"])

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..layer.precision import param_dtype
 from ..model import load_model
 from ..runtime.engine import PipelineEngine
 from ..runtime.mesh import Mesh, build_mesh
@@ -90,7 +91,11 @@ class Trainer:
         m = self.mesh
         self.rank, self.world = m.rank, m.world
         self.spec = load_model(cfg["model"])
-        self.dtype, self.device = DTYPES[cfg["dtype"]], torch.device(cfg["device"])
+        self.device = torch.device(cfg["device"])
+        # precision: parameters, AdamW state, gradient buffers (so the data-parallel
+        # all-reduce) and inter-stage activations in self.dtype (float32 under bf16-mixed)
+        self.precision = C.resolve_precision(cfg, self.device)
+        self.dtype = param_dtype(self.precision, DTYPES[cfg["dtype"]])
         self.vpp = int(st.get("vpp", 1))
         self.schedule = st.get("schedule", "1f1b")
         b = cfg["batch"]
@@ -105,7 +110,7 @@ class Trainer:
             self.chunks[v] = Stage(self.spec, ranges[v], first=v == 0, last=v == last,
                                    ep_comm=m.ep_comm, seed=cfg["seed"], dtype=self.dtype,
                                    device=self.device, moe_overrides=dict(cfg["moe"]),
-                                   moe_kwargs=moe_kwargs)
+                                   moe_kwargs=moe_kwargs, precision=self.precision)
         self.params = [(f"{v}.{n}", p) for v, ch in self.chunks.items()
                        for n, p in ch.named_parameters()]
         o = cfg["optim"]
@@ -165,7 +170,8 @@ class Trainer:
         kw = {"dedup": bool(ml["dedup"]), "pipeline_chunks": chunks,
               "pipeline_recheck": int(ml["pipeline_recheck"]),
               "chunk_memory": ml["chunk_memory"],
-              "chunk_memory_headroom": float(ml["chunk_memory_headroom"])}
+              "chunk_memory_headroom": float(ml["chunk_memory_headroom"]),
+              "fp8_dispatch": bool(ml["fp8_dispatch"])}
         if ml["dispatcher"] == "ppmoe":
             if m.ep != m.dp or m.ep == 1:
                 raise ValueError(f"moe_layer.dispatcher ppmoe needs ep == dp > 1 (the EP group "

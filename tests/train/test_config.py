@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from piper_moe.model import load_model, load_platform
 from piper_moe.train import config as C
@@ -81,3 +82,39 @@ def test_chunk_memory_headroom_reaches_the_layers():
     assert t.moe_layers and {m.chunk_memory.headroom for m in t.moe_layers} == {0.5}
     with pytest.raises(ValueError, match="chunk_memory_headroom"):
         Trainer(cfg(1.5), progress=False)
+
+
+def test_precision_key():
+    """precision: auto | fp32 | bf16-mixed | bf16, resolved with the dtype key; the Trainer's
+    parameters (so AdamW state and gradient buffers) are float32 under bf16-mixed."""
+    from piper_moe.layer import precision as P
+    from piper_moe.train.trainer import Trainer
+
+    assert C.load("tiny")["precision"] == "auto"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        C.load("tiny", {"precision": "fp16"})
+    resolve = C.resolve_precision
+    native = "bf16-mixed" if P.bf16_native("cpu") else "fp32"
+    assert resolve({"precision": "auto", "dtype": "float32"}, "cpu") == native
+    assert resolve({"precision": "auto", "dtype": "float64"}, "cpu") == "fp32"
+    assert resolve({"precision": "auto", "dtype": "bfloat16"}, "cpu") == "bf16"
+    assert resolve({"precision": "bf16-mixed", "dtype": "float32"}, "cpu") == "bf16-mixed"
+    with pytest.raises(ValueError, match="float64 needs precision fp32"):
+        resolve({"precision": "bf16-mixed", "dtype": "float64"}, "cpu")
+    with pytest.raises(ValueError, match="bfloat16 is precision bf16"):
+        resolve({"precision": "bf16-mixed", "dtype": "bfloat16"}, "cpu")
+    for precision, dtype in (("bf16-mixed", torch.float32), ("bf16", torch.bfloat16)):
+        cfg = C.load("tiny", {"precision": precision, "steps": 1,
+                              "strategy": {"pp": 1, "dp": 1, "ep": 1},
+                              "batch": {"micro_batch": 2, "global_batch": 2, "seq_len": 16}})
+        t = Trainer(cfg, progress=False)
+        t.train(1)
+        assert t.precision == precision
+        assert all(p.dtype == dtype and p.grad.dtype == dtype for _, p in t.params)
+        moe = t.moe_layers[0]
+        assert moe.precision == precision and moe.compute_dtype == torch.bfloat16
+        state = t.optimizer.state[t.params[0][1]]
+        assert state["exp_avg"].dtype == dtype
+    with pytest.raises(ValueError, match="fp8_dispatch=True needs precision"):
+        Trainer(C.load("tiny", {"precision": "fp32", "moe_layer": {"fp8_dispatch": True},
+                                "strategy": {"pp": 1, "dp": 1, "ep": 1}}), progress=False)

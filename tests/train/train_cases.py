@@ -2,7 +2,8 @@
 
 Every case returns what rank 0 compares: loss curves (all-reduced, so equal on every rank) and
 a digest of the model. The small config below trains tiny-moe on 8 sequences of 32 tokens per
-step, so 20 steps take seconds even on 4 oversubscribed CPU ranks.
+step, so 20 steps take seconds even on 4 oversubscribed CPU ranks; it pins precision fp32
+(the default, auto, is bf16-mixed on bf16-capable hosts), which `curve` may override.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from piper_moe.train import launch as _launch
 from piper_moe.train.launch import launch
 from piper_moe.train.trainer import Trainer
 
-SMALL = {"batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 32},
+SMALL = {"precision": "fp32",  # the exactness tests; precision cases override it
+         "batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 32},
          "optim": {"lr": 3.0e-3, "warmup": 3},
          "moe": {"aux_loss_coef": 0.01, "bias_update_rate": 0.0},
          "rebalance": {"enabled": False}, "checkpoint": {"dir": None}}
