@@ -16,6 +16,7 @@
 #include "runtime/executor.hpp"
 #include "runtime/header.hpp"
 #include "runtime/py_transport.hpp"
+#include "python/call.hpp"
 #ifdef PIPER_WITH_MPI
 #include "runtime/mpi_transport.hpp"
 #endif
@@ -69,14 +70,6 @@ py::dict build_info() {
   info["mpi_linked"] = false;
 #endif
   return info;
-}
-
-piper::runtime::Algorithm algorithm_of(const std::string& name) {
-  using piper::runtime::Algorithm;
-  if (name == "flat") return Algorithm::kFlat;
-  if (name == "pairwise") return Algorithm::kPairwise;
-  if (name == "halo") return Algorithm::kHalo;
-  throw piper::Error(piper::ErrorCode::kUsage, "piper: unknown algorithm '" + name + "'");
 }
 
 // An executor over MPI called from C++ (the handle of an mpi4py communicator).
@@ -271,6 +264,11 @@ PYBIND11_MODULE(_C, m) {
                              {"NFIXED", hdr::kFixed}})
     fields[name] = static_cast<int64_t>(index);
   m.attr("HEADER_FIELDS") = fields;
+  py::dict local_errors;  // the local-check codes of runtime/call.hpp, worded by validate.py
+  for (int64_t i = 0; i < piper::runtime::kNumLocalErrors; ++i)
+    local_errors[piper::runtime::kLocalErrorNames[i]] = i;
+  m.attr("LOCAL_ERRORS") = local_errors;
+  m.attr("TAG_CALLS") = piper::runtime::kTagCalls;
   m.def(
       "agree",
       [](const I64Array& table) -> py::object {
@@ -304,23 +302,36 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("transport_name",
                              [](Executor& ex) { return ex.transport().name(); })
       .def(
-          "alltoallv",
-          [](Executor& ex, uintptr_t send, int64_t send_n, uintptr_t recv, int64_t recv_n,
-             const I64Array& send_bytes, const I64Array& recv_bytes, const std::string& algo,
-             int64_t seq, int tag, const std::string& what, double left_s, double timeout_s) {
-            const auto sb = to_vector(send_bytes), rb = to_vector(recv_bytes);
-            const auto a = algorithm_of(algo);
-            py::gil_scoped_release nogil;
-            ex.alltoallv(reinterpret_cast<const uint8_t*>(send), send_n,
-                         reinterpret_cast<uint8_t*>(recv), recv_n, sb, rb, a, seq, tag, what,
-                         Deadline::in(left_s, timeout_s));
+          "call",
+          [](Executor& ex, int op, py::handle send, py::handle send_counts, py::handle recv,
+             py::handle recv_counts, int64_t request, bool exact_recv, bool recv_only, int check,
+             int64_t seq, const std::string& what, double left_s, double timeout_s,
+             py::handle new_rows) {
+            const piper::python::CallOptions opt{request, exact_recv, recv_only, check, seq,
+                                                 what, left_s, timeout_s};
+            return piper::python::run_call(ex, op, send, send_counts, recv, recv_counts, opt,
+                                           new_rows);
           },
-          py::arg("send"), py::arg("send_n"), py::arg("recv"), py::arg("recv_n"),
-          py::arg("send_bytes"), py::arg("recv_bytes"), py::arg("algorithm"), py::arg("seq"),
-          py::arg("tag"), py::arg("what"), py::arg("left_s"), py::arg("timeout_s"),
-          "One whole all-to-all(v) of raw bytes: send/recv are addresses with their sizes,\n"
-          "send_bytes/recv_bytes the bytes to/from every rank (back to back). Raises\n"
-          "PiperTimeoutError / PiperPeerError / PiperUsageError naming `what`.")
+          "call(op, send, send_counts, recv, recv_counts, request, exact_recv, recv_only,\n"
+          "check, seq, what, left_s, timeout_s, new_rows) -> (out, recv_counts, algorithm):\n"
+          "one whole all-to-all (op 1) or all-to-all-v (op 2) of numpy arrays / torch CPU\n"
+          "tensors (csrc/python/call.hpp). request: ALGO id; check: PIPER_CHECK mode.")
+      .def_property_readonly(
+          "check_counts",
+          [](const Executor& ex) {
+            const auto& c = ex.check_counts();
+            py::dict d;
+            d["header_rounds"] = c.header_rounds;
+            d["in_band"] = c.in_band;
+            d["agreement_rounds"] = c.agreement_rounds;
+            return d;
+          },
+          "How calls on more than one rank were checked so far: header rounds before the\n"
+          "data, calls checked in-band, agreement rounds after a mismatch.")
+      .def("set_links",
+           [](Executor& ex, const std::vector<double>& c) { ex.set_links(c); },
+           py::arg("coefficients"),
+           "Seconds per unit of each traffic term (piper_comm.cost.Links.coefficients).")
       .def(
           "allgather",
           [](Executor& ex, const I64Array& mine, int tag, const std::string& what, double left_s,

@@ -15,33 +15,12 @@ import numpy as np
 
 from . import _C, envs, validate
 from . import arrays as A
-from .cost import Links, choose
+from .cost import Links
 from .errors import PiperError, PiperPeerError, PiperTimeoutError, PiperUsageError
 from .transport import Transport
 from .work import ProgressThread, Work
 
 log = logging.getLogger("piper")
-
-_TAG_SPACE = 16000  # tags 2*s, 2*s+1 for call s modulo this; MPI guarantees tags < 32768
-
-
-def _counts(values: Any, size: int, which: int) -> tuple[np.ndarray | None, tuple[int, int, int]]:
-    """int64 counts of length `size`, or an error tuple (code, a, b) for validate.py."""
-    try:
-        arr = np.asarray(values.tolist() if hasattr(values, "tolist") else values)
-    except Exception:
-        return None, (A.E_COUNTS_TYPE, which, 0)
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        return None, (A.E_COUNTS_TYPE, which, 0)
-    if arr.size != size:
-        return None, ((A.E_RCOUNTS_LEN if which else A.E_COUNTS_LEN), arr.size, 0)
-    arr = arr.astype(np.int64)
-    neg = np.nonzero(arr < 0)[0]
-    if neg.size:
-        i = int(neg[0])
-        return None, ((A.E_RCOUNTS_NEG if which else A.E_COUNTS_NEG), i, int(arr[i]))
-    return arr, (A.E_NONE, 0, 0)
-
 
 def _executor(transport: Transport, topology, segment):
     """The C++ executor (csrc/runtime) of this communicator: MPI called from C++ when the
@@ -82,7 +61,6 @@ class Communicator:
         self.num_nodes = int(self._topology.num_nodes)
         self.local_rank = int(self._topology.local_of(self.rank))
         self.local_size = int(self._topology.node_size(self.node))
-        self.links = links or Links()
         self.timeout = timeout if timeout is not None else envs.timeout()
         self.last_algorithm: str | None = None
         # The environment is read once, as NCCL and MPI read theirs (see envs.py).
@@ -91,6 +69,7 @@ class Communicator:
         self._segment = segment
         segment.set_progress(transport.progress)
         self._executor = _executor(transport, self._topology, segment)
+        self.links = links or Links()
         self._seq = 0
         self._failed: PiperError | None = None
         self._closed = False
@@ -101,6 +80,24 @@ class Communicator:
         return (f"Communicator(rank={self.rank}, size={self.size}, node={self.node}/"
                 f"{self.num_nodes}, local_rank={self.local_rank}/{self.local_size}, "
                 f"transport={self.transport})")
+
+    @property
+    def links(self) -> Links:
+        """The link parameters algorithm="auto" prices each call with (piper_comm.cost)."""
+        return self._links
+
+    @links.setter
+    def links(self, links: Links) -> None:
+        self._links = links
+        self._executor.set_links(links.coefficients)
+
+    @property
+    def check_counts(self) -> dict[str, int]:
+        """How this communicator's calls were checked across ranks so far (PIPER_CHECK):
+        {"header_rounds": header rounds before the data, "in_band": calls whose signature
+        travelled with the data (no extra message), "agreement_rounds": rounds after a
+        mismatch}."""
+        return self._executor.check_counts
 
     @property
     def transport(self) -> str:
@@ -191,7 +188,8 @@ class Communicator:
         self._failed = PiperError(f"piper: rank {self.rank}: the progress thread died: {error}")
 
     def _tag(self, seq: int, phase: int) -> int:
-        return 2 * (seq % _TAG_SPACE) + phase
+        """Call seq's header (phase 0) and data (1) tags, as csrc/runtime/call.hpp has them."""
+        return 2 * (seq % _C.TAG_CALLS) + phase
 
     # -- collectives
     def barrier(self) -> None:
@@ -272,81 +270,16 @@ class Communicator:
 
     def _execute(self, seq: int, what: str, op: int, send, send_counts, recv, recv_counts,
                  algorithm, exact_recv: bool, recv_only: bool):
-        """Runs call `seq` now (the issuing thread or the progress thread)."""
-        deadline = self._start(what)
-        P, me = self.size, self.rank
-        t0 = time.perf_counter()
-        algorithm = self._forced_algorithm or algorithm
-
-        # Local checks: collect the first error; validate.verdict raises it on every rank.
-        err = (A.E_NONE, 0, 0)
-        sv, code, _ = A.view(send)
-        if code:
-            err = (code, 0, 0)
-        rv = None
-        if recv is not None and err[0] == A.E_NONE:
-            rv, code, _ = A.view(recv)
-            if code:
-                err = ({A.E_NONCONTIG: A.E_RECV_NONCONTIG}.get(code, code), 1, 0)
-            elif rv.kind != sv.kind:
-                err = (A.E_RECV_TYPE, 0, 0)
-            elif rv.dtype != sv.dtype or rv.trailing != sv.trailing:
-                err = (A.E_RECV_DTYPE, 0, 0)
-        if algorithm not in envs.ALGORITHMS:
-            err = (A.E_ALGORITHM, 0, 0)
-        scounts = rcounts = None
-        if op == 1:
-            if err[0] == A.E_NONE and sv.rows % P:
-                err = (A.E_ROWS_DIV, sv.rows, P)
-            m = sv.rows // P if sv is not None else 0
-            scounts = rcounts = np.full(P, m, dtype=np.int64)
-        else:
-            scounts, e = _counts(send_counts, P, 0)
-            err = err if err[0] else e
-            if recv_counts is not None:
-                rcounts, e = _counts(recv_counts, P, 1)
-                err = err if err[0] else e
-            if err[0] == A.E_NONE and int(scounts.sum()) != sv.rows:
-                err = (A.E_COUNTS_SUM, int(scounts.sum()), sv.rows)
-        if exact_recv and err[0] == A.E_NONE and rv is not None:
-            want = sv.rows if op == 1 else (int(rcounts.sum()) if rcounts is not None else -1)
-            if want >= 0 and rv.rows != want:
-                err = (A.E_RECV_ROWS, rv.rows, want)
-
-        # Cross-rank agreement (or, unchecked, trust the caller).
-        S = None
-        if self._check or rcounts is None:
-            mine = validate.header(P, seq, op, algorithm, sv, scounts, rv, rcounts, err)
-            table = self._allgather(mine, self._tag(seq, 0), what, deadline)
-            S = validate.verdict(table, what)
-            rcounts = S[:, me].copy()
-        elif err[0] != A.E_NONE:
-            raise PiperUsageError(f"piper: {what}: rank {me}: "
-                                  f"{validate._local_message(*err)}")
-        total = int(rcounts.sum())
-        if rv is None:
-            rv = A.empty_like_rows(sv, total)
-        elif rv.rows < total:  # unchecked mode: never write past the caller's buffer
-            raise PiperUsageError(f"piper: {what}: rank {me}: recv has {rv.rows} rows but "
-                                  f"{total} rows arrive")
-
-        # Pick and run the algorithm.
-        rb = sv.row_bytes
-        send_bytes, recv_bytes = scounts * rb, rcounts * rb
-        algo = algorithm
-        if P == 1:
-            algo = "flat"
-        elif algo == "auto":
-            algo = "flat" if S is None and self.num_nodes == 1 else (
-                choose(S * rb, self._node_of, self.links) if S is not None else "halo")
-        tag = self._tag(seq, 1)
-        self._guard(self._executor.alltoallv, sv.address, sv.nbytes, rv.address, rv.nbytes,
-                    send_bytes, recv_bytes, algo, seq, tag, what, deadline - time.monotonic(),
-                    self.timeout)
+        """Runs call `seq` now (the issuing thread or the progress thread): the whole call, from
+        argument checks to the last byte, is one C++ call (csrc/python/call.hpp)."""
+        self._start(what)
+        t0 = time.perf_counter() if self._debug else 0.0
+        request = validate.ALGO_IDS.get(self._forced_algorithm or algorithm, -1)
+        out, counts, algo = self._guard(
+            self._executor.call, op, send, send_counts, recv, recv_counts, request, exact_recv,
+            recv_only, self._check, seq, what, self.timeout, self.timeout, A.new_rows)
         self.last_algorithm = algo
         if self._debug:
-            log.info("%s rank %d: %s, sent %d B, received %d B, %.1f us", what, me, algo,
-                     int(send_bytes.sum()), int(recv_bytes.sum()),
-                     1e6 * (time.perf_counter() - t0))
-        out = A.head_rows(rv, total)
-        return out if recv_only else (out, [int(c) for c in rcounts])
+            log.info("%s rank %d: %s, %d rows received, %.1f us", what, self.rank, algo,
+                     len(out), 1e6 * (time.perf_counter() - t0))
+        return out if recv_only else (out, counts)

@@ -4,8 +4,11 @@ it is created).
 PIPER_LOCAL_SIZE  int    consecutive groups of k ranks form one (emulated) node; default: host names
 PIPER_TIMEOUT     float  seconds any blocking wait may last before PiperTimeoutError (default 300)
 PIPER_ALGO        str    forces the algorithm of every all-to-all: halo | flat | pairwise
-PIPER_CHECK       0|1    cross-rank validation of every call (default 1; 0 skips the metadata
-                         exchange when the receive counts are known, trusting the caller)
+PIPER_CHECK       0|1|2  cross-rank checks of every call: 1 (default) checks every call at no
+                         extra message where the call's signature can travel with the data
+                         (the equal split under flat/pairwise over MPI), else with a header
+                         round; 2 a header round before every call; 0 trusts the caller when
+                         the receive counts are known (csrc/runtime/call.hpp, CheckMode)
 PIPER_DEBUG       0|1    logs every collective (op, algorithm, bytes, time) at INFO on "piper"
 PIPER_BACKEND     str    mpi | torch | single: overrides launcher detection in pc.init()
 PIPER_MPI_CALLS   str    cpp | mpi4py: who calls MPI under the C++ executor (default cpp when
@@ -64,8 +67,16 @@ def algorithm() -> str | None:
     return value
 
 
-def check() -> bool:
-    return _get("PIPER_CHECK") not in ("0", "false", "no")
+def check() -> int:
+    value = _get("PIPER_CHECK")
+    if value is None:
+        return 1
+    if value in ("0", "1", "2"):
+        return int(value)
+    if value in ("false", "no"):
+        return 0
+    raise PiperUsageError(f"PIPER_CHECK={value!r}: expected 0 (trust), 1 (default) or 2 (a "
+                          f"header round before every call)")
 
 
 def debug() -> bool:

@@ -1,13 +1,16 @@
-"""Per-call metadata exchange: every rank learns every rank's counts, dtype and local errors.
+"""The words of every cross-rank check: what the C++ core (csrc/runtime/agree.cpp) found,
+turned into one PiperUsageError that every rank raises.
 
-Each rank sends one small int64 header to every peer (an all-gather made of point-to-point
-messages, so that a missing peer is named in the timeout error). From the gathered P x W
-matrix every rank reaches the same verdict by the same deterministic checks, so bad input
-raises the same PiperUsageError on every rank, before any data moves. The matrix also gives
-the receive counts, so all_to_all_v needs no separate count exchange.
+Each rank's header (csrc/runtime/header.hpp: call number, operation, algorithm asked for,
+dtype, row shape, local error, counts) reaches every rank, in a header round before the data
+or, after an in-band check found a mismatch, in an agreement round. From the gathered P x W
+table every rank reaches the same verdict by the same deterministic checks, so bad input
+raises the same message on every rank.
 
-Cost: 2 (P - 1) messages of 8 (10 + 2P) bytes per rank per call: cheap next to the data for
-P up to a few hundred; PIPER_CHECK=0 skips it when the receive counts are known.
+Cost of a header round: 2 (P - 1) messages of 8 (10 + 2P) bytes per rank. The default
+(PIPER_CHECK=1) pays it only where the signature cannot travel with the data (see
+csrc/runtime/call.hpp, CheckMode); all_to_all_v without recv_counts needs it anyway, for the
+counts.
 """
 
 from __future__ import annotations
@@ -31,31 +34,6 @@ ALGO_IDS = {"auto": 0, "halo": 1, "flat": 2, "pairwise": 3}
 ALGO_NAMES = {v: k for k, v in ALGO_IDS.items()}
 
 
-def header(size: int, seq: int, op: int, algo: str, send: A.ArrayView | None, send_counts,
-           recv: A.ArrayView | None, recv_counts, err: tuple[int, int, int]) -> np.ndarray:
-    """This rank's header. Counts are already validated for length and sign (see err)."""
-    h = np.full(NFIXED + 2 * size, -1, dtype=np.int64)
-    h[SEQ], h[OP], h[ALGO] = seq, op, ALGO_IDS.get(algo, -1)
-    h[DTYPE] = send.dtype_id if send is not None else 0
-    h[ROW_BYTES] = send.row_bytes if send is not None else 0
-    h[TRAIL] = hash_trailing(send.trailing) if send is not None else 0
-    h[ERR], h[ERR_A], h[ERR_B] = err
-    h[RECV_CAP] = recv.rows if recv is not None else -1
-    if send_counts is not None and err[0] == A.E_NONE:
-        h[NFIXED:NFIXED + size] = send_counts
-    if recv_counts is not None and err[0] == A.E_NONE:
-        h[NFIXED + size:] = recv_counts
-    return h
-
-
-def hash_trailing(trailing: tuple) -> int:
-    """A stable number for a trailing shape (Python's hash() is salted per process)."""
-    acc = 1469598103934665603
-    for d in (len(trailing), *trailing):
-        acc = ((acc ^ int(d)) * 1099511628211) % (1 << 61)
-    return acc
-
-
 def exchange(transport: Transport, mine: np.ndarray, tag: int, what: str, deadline: float,
              timeout: float) -> np.ndarray:
     """All-gather of the headers: P x W int64, row r = rank r's header."""
@@ -71,6 +49,11 @@ def exchange(transport: Transport, mine: np.ndarray, tag: int, what: str, deadli
         pending.append(Pending(transport.isend(raw, dst, tag), "send", dst, raw.nbytes))
     transport.wait_all(pending, f"{what} (metadata exchange)", deadline, timeout)
     return table
+
+
+def raise_local(what: str, rank: int, code: int, a: int, b: int) -> None:
+    """Raises this rank's own local error (PIPER_CHECK=0: the other ranks are not told)."""
+    raise PiperUsageError(f"piper: {what}: rank {rank}: {_local_message(code, a, b)}")
 
 
 def _local_message(code: int, a: int, b: int) -> str:

@@ -14,12 +14,11 @@
 
 #include "plan/schedule.hpp"
 #include "plan/topology.hpp"
+#include "runtime/call.hpp"
 #include "runtime/exec_context.hpp"
 #include "runtime/transport.hpp"
 
 namespace piper::runtime {
-
-enum class Algorithm { kFlat, kPairwise, kHalo };
 
 /// A deadline and the timeout it came from (errors print the timeout).
 struct Deadline {
@@ -35,6 +34,23 @@ class Executor {
   Executor(plan::Topology topology, std::shared_ptr<Transport> transport,
            std::unique_ptr<ExecContext> context, std::vector<int64_t> pids,
            std::vector<uint8_t> same_host);
+
+  /// Step 1 of a call (agree.cpp): what every rank must agree on before data moves. P == 1,
+  /// or kTrust with known receive counts: local checks only. kInBand on the equal split under
+  /// flat or pairwise (transport with any-tag receives): nothing is exchanged now, the exchange
+  /// checks the signature. Otherwise a header round (every rank's header to every rank). A
+  /// mismatch anywhere returns kMismatch with every rank's header on every rank.
+  Agreement agree(const Call& call, CheckMode mode, const Deadline& deadline);
+
+  /// Step 2: moves the data of an agreed call into call.recv (set, and large enough unless
+  /// the in-band check will find it is not). Returns the gathered headers (P x W) when the
+  /// in-band check found a mismatch (every rank then has them; recv's content is undefined),
+  /// else an empty vector.
+  std::vector<int64_t> exchange(const Call& call, const Agreement& agreement,
+                                const Deadline& deadline);
+
+  /// Seconds per unit of each traffic term (piper_comm.cost.Links.coefficients), for auto.
+  void set_links(const std::vector<double>& coefficients);
 
   /// All-to-all(v) of raw bytes: send holds send_bytes[p] bytes for every rank p back to back,
   /// recv receives recv_bytes[p] from every rank p back to back. The counts must agree between
@@ -52,6 +68,14 @@ class Executor {
   /// Completes the transport's batch or throws (kTimeout / kPeer) before the deadline.
   void wait_all(const std::string& what, const Deadline& deadline);
 
+  /// How this executor's calls were checked so far (P > 1 calls only).
+  struct CheckCounts {
+    int64_t header_rounds = 0;     // header rounds before the data
+    int64_t in_band = 0;           // calls checked in-band (no message beyond the data)
+    int64_t agreement_rounds = 0;  // rounds after a mismatch
+  };
+  const CheckCounts& check_counts() const { return check_counts_; }
+
   Transport& transport() { return *transport_; }
   const plan::Topology& topology() const { return topology_; }
 
@@ -63,6 +87,13 @@ class Executor {
             const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes,
             int64_t seq, int tag, const std::string& what, const Deadline& deadline);
   std::vector<int64_t> dead_peers(const std::vector<Message>& pending) const;
+  // agree.cpp
+  Algorithm choose(const Call& call, const std::vector<int64_t>* S);
+  bool gather(const std::vector<int64_t>& row, int tag, bool any, const std::string& what,
+              const Deadline& deadline, std::vector<int64_t>& table);
+  std::vector<int64_t> agree_round(const Call& call, const Deadline& deadline);
+  bool in_band_usable() const;
+  bool flat_in_band(const Call& call, const Agreement& agreement, const Deadline& deadline);
 
   plan::Topology topology_;
   std::shared_ptr<Transport> transport_;
@@ -70,6 +101,9 @@ class Executor {
   std::vector<int64_t> pids_;
   std::vector<uint8_t> same_host_;
   int64_t me_;
+  CheckCounts check_counts_;
+  std::vector<double> links_;                            // per traffic term, for choose()
+  std::vector<std::pair<int64_t, Algorithm>> uniform_;  // choose() of the equal split, by bytes
 };
 
 }  // namespace piper::runtime

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "runtime/call.hpp"
+
 namespace piper::runtime::header {
 
 enum Field : int64_t {
@@ -21,5 +23,16 @@ enum Field : int64_t {
 /// buffer is large enough. False otherwise: the caller then names the first problem (the slow
 /// path of validate.py, the one place where messages are written).
 bool agree(const int64_t* table, int64_t P, int64_t W, std::vector<int64_t>& S);
+
+/// Words per header for P ranks.
+constexpr int64_t width(int64_t P) { return kFixed + 2 * P; }
+
+/// This rank's header for `call` (counts only when no local error was found).
+std::vector<int64_t> row(const Call& call, int64_t P);
+
+/// The in-band signature of a header: a hash of every field, with RECV_CAP reduced to whether
+/// the buffer is large enough (ranks may pass larger receive buffers than they need). Equal on
+/// two ranks exactly when their headers agree (up to hash collisions).
+uint64_t signature(const std::vector<int64_t>& row, int64_t P);
 
 }  // namespace piper::runtime::header

@@ -33,6 +33,10 @@ MpiTransport::MpiTransport(uint64_t handle) : comm_(comm_from_handle(handle)) {
   if (int rc = MPI_Comm_size(comm_, &s); rc != MPI_SUCCESS) fail(rc, "MPI_Comm_size");
   rank_ = r;
   size_ = s;
+  int* ub = nullptr;
+  int found = 0;
+  if (MPI_Comm_get_attr(comm_, MPI_TAG_UB, &ub, &found) == MPI_SUCCESS && found && ub)
+    max_tag_ = *ub;
 }
 
 MpiTransport::~MpiTransport() {
@@ -46,7 +50,11 @@ void MpiTransport::fail(int code, const char* call) const {
                                     ": ", error_string(code)));
 }
 
-void MpiTransport::post(bool send, void* buf, int64_t bytes, int64_t peer, int tag) {
+void MpiTransport::post(bool send, void* buf, int64_t bytes, int64_t peer, int tag, bool any) {
+  if (requests_.empty()) {  // a new batch: the last one's arrivals were taken or are dropped
+    any_.clear();
+    arrivals_.clear();
+  }
   MPI_Request req;
   const int dest = static_cast<int>(peer);
   int rc;
@@ -63,43 +71,76 @@ void MpiTransport::post(bool send, void* buf, int64_t bytes, int64_t peer, int t
   if (rc != MPI_SUCCESS) fail(rc, send ? "MPI_Isend" : "MPI_Irecv");
   requests_.push_back(req);
   messages_.push_back({send, peer, bytes});
+  any_.push_back(any);
+  arrivals_.push_back({peer, tag, 0, false});
+  ++open_;
 }
 
 void MpiTransport::post_send(const void* buf, int64_t bytes, int64_t peer, int tag) {
-  post(true, const_cast<void*>(buf), bytes, peer, tag);  // MPI's send buffer is const
+  post(true, const_cast<void*>(buf), bytes, peer, tag, false);  // MPI's send buffer is const
 }
 
 void MpiTransport::post_recv(void* buf, int64_t bytes, int64_t peer, int tag) {
-  post(false, buf, bytes, peer, tag);
+  post(false, buf, bytes, peer, tag, false);
+}
+
+void MpiTransport::post_recv_any(void* buf, int64_t bytes, int64_t peer) {
+  post(false, buf, bytes, peer, MPI_ANY_TAG, true);
+}
+
+std::vector<Arrival> MpiTransport::take_arrivals() {
+  std::vector<Arrival> out;
+  for (size_t i = 0; i < arrivals_.size(); ++i)
+    if (any_[i]) out.push_back(arrivals_[i]);
+  arrivals_.clear();
+  any_.clear();
+  return out;
+}
+
+void MpiTransport::completed(size_t i, const MPI_Status& status, bool in_error) {
+  const Message& m = messages_[i];
+  --open_;
+  const int err = in_error ? status.MPI_ERROR : MPI_SUCCESS;
+  int cls = err;
+  if (err != MPI_SUCCESS) MPI_Error_class(err, &cls);
+  const bool truncated = cls == MPI_ERR_TRUNCATE;
+  if (!m.send) {
+    MPI_Count n = 0;
+#if MPI_VERSION >= 4
+    MPI_Get_count_c(&status, MPI_BYTE, &n);
+#else
+    int k = 0;
+    MPI_Get_count(&status, MPI_BYTE, &k);
+    n = k;
+#endif
+    arrivals_[i] = {m.peer, status.MPI_TAG, static_cast<int64_t>(n), truncated};
+  }
+  if (err == MPI_SUCCESS || (truncated && any_[i])) return;
+  if (truncated)
+    throw Error(ErrorCode::kUsage,
+                fmt("rank ", rank_, ": a message from rank ", m.peer, " was larger than its ",
+                    m.bytes, " B receive buffer (counts disagree between ranks, and PIPER_CHECK=0 "
+                    "trusted them)"));
+  throw Error(ErrorCode::kPeer, fmt("MPI reported an error on rank ", rank_, " for the ",
+                                    m.send ? "send to" : "receive from", " rank ", m.peer, ": ",
+                                    error_string(err)));
 }
 
 bool MpiTransport::test_all() {
-  if (requests_.empty()) return true;
-  statuses_.resize(requests_.size());
-  int flag = 0;
-  const int rc = MPI_Testall(static_cast<int>(requests_.size()), requests_.data(), &flag,
-                             statuses_.data());
-  if (rc == MPI_ERR_IN_STATUS) {
-    for (size_t i = 0; i < statuses_.size(); ++i) {
-      const int err = statuses_[i].MPI_ERROR;
-      if (err == MPI_SUCCESS || err == MPI_ERR_PENDING) continue;
-      int cls = err;
-      MPI_Error_class(err, &cls);
-      const Message& m = messages_[i];
-      if (cls == MPI_ERR_TRUNCATE)
-        throw Error(ErrorCode::kUsage,
-                    fmt("rank ", rank_, ": a message from rank ", m.peer,
-                        " was larger than its ", m.bytes, " B receive buffer (counts disagree "
-                        "between ranks; run with PIPER_CHECK=1 to find them)"));
-      throw Error(ErrorCode::kPeer, fmt("MPI reported an error on rank ", rank_, " for the ",
-                                        m.send ? "send to" : "receive from", " rank ", m.peer,
-                                        ": ", error_string(err)));
-    }
+  if (open_ > 0) {
+    const int n = static_cast<int>(requests_.size());
+    indices_.resize(n);
+    statuses_.resize(n);
+    int done = 0;
+    const int rc = MPI_Testsome(n, requests_.data(), &done, indices_.data(), statuses_.data());
+    if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS)
+      throw Error(ErrorCode::kPeer, fmt("MPI reported an error on rank ", rank_,
+                                        " in MPI_Testsome: ", error_string(rc)));
+    if (done == MPI_UNDEFINED) done = 0;  // no active request left (cannot happen: open_ > 0)
+    for (int k = 0; k < done; ++k)
+      completed(static_cast<size_t>(indices_[k]), statuses_[k], rc == MPI_ERR_IN_STATUS);
+    if (open_ > 0) return false;
   }
-  if (rc != MPI_SUCCESS && rc != MPI_ERR_IN_STATUS)
-    throw Error(ErrorCode::kPeer, fmt("MPI reported an error on rank ", rank_, " in MPI_Testall: ",
-                                      error_string(rc)));
-  if (!flag) return false;
   requests_.clear();
   messages_.clear();
   return true;
@@ -107,12 +148,8 @@ bool MpiTransport::test_all() {
 
 std::vector<Message> MpiTransport::pending() const {
   std::vector<Message> out;
-  for (size_t i = 0; i < requests_.size(); ++i) {
-    if (requests_[i] == MPI_REQUEST_NULL) continue;
-    int done = 0;
-    MPI_Request_get_status(requests_[i], &done, MPI_STATUS_IGNORE);
-    if (!done) out.push_back(messages_[i]);
-  }
+  for (size_t i = 0; i < requests_.size(); ++i)
+    if (requests_[i] != MPI_REQUEST_NULL) out.push_back(messages_[i]);  // Testsome nulls done ones
   return out;
 }
 
@@ -124,6 +161,9 @@ void MpiTransport::cancel_all() {
   }
   requests_.clear();
   messages_.clear();
+  any_.clear();
+  arrivals_.clear();
+  open_ = 0;
 }
 
 void MpiTransport::progress() {

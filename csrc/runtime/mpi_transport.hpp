@@ -25,6 +25,10 @@ class MpiTransport final : public Transport {
   std::string name() const override { return "mpi"; }
   void post_send(const void* buf, int64_t bytes, int64_t peer, int tag) override;
   void post_recv(void* buf, int64_t bytes, int64_t peer, int tag) override;
+  bool any_tag() const override { return true; }
+  int max_tag() const override { return max_tag_; }
+  void post_recv_any(void* buf, int64_t bytes, int64_t peer) override;
+  std::vector<Arrival> take_arrivals() override;
   bool test_all() override;
   std::vector<Message> pending() const override;
   void cancel_all() override;
@@ -34,13 +38,20 @@ class MpiTransport final : public Transport {
   static std::string library_version();
 
  private:
-  void post(bool send, void* buf, int64_t bytes, int64_t peer, int tag);
+  void post(bool send, void* buf, int64_t bytes, int64_t peer, int tag, bool any);
+  void completed(size_t i, const MPI_Status& status, bool in_error);
   [[noreturn]] void fail(int code, const char* call) const;
 
   MPI_Comm comm_;
   int64_t rank_ = 0, size_ = 0;
+  int max_tag_ = 32767;
+  // The batch: one entry per posted message; completed requests become MPI_REQUEST_NULL.
   std::vector<MPI_Request> requests_;
   std::vector<Message> messages_;
+  std::vector<int> any_;               // per message: 1 for an any-tag receive
+  std::vector<Arrival> arrivals_;      // per message (any-tag receives only meaningful)
+  size_t open_ = 0;                    // messages not completed yet
+  std::vector<int> indices_;           // MPI_Testsome's scratch
   std::vector<MPI_Status> statuses_;
 };
 

@@ -2,8 +2,10 @@
 //
 // A transport holds one batch of posted messages at a time: the executor posts a batch
 // (post_send / post_recv), then polls test_all() until it returns true, or gives up with
-// cancel_all() (deadline passed, peer dead). Buffers are plain host pointers with sizes in
-// bytes; a transport never copies them. Implementations: MpiTransport (mpi_transport.hpp,
+// cancel_all() (deadline passed, peer dead). A transport that can receive with any tag
+// (any_tag(): MPI) also takes receives that accept whatever the peer sends next and report
+// its tag and size (post_recv_any, take_arrivals): the in-band call checks of the executor.
+// Buffers are plain host pointers with sizes in bytes; a transport never copies them. Implementations: MpiTransport (mpi_transport.hpp,
 // compiled when MPI is found) and PyTransport (py_transport.hpp: a Python transport object of
 // piper_comm/transport.py, e.g. torch.distributed's gloo, called with the GIL held).
 #pragma once
@@ -12,7 +14,18 @@
 #include <string>
 #include <vector>
 
+#include "common/error.hpp"
+
 namespace piper::runtime {
+
+/// What an any-tag receive got: the sender's tag and the bytes it sent (truncated: more than
+/// the receive buffer held; the first bytes were delivered).
+struct Arrival {
+  int64_t peer;
+  int tag;
+  int64_t bytes;
+  bool truncated;
+};
 
 /// One posted message, as an error names it.
 struct Message {
@@ -28,9 +41,21 @@ class Transport {
   virtual int64_t size() const = 0;
   virtual std::string name() const = 0;
 
-  /// Posts one message of the current batch. Zero-byte messages are never posted.
+  /// Posts one message of the current batch (zero bytes allowed).
   virtual void post_send(const void* buf, int64_t bytes, int64_t peer, int tag) = 0;
   virtual void post_recv(void* buf, int64_t bytes, int64_t peer, int tag) = 0;
+  /// Whether post_recv_any works; the largest tag a message may carry.
+  virtual bool any_tag() const { return false; }
+  virtual int max_tag() const { return 32767; }  // the MPI standard's guaranteed minimum
+  /// Receives the next message from `peer`, whatever its tag; a larger message than `bytes`
+  /// is reported truncated by take_arrivals instead of raising.
+  virtual void post_recv_any(void* buf, int64_t bytes, int64_t peer) {
+    (void)buf, (void)bytes, (void)peer;
+    throw Error(ErrorCode::kInternal, "piper internal error: post_recv_any on " + name());
+  }
+  /// The arrivals of the post_recv_any receives of the batch test_all() completed, in posting
+  /// order (once: the list is emptied).
+  virtual std::vector<Arrival> take_arrivals() { return {}; }
   /// True once every message of the batch completed (the batch is then empty). Throws
   /// piper::Error: kUsage when a message was larger than its receive buffer, kPeer when the
   /// transport reports a failure; the message starts with the rank (the executor prefixes the

@@ -302,3 +302,60 @@ def truncated_message(local_size: int | None = None, algo: str = "flat") -> dict
     except pc.PiperError as e:  # the other ranks may wait for rank 0, which left the call
         return {"hard_exit": 0, "hard_exit_after_all": True, "raised": type(e).__name__}
     return {"hard_exit": 0, "hard_exit_after_all": True, "raised": False}
+
+
+def in_band_checks(local_size: int | None = None, algo: str = "flat") -> dict:
+    """The equal split under the default checks: correct calls send no message beyond the data
+    (no header round); each bad call (on one rank, or two ranks disagreeing) raises the same
+    PiperUsageError on every rank, and a good call works afterwards."""
+    comm = pc.init(local_size=local_size, timeout=20.0)
+    P, me = comm.size, comm.rank
+    ok = np.arange(P * 2 * 3, dtype=np.float32).reshape(P * 2, 3) + 100 * me
+
+    def good():
+        out = comm.all_to_all(ok, algorithm=algo)
+        expect = np.concatenate([(np.arange(P * 2 * 3, dtype=np.float32).reshape(P * 2, 3)
+                                  + 100 * src)[2 * me:2 * me + 2] for src in range(P)])
+        assert np.array_equal(out, expect), f"rank {me}: payload differs after an error"
+
+    before = dict(comm.check_counts)
+    for _ in range(5):
+        good()
+    after = comm.check_counts
+    # In-band: MPI from C++, default checks, an algorithm that messages every peer directly.
+    in_band = (comm.transport == "mpi" and envs_check() == 1
+               and (comm.last_algorithm != "halo" or comm.num_nodes == P))
+    if in_band:
+        assert after["header_rounds"] == before["header_rounds"], (before, after)
+        assert after["in_band"] == before["in_band"] + 5, (before, after)
+    last = P - 1
+    cases = {
+        "dtype": (lambda: comm.all_to_all(ok.astype(np.float64) if me == last else ok,
+                                          algorithm=algo), "disagree on dtype"),
+        "rows": (lambda: comm.all_to_all(np.concatenate([ok, ok]) if me == last else ok,
+                                         algorithm=algo), "count mismatch"),
+        "noncontig": (lambda: comm.all_to_all(ok[:, :2] if me == 0 else ok[:, :2].copy(),
+                                              algorithm=algo), "not contiguous"),
+        "all_noncontig": (lambda: comm.all_to_all(ok[:, :2], algorithm=algo), "not contiguous"),
+        "recv_small": (lambda: comm.all_to_all(ok, recv=np.empty((2 * P - (me == last), 3),
+                                                                 np.float32), algorithm=algo),
+                       "recv has"),
+        "op": (lambda: comm.all_to_all_v(ok, [2] * P, algorithm=algo) if me == 0 else
+               comm.all_to_all(ok, algorithm=algo), "different collectives"),
+        "trailing": (lambda: comm.all_to_all(ok.reshape(P * 2, 3, 1) if me == last else ok,
+                                             algorithm=algo), "disagree on dtype or trailing"),
+    }
+    messages = {}
+    for name, (fn, text) in cases.items():
+        messages[name] = _expect_usage_error(comm, fn, text)
+        good()
+    if in_band:
+        assert comm.check_counts["agreement_rounds"] >= len(cases), comm.check_counts
+    comm.close()
+    return {"messages": messages}
+
+
+def envs_check() -> int:
+    from piper_comm import envs
+
+    return envs.check()

@@ -24,6 +24,22 @@ def test_bad_input_raises_on_every_rank(nprocs, local_size):
     assert cases == {7 if nprocs == 1 else 11}
 
 
+@pytest.mark.parametrize(("nprocs", "local_size", "algo", "check"),
+                         [(3, None, "flat", "1"), (4, 2, "pairwise", "1"), (4, 2, "auto", "1"),
+                          (4, 2, "halo", "1"), (3, None, "flat", "2")])
+def test_equal_split_checks_raise_the_same_error_on_every_rank(nprocs, local_size, algo, check):
+    """In-band (PIPER_CHECK=1 under flat/pairwise: no header round, asserted rank-side) or by a
+    header round (halo; PIPER_CHECK=2): every rank raises, with the same words."""
+    run = run_mpi(nprocs, "comm.cases:in_band_checks", {"local_size": local_size, "algo": algo},
+                  env={"PIPER_CHECK": check})
+    def words(msg: str) -> str:  # "piper: all_to_all #7: <words>": each rank names its own call
+        return msg.split(": ", 2)[2]
+
+    for name, msg in run.ranks[0]["result"]["messages"].items():
+        assert all(words(r["result"]["messages"][name]) == words(msg) for r in run.ranks), \
+            (name, [r["result"]["messages"][name] for r in run.ranks])
+
+
 @pytest.mark.parametrize(("local_size", "algo"), [(2, "halo"), (2, "flat"), (1, "pairwise")])
 def test_skipped_collective_times_out_on_the_others(local_size, algo):
     timeout = 3.0

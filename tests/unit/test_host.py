@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import piper_comm as pc
-from piper_comm import _C, arrays, cost, envs
+from piper_comm import _C, cost, envs
 
 
 def test_segment_is_private_exclusive_and_unlinked():
@@ -84,18 +84,26 @@ def test_bad_environment_is_refused(monkeypatch, name, value, match):
         fn()
 
 
-def test_array_views_are_zero_copy():
+def test_arrays_move_without_copies():
+    """recv given: the call fills it in place and returns it (or a view of its head rows)."""
     import torch
 
-    x = np.zeros((4, 3), np.complex64)
-    v, err, _ = arrays.view(x)
-    assert err == 0 and v.row_bytes == 24 and v.data.ctypes.data == x.ctypes.data
-    t = torch.zeros(5, 2, dtype=torch.bfloat16)
-    v, err, _ = arrays.view(t)
-    assert err == 0 and v.dtype == "bfloat16" and v.address == t.data_ptr()
-    assert arrays.view(x[:, :2])[1] == arrays.E_NONCONTIG
-    assert arrays.view(np.float32(1.0))[1] == arrays.E_TYPE
-    assert arrays.view(np.zeros(()))[1] == arrays.E_NDIM
+    comm = pc.init(backend="single")
+    x = (np.arange(24, dtype=np.float32) + 1j).astype(np.complex64).reshape(4, 3, 2)
+    r = np.zeros((6, 3, 2), np.complex64)
+    out = comm.all_to_all(x, recv=r)
+    assert out.base is r and np.array_equal(r[:4], x)
+    t = torch.arange(10, dtype=torch.bfloat16).reshape(5, 2)
+    tr = torch.zeros(5, 2, dtype=torch.bfloat16)
+    assert comm.all_to_all(t, recv=tr) is tr and torch.equal(tr, t)
+    out, counts = comm.all_to_all_v(t, np.array([5]))
+    assert counts == [5] and torch.equal(out, t) and out.data_ptr() != t.data_ptr()
+    not_array = "numpy array or a torch"
+    for bad, words in ((x[:, :2], "not contiguous"), (np.float32(1.0), not_array),
+                       (np.zeros(()), "at least one dimension"), ("rows", not_array)):
+        with pytest.raises(pc.PiperUsageError, match=words):
+            comm.all_to_all(bad)
+
 
 
 def test_cost_model_prefers_halo_for_small_messages_across_many_nodes():

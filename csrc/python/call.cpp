@@ -1,0 +1,96 @@
+#include "python/call.hpp"
+
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include "common/error.hpp"
+#include "python/args.hpp"
+#include "runtime/header.hpp"
+
+namespace py = pybind11;
+
+namespace piper::python {
+
+namespace {
+
+// Raises the error validate.verdict words for the gathered headers (never returns).
+[[noreturn]] void raise_mismatch(const std::vector<int64_t>& table, int64_t P,
+                                 const std::string& what) {
+  const int64_t W = static_cast<int64_t>(table.size()) / P;
+  py::array_t<int64_t> t({P, W});
+  std::copy(table.begin(), table.end(), t.mutable_data());
+  py::module_::import("piper_comm.validate").attr("verdict")(t, what);
+  throw Error(ErrorCode::kInternal,
+              fmt("piper internal error: ", what, ": the ranks found a mismatch, but the "
+                  "gathered headers agree (does PIPER_CHECK differ between ranks?)"));
+}
+
+}  // namespace
+
+py::tuple run_call(runtime::Executor& ex, int op, py::handle send, py::handle send_counts,
+                   py::handle recv, py::handle recv_counts, const CallOptions& opt,
+                   py::handle new_rows) {
+  using namespace runtime;
+  const int64_t P = ex.topology().size();
+  Call c;
+  c.op = static_cast<Op>(op);
+  c.seq = opt.seq;
+  c.what = opt.what;
+  c.exact_recv = opt.exact_recv;
+  c.request = static_cast<Request>(opt.request);
+  if (const int64_t e = parse_array(send, c.send); e != kErrNone) {
+    c.send = ArrayArg{};
+    c.fail(e, 0);
+  }
+  if (!recv.is_none()) {
+    if (const int64_t e = parse_array(recv, c.recv); e != kErrNone) {
+      c.recv = ArrayArg{};
+      c.fail(e == kErrNonContig ? kErrRecvNonContig : e, 1);
+    }
+  }
+  if (opt.request < 0) c.fail(kErrAlgorithm);
+  if (c.op == Op::kV) {
+    parse_counts(send_counts, P, 0, c.send_counts, c);
+    if (!recv_counts.is_none()) parse_counts(recv_counts, P, 1, c.recv_counts, c);
+  }
+  c.check_local(P);
+
+  const Deadline deadline = Deadline::in(opt.left_s, opt.timeout_s);
+  const auto mode = static_cast<CheckMode>(opt.check);
+  Agreement ag;
+  {
+    py::gil_scoped_release nogil;
+    ag = ex.agree(c, mode, deadline);
+  }
+  switch (ag.verdict) {
+    case Verdict::kOk: break;
+    case Verdict::kMismatch: raise_mismatch(ag.table, P, c.what);
+    case Verdict::kLocalError:
+      py::module_::import("piper_comm.validate").attr("raise_local")(
+          c.what, ex.transport().rank(), c.err, c.err_a, c.err_b);
+      throw Error(ErrorCode::kInternal, "piper internal error: raise_local returned");
+    case Verdict::kRecvTooSmall:
+      throw Error(ErrorCode::kUsage, fmt("piper: ", c.what, ": rank ", ex.transport().rank(),
+                                         ": recv has ", c.recv.rows, " rows but ",
+                                         ag.recv_rows(), " rows arrive"));
+  }
+  py::object out = py::reinterpret_borrow<py::object>(recv);
+  const int64_t rows = ag.recv_rows();
+  if (!c.recv.kind && c.err == kErrNone) {
+    out = new_rows(send, rows);
+    if (parse_array(out, c.recv) != kErrNone)
+      throw Error(ErrorCode::kInternal, "piper internal error: new_rows made an unusable array");
+  }
+  std::vector<int64_t> table;
+  {
+    py::gil_scoped_release nogil;
+    table = ex.exchange(c, ag, deadline);
+  }
+  if (!table.empty()) raise_mismatch(table, P, c.what);
+  if (rows != c.recv.rows) out = out[py::slice(0, rows, 1)];
+  py::object counts = py::none();
+  if (!opt.recv_only) counts = py::cast(ag.recv_counts);
+  return py::make_tuple(out, counts, algorithm_name(ag.algo));
+}
+
+}  // namespace piper::python
