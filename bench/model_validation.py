@@ -79,6 +79,7 @@ class Case:
     model: dict | None = None  # tiny-moe overrides (a model YAML is written for them)
     ranks: int = 1
     local_size: int = 1
+    precision: str = "fp32"  # the train config's precision (fp32 | bf16-mixed)
 
 
 def _mb(micro_batch: int, seq_len: int, num_micro: int, dp: int = 1) -> dict:
@@ -106,6 +107,16 @@ CASES = [
     Case(name="pp2 dp2 ep2 1f1b m=4 b4 s64 (4 ranks, 2 nodes)",
          strategy={**ONE, "pp": 2, "dp": 2, "ep": 2}, batch=_mb(4, 64, 4, dp=2), ranks=4,
          local_size=2),
+    # bf16-mixed (piper_moe/layer/precision.py): fp32 weights and AdamW, bf16 compute
+    Case(name="bf16-mixed b4 s128", strategy=ONE, batch=_mb(4, 128, 1), precision="bf16-mixed"),
+    Case(name="bf16-mixed b8 s256", strategy=ONE, batch=_mb(8, 256, 1), precision="bf16-mixed"),
+    Case(name="bf16-mixed b4 s256 gpipe m=4 in flight", strategy={**ONE, "schedule": "gpipe"},
+         batch=_mb(4, 256, 4), precision="bf16-mixed"),
+    Case(name="bf16-mixed wide h256 E16 k4 no-shared b4 s256", strategy=ONE,
+         batch=_mb(4, 256, 1), model=WIDE, precision="bf16-mixed"),
+    Case(name="bf16-mixed pp2 dp2 ep2 1f1b m=4 b4 s64 (4 ranks, 2 nodes)",
+         strategy={**ONE, "pp": 2, "dp": 2, "ep": 2}, batch=_mb(4, 64, 4, dp=2), ranks=4,
+         local_size=2, precision="bf16-mixed"),
 ]
 
 
@@ -128,7 +139,8 @@ def case_config(case: Case, tmp: str) -> dict:
     """The train config dict of a case (``tiny`` with overrides; no rebalancing, no I/O)."""
     return C.load("tiny", {"model": _model_path(case, tmp), "strategy": case.strategy,
                            "batch": case.batch, "moe": {**C.load("tiny")["moe"], **case.moe},
-                           "rebalance": {"enabled": False}, "checkpoint": {"dir": None}})
+                           "rebalance": {"enabled": False}, "checkpoint": {"dir": None},
+                           "precision": case.precision})
 
 
 def strategy_of(cfg: dict) -> Strategy:
@@ -138,7 +150,8 @@ def strategy_of(cfg: dict) -> Strategy:
     st, b = cfg["strategy"], cfg["batch"]
     return Strategy(dp=st["dp"], tp=1, pp=st["pp"], ep=st["ep"], vpp=st.get("vpp", 1),
                     micro_batch=b["micro_batch"], global_batch=b["global_batch"],
-                    seq_len=b["seq_len"], zero=0, schedule=st["schedule"], precision="fp32")
+                    seq_len=b["seq_len"], zero=0, schedule=st["schedule"],
+                    precision=cfg["precision"])
 
 
 def predict(case: Case, stage: int | None = None, *,
@@ -396,7 +409,9 @@ def _a2a_summary(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "model_validation.md"))
-    parser.add_argument("--cases", default=None, help="comma-separated case indices")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated case indices: measured rows replace the rows of "
+                        "the same name in the JSON next to --out, the others are kept")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--from-json", action="store_true",
                         help="rewrite the markdown from the JSON next to --out (no measuring)")
@@ -426,6 +441,12 @@ def main(argv: list[str] | None = None) -> int:
               f"err {100 * row['dyn_err']:+5.1f}%  ({time.perf_counter() - t:.1f} s, load "
               f"{os.getloadavg()[0]:.2f})", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.cases and out.with_suffix(".json").exists():  # merge into the recorded rows
+        old = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["memory"]
+        new = {r["case"]: r for r in mem_rows}
+        order = [c.name for c in CASES]
+        rows = {r["case"]: r for r in old if r["case"] in order} | new
+        mem_rows = sorted(rows.values(), key=lambda r: order.index(r["case"]))
     write_md(out, params, mem_rows, _a2a_summary(out.parent / "a2a_validation.json"))
     with open(out.with_suffix(".json"), "w", encoding="utf-8") as f:
         json.dump({"params": params, "memory": mem_rows}, f, indent=2)

@@ -5,6 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROUTERS = ("softmax", "sigmoid")
+# FP8 dispatch wire format (layer/precision.py; here without torch, for the resource model):
+# one float32 scale per FP8_BLOCK hidden elements of a row
+FP8_BLOCK = 128
+FP8_SCALE_BYTES = 4
+
+
+def fp8_blocks(hidden: int) -> int:
+    """Scale blocks per row of the FP8 dispatch: ceil(hidden / FP8_BLOCK)."""
+    return -(-hidden // FP8_BLOCK)
+
+
+def fp8_row_bytes(hidden: int) -> int:
+    """Bytes of one FP8-dispatched row on the wire: hidden e4m3 bytes + its float32 scales."""
+    return hidden + FP8_SCALE_BYTES * fp8_blocks(hidden)
 
 
 @dataclass(frozen=True)

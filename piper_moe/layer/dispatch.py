@@ -151,11 +151,12 @@ def weighted_sum(back: torch.Tensor, weights: torch.Tensor, pair_order: torch.Te
                  pair_token: torch.Tensor, tokens: int) -> torch.Tensor:
     """out [tokens, hidden] = sum over pairs p of weights.flat[pair_order[p]] * back[p] into
     row pair_token[p]; back [N, hidden], accumulated in float32 at least (accumulate_dtype),
-    result dtype = promote(back, weights, accumulate)."""
+    result dtype = promote(back, weights, accumulate). The product promotes bf16 rows itself,
+    so autograd keeps back in its own dtype (no float32 copy of it)."""
     dt = torch.promote_types(accumulate_dtype(back.dtype), weights.dtype)
     w = weights.reshape(-1).index_select(0, pair_order).unsqueeze(1).to(dt)
     out = back.new_zeros(tokens, back.shape[1], dtype=dt)
-    return out.index_add(0, pair_token, back.to(dt) * w)
+    return out.index_add(0, pair_token, back * w)
 
 
 @dataclass(frozen=True)

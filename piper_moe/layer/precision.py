@@ -45,11 +45,16 @@ from __future__ import annotations
 
 import torch
 
+from .config import FP8_BLOCK, FP8_SCALE_BYTES, fp8_blocks, fp8_row_bytes
+
+__all__ = ["FP8_BLOCK", "FP8_DTYPE", "FP8_MAX", "PRECISIONS", "Fp8Exchange", "accumulate_dtype",
+           "bf16_native", "check_precision", "compute_dtype", "dequantize_fp8",
+           "fake_quantize_fp8", "fp8_all_to_all_v", "fp8_blocks", "fp8_row_bytes", "pack_fp8",
+           "param_dtype", "quantize_fp8", "resolve", "unpack_fp8"]
+
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-FP8_BLOCK = 128
-_SCALE_BYTES = 4  # float32 scales
 
 
 # -- policies
@@ -107,17 +112,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-# -- FP8 quantization
-def fp8_blocks(hidden: int) -> int:
-    """Scale blocks per row: ceil(hidden / FP8_BLOCK)."""
-    return -(-hidden // FP8_BLOCK)
-
-
-def fp8_row_bytes(hidden: int) -> int:
-    """Bytes of one packed FP8 row on the wire: hidden e4m3 bytes + 4 bytes per scale."""
-    return hidden + _SCALE_BYTES * fp8_blocks(hidden)
-
-
+# -- FP8 quantization (fp8_blocks, fp8_row_bytes: layer/config.py)
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H] (any float dtype, finite) -> (q float8_e4m3fn [N, H], scales float32 [N, nb]),
     nb = fp8_blocks(H), such that x ~= q * scale of its block. scale = the smallest power of
@@ -160,7 +155,7 @@ def pack_fp8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     architecture)."""
     N, nb = scales.shape
     return torch.cat([q.view(torch.uint8), scales.contiguous().view(torch.uint8)
-                      .view(N, nb * _SCALE_BYTES)], dim=1)
+                      .view(N, nb * FP8_SCALE_BYTES)], dim=1)
 
 
 def unpack_fp8(buf: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..layer.config import fp8_row_bytes
 from . import comm, ppmoe
 from .compute import head_compute, layer_compute, model_flops_per_token, routed_expert_gemm_time
 from .memory import PRECISION_BYTES, memory, shapes, stage_layer_kinds, stage_params
@@ -107,6 +108,9 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
             g = comm.per_node(s.ep, s.etp, G)
             a2a = 2 * comm.all_to_all(m_bytes, s.ep, g, platform, s.a2a)
             a2a_fwd = a2a_bwd = a2a
+            if s.fp8_dispatch:  # forward dispatch in e4m3 + scales; combine, backward in e
+                d_bytes = m_bytes / (model.hidden * e) * fp8_row_bytes(model.hidden)
+                a2a_fwd = (comm.all_to_all(d_bytes, s.ep, g, platform, s.a2a) + a2a / 2)
             if s.moe_chunks > 1:
                 a2a_fwd, a2a_bwd, chunk_re = _chunked_a2a(model, platform, s, m_bytes, g)
         if moe_layer and s.etp > 1:

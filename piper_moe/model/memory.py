@@ -30,6 +30,20 @@ t_sp = TP with sequence parallelism (else 1), h = hidden:
   buffers and backward recompute are working memory (``chunked_moe_working``).
 - head (last stage): final norm 3*T*h/t_sp and fp32 log-softmax T*V/t*4.
 
+Precision "bf16-mixed" (Piper's runtime policy, ``piper_moe/layer/precision.py``): weights,
+gradients and AdamW states 4 + 4 + 8 bytes per parameter (fp32, the parameters are the master
+copy); e = 2 for what the GEMMs read and write in bf16 (attention core, FFN and expert
+internals, dispatched rows, the expert outputs of the combine) and 4 for the residual stream
+(``residual_bytes``): each RMSNorm keeps its fp32 input and normalised input plus the bf16 copy
+of its output that autocast makes for the next GEMM (the MoE block's norm output stays fp32 for
+the router, its bf16 copy is kept by the shared expert), the combine's weighted product is
+fp32, the layer inputs and pipeline sends are fp32. Every GEMM weight (attention, dense FFN,
+this rank's experts, shared experts, head; not the fp32 router) is cast to bf16 in each
+micro-batch's forward and the copy is kept for its backward: 2 bytes per such parameter per
+micro-batch in flight (``weight_copies``). With ``fp8_dispatch`` the dispatch buffers carry
+(h + 4 * ceil(h / 128)) bytes per row (e4m3 + fp32 scales): working memory only, the expert
+input rows the layer keeps are the dequantized bf16 ones.
+
 Recompute "full" keeps only each layer's input T*h/t_sp; "selective" drops norm outputs and
 activation-function outputs (recomputed in backward). In-flight micro-batches per stage come from
 ``pipeline.in_flight``. Routed experts are split by EP x ETP, never by TP.
@@ -39,13 +53,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .params import Linear, dense_layer_linears, layer_norm_params, moe_layer_linears
+from .params import (
+    Linear,
+    attention_linears,
+    dense_layer_linears,
+    layer_norm_params,
+    moe_layer_linears,
+)
 from .pipeline import in_flight
 from .spec import ModelSpec, PlatformSpec
 from .strategy import Strategy
 
 # bytes per element of (weights, gradients, optimizer states, activations)
-PRECISION_BYTES = {"bf16": (2, 4, 12, 2), "fp32": (4, 4, 8, 4)}
+PRECISION_BYTES = {"bf16": (2, 4, 12, 2), "bf16-mixed": (4, 4, 8, 2), "fp32": (4, 4, 8, 4)}
+# bytes per element of the residual stream (block inputs and outputs, norms, pipeline sends)
+RESIDUAL_BYTES = {"bf16": 2, "bf16-mixed": 4, "fp32": 4}
+WEIGHT_COPY_BYTES = 2  # bf16-mixed: the bf16 copy of a GEMM weight kept for backward
 INDEX_BYTES = 8  # int64 indices
 FP32 = 4
 
@@ -77,6 +100,34 @@ def _norm_elems(elems: float, recompute: str) -> float:
     return elems * (1 if recompute == "selective" else 3)
 
 
+def residual_bytes(s: Strategy) -> int:
+    """Bytes per element of the residual stream under s.precision (RESIDUAL_BYTES)."""
+    return RESIDUAL_BYTES[s.precision]
+
+
+def _norm_bytes(elems: float, s: Strategy, output_cast: bool = True) -> float:
+    """Saved bytes of one RMSNorm over ``elems`` elements: input and normalised input at the
+    residual width, its output at the activation width (the same tensor when they are equal);
+    under bf16-mixed the output's bf16 copy (``output_cast``: a GEMM reads it) or the fp32
+    output itself (not output_cast: the MoE router reads it). Selective recompute: the
+    input only."""
+    e, r = PRECISION_BYTES[s.precision][3], residual_bytes(s)
+    if s.recompute == "selective":
+        return elems * r
+    if e == r:
+        return _norm_elems(elems, s.recompute) * e
+    return elems * (2 * r + (e if output_cast else r))
+
+
+def weight_copies(linears: tuple[Linear, ...], s: Strategy) -> float:
+    """Bytes of the bf16 copies of ``linears``' GEMM weights (this rank's share) that a
+    bf16-mixed forward keeps for backward (0 for other precisions; the router stays fp32)."""
+    if s.precision != "bf16-mixed":
+        return 0.0
+    dense, expert = rank_params(tuple(lin for lin in linears if lin.name != "router"), s)
+    return (dense + expert) * WEIGHT_COPY_BYTES
+
+
 def _ffn_act(rows: float, ffn: float, gated: bool, recompute: str) -> float:
     """Saved elements of one FFN's internals on ``rows`` rows of width ``ffn`` (per shard)."""
     if gated:  # fused gate|up (2f), SiLU output (f), product (f)
@@ -89,24 +140,26 @@ def attention_activations(model: ModelSpec, s: Strategy) -> float:
     a, h, t = model.attention, model.hidden, s.tp
     e = PRECISION_BYTES[s.precision][3]
     T = s.micro_batch * s.seq_len
-    norms = _norm_elems(T * h / s.sp, s.recompute)
+    norms = _norm_bytes(T * h / s.sp, s)
     if a.kind == "mla":
         lora = (a.q_lora_rank * 2 if a.q_lora_rank else 0) + 2 * a.kv_lora_rank + a.qk_rope_head_dim
         core = T * a.num_heads * (2 * a.qk_head_dim + a.qk_nope_head_dim + a.v_head_dim) / t
-        elems = norms + T * lora + core + 2 * T * a.num_heads * a.v_head_dim / t
+        elems = T * lora + core + 2 * T * a.num_heads * a.v_head_dim / t
     else:
         qkv = T * 3 * a.num_heads * a.head_dim / t  # K/V repeated to every query head
-        elems = norms + qkv + T * a.num_heads * a.head_dim / t
-    return elems * e + T * a.num_heads * FP32 / t
+        elems = qkv + T * a.num_heads * a.head_dim / t
+    return (norms + elems * e + T * a.num_heads * FP32 / t
+            + weight_copies(attention_linears(model), s))
 
 
 def dense_mlp_activations(model: ModelSpec, s: Strategy) -> float:
     """Bytes saved by one dense FFN block for one micro-batch (no recompute)."""
     e = PRECISION_BYTES[s.precision][3]
     T = s.micro_batch * s.seq_len
-    norms = _norm_elems(T * model.hidden / s.sp, s.recompute)
+    norms = _norm_bytes(T * model.hidden / s.sp, s)
     inner = _ffn_act(T, model.dense_ffn / s.tp, model.ffn_kind == "swiglu", s.recompute)
-    return (norms + inner) * e
+    return norms + inner * e + weight_copies(dense_layer_linears(model)[
+        len(attention_linears(model)):], s)
 
 
 def moe_activations(model: ModelSpec, s: Strategy) -> dict[str, float]:
@@ -119,7 +172,11 @@ def moe_activations(model: ModelSpec, s: Strategy) -> dict[str, float]:
     sh = shapes(model, s)
     gated = model.ffn_kind == "swiglu"
     R = sh.expert_rows
-    norms = _norm_elems(sh.moe_tokens * h, s.recompute) * e
+    norms = _norm_bytes(sh.moe_tokens * h, s, output_cast=False)
+    if s.precision == "bf16-mixed" and m.num_shared_experts and s.recompute != "selective":
+        norms += sh.moe_tokens * h * e  # the bf16 copy of the layer input the shared expert reads
+    # the GEMM weights' bf16 copies (this rank's experts, shared experts; not the router)
+    norms += weight_copies(moe_layer_linears(model)[len(attention_linears(model)):], s)
     experts = _ffn_act(R, m.expert_ffn / s.etp, gated, s.recompute) * e
     shared = 0.0
     if m.num_shared_experts:
@@ -137,7 +194,9 @@ def moe_activations(model: ModelSpec, s: Strategy) -> dict[str, float]:
                 "moe_buffers": router + dispatch + combine}
     routed = sh.moe_tokens * m.top_k
     router = sh.moe_tokens * m.num_experts * FP32 + routed * (INDEX_BYTES + 2 * FP32)
-    combine = routed * (2 * h * e + FP32 + 2 * INDEX_BYTES)
+    # expert outputs back in token order (e) and their product with the gate weights
+    # (accumulated in at least fp32 under bf16-mixed: residual width)
+    combine = routed * (h * e + h * residual_bytes(s) + FP32 + 2 * INDEX_BYTES)
     if s.moe_chunks > 1:
         # chunked layer: the backward recomputes the experts (no internals kept); the plan keeps
         # four int64 row maps of the received rows; the rows themselves per chunk_memory
@@ -154,10 +213,10 @@ def moe_layer_saved(model: ModelSpec, s: Strategy) -> float:
     replaced by the layer input it feeds (1 [T_m, h]). For checking the formulas against a
     layer measured alone (tests/model/test_layer_memory.py, ``piper_moe.bench_layer``)."""
     a = moe_activations(model, s)
-    e = PRECISION_BYTES[s.precision][3]
     T_m = shapes(model, s).moe_tokens
-    return (a["activations"] + a["moe_buffers"] - _norm_elems(T_m * model.hidden, s.recompute) * e
-            + T_m * model.hidden * e)
+    r = residual_bytes(s)
+    return (a["activations"] + a["moe_buffers"]
+            - _norm_bytes(T_m * model.hidden, s, output_cast=False) + T_m * model.hidden * r)
 
 
 def chunked_moe_working(model: ModelSpec, s: Strategy) -> dict[str, float]:
@@ -182,14 +241,16 @@ def chunked_moe_working(model: ModelSpec, s: Strategy) -> dict[str, float]:
 
 def head_activations(model: ModelSpec, s: Strategy) -> float:
     """Bytes saved by the final norm, output head and loss for one micro-batch."""
-    e = PRECISION_BYTES[s.precision][3]
     T = s.micro_batch * s.seq_len
-    return 3 * T * model.hidden / s.sp * e + T * model.vocab / s.tp * FP32 + T * INDEX_BYTES
+    head = weight_copies((Linear(name="head", d_in=model.hidden, d_out=model.vocab,
+                                 shard="tp"),), s)
+    return (_norm_bytes(T * model.hidden / s.sp, s) + T * model.vocab / s.tp * FP32
+            + T * INDEX_BYTES + head)
 
 
 def layer_input_bytes(model: ModelSpec, s: Strategy) -> float:
     """Bytes of one layer's input (what full recompute keeps per layer and micro-batch)."""
-    return s.micro_batch * s.seq_len * model.hidden / s.sp * PRECISION_BYTES[s.precision][3]
+    return s.micro_batch * s.seq_len * model.hidden / s.sp * residual_bytes(s)
 
 
 def layer_activations(model: ModelSpec, s: Strategy, moe_layer: bool) -> dict[str, float]:
@@ -268,10 +329,10 @@ def _transient(model: ModelSpec, s: Strategy, stage: int, n_dense: int, n_moe: i
     loss = 2 * T * model.vocab / s.tp * FP32 if last else 0.0
     # gradients of one layer's widest tensors while its saved tensors are alive
     dense_ffn = model.dense_ffn / s.tp if n_dense else 0.0
-    layer_grad = max(3 * T * dense_ffn,
-                     3 * sh.expert_rows * model.moe.expert_ffn / s.etp + sh.expert_rows * h
+    layer_grad = max(3 * T * dense_ffn * e,
+                     (3 * sh.expert_rows * model.moe.expert_ffn / s.etp + sh.expert_rows * h) * e
                      if n_moe else 0.0,
-                     2 * T * h / s.sp) * e
+                     2 * T * h / s.sp * residual_bytes(s))
     rebuild = 0.0
     if s.recompute == "full":
         rebuild = max(_full_layer(model, s, False) if n_dense else 0.0,

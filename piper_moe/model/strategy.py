@@ -19,7 +19,7 @@ SCHEDULES = ("1f1b", "interleaved", "zb-h1", "gpipe")
 A2A = ("flat", "halo")
 DISPATCHERS = ("alltoall", "ppmoe")
 CHUNK_MEMORY = ("save", "offload", "recompute")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "bf16-mixed", "fp32")
 
 
 @lru_cache(maxsize=1024)
@@ -37,7 +37,13 @@ class Strategy:
     step over all DP replicas, so a step runs ``num_micro = global_batch / (micro_batch * dp)``
     micro-batches per pipeline. ``zero`` 0-3 shards optimizer states (1), gradients (2) and weights
     (3) over DP (dense) and EDP (experts). ``precision`` "bf16": bf16 weights and activations, fp32
-    gradients and Adam (master, m, v); "fp32": everything fp32, no master copy.
+    gradients and Adam (master, m, v) (Megatron's mixed precision); "bf16-mixed": Piper's
+    runtime policy (``piper_moe/layer/precision.py``): fp32 weights, gradients and Adam (no
+    separate master), bf16 GEMM inputs and outputs, fp32 residual stream, norms, router and
+    combine sums, and a bf16 copy of every GEMM weight made by each micro-batch's forward and
+    kept for its backward; "fp32": everything fp32, no master copy. ``fp8_dispatch``: the
+    dispatch all-to-all carries e4m3 rows with a float32 scale per 128 elements (bf16
+    precisions only).
     ``capacity_factor`` None means padding-free (dropless) expert buffers, a number means buffers
     padded to ``capacity_factor * tokens * top_k / num_experts`` rows per expert.
     ``expert_imbalance`` is max/mean routed rows per rank for padding-free buffers (1 = balanced).
@@ -79,6 +85,7 @@ class Strategy:
     dispatcher: str = "alltoall"
     moe_chunks: int = 1
     chunk_memory: str = "save"
+    fp8_dispatch: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "ep", "etp", "vpp", "micro_batch", "global_batch",
@@ -135,6 +142,8 @@ class Strategy:
             raise ValueError(f"capacity_factor must be > 0 or None (got {self.capacity_factor})")
         if self.expert_imbalance < 1:
             raise ValueError(f"expert_imbalance must be >= 1 (got {self.expert_imbalance})")
+        if self.fp8_dispatch and self.precision == "fp32":
+            raise ValueError("fp8_dispatch needs precision 'bf16' or 'bf16-mixed' (got 'fp32')")
         if self.layers_per_stage is not None:
             object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
             if len(self.layers_per_stage) != self.pp or min(self.layers_per_stage) < self.vpp:

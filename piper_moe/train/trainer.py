@@ -516,7 +516,10 @@ class Trainer:
             s = Strategy(dp=m.dp, tp=1, pp=m.pp, ep=m.ep, vpp=self.vpp,
                          micro_batch=self.micro_batch, global_batch=self.global_batch,
                          seq_len=self.seq_len, zero=0, schedule=self.schedule,
-                         precision="fp32" if self.dtype != torch.bfloat16 else "bf16",
+                         # the model's "bf16" is Megatron's (bf16 weights, fp32 master and
+                         # Adam): the nearest it has to Piper's all-bf16 runs
+                         precision=self.precision,
+                         fp8_dispatch=bool(self.cfg["moe_layer"]["fp8_dispatch"]),
                          **chunked)
             e = estimate(self.spec, load_platform(self.cfg["platform"]), s)
             out["predicted"] = {"step_s": e.time["step"], "memory_bytes": e.memory["total"],

@@ -16,7 +16,8 @@ TOKENS = 512  # per rank
 VARIANTS = {"alltoall": {},
             "chunks4-save": {"pipeline_chunks": 4, "chunk_memory": "save"},
             "chunks4-recompute": {"pipeline_chunks": 4, "chunk_memory": "recompute"},
-            "ppmoe": {"dispatcher": "ppmoe", "sequence_sharded": True}}
+            "ppmoe": {"dispatcher": "ppmoe", "sequence_sharded": True},
+            "alltoall-bf16-mixed": {"precision": "bf16-mixed"}}
 
 
 def _saved(layer, x: torch.Tensor) -> int:

@@ -33,7 +33,9 @@ def _layer_prediction(variant: str, rows: int) -> float:
     a few tenths of a percent high)."""
     model, ranks, k = _model(), 2, LAYER["top_k"]
     imbalance = max(1.0, rows / (TOKENS * k))
-    common = dict(pp=1, micro_batch=1, global_batch=2, seq_len=TOKENS, precision="fp32",
+    precision = "bf16-mixed" if variant.endswith("-bf16-mixed") else "fp32"
+    variant = variant.removesuffix("-bf16-mixed")
+    common = dict(pp=1, micro_batch=1, global_batch=2, seq_len=TOKENS, precision=precision,
                   expert_imbalance=imbalance)
     if variant == "ppmoe":  # the EP group is the TP group: each rank routes T / tp of T
         s = Strategy(dp=1, tp=ranks, ep=ranks, dispatcher="ppmoe", **{
@@ -64,6 +66,22 @@ def test_hand_checked_terms():
     assert _layer_prediction("ppmoe", R) == pytest.approx(
         base + G * (nE * FP32 + k * (8 + 2 * FP32) + h * E) + R * (h * E + 16)
         + 4 * R * f * E + R * (2 * h * E + FP32), rel=1e-12)
+
+
+def test_bf16_mixed_terms():
+    """bf16-mixed (fp32 weights, bf16 compute): the layer input stays fp32 (the router reads
+    it) and its bf16 copy feeds the shared expert; rows, FFN internals and expert outputs are
+    bf16, the weighted product fp32; the bf16 copies of this rank's 8 experts' and the shared
+    expert's weights are kept."""
+    T, k, h, f, nE = TOKENS, 4, 256, 128, 16
+    R = N = T * k
+    e, r = 2, 4
+    base = T * h * r + T * h * e + 4 * T * f * e
+    router = T * nE * FP32 + N * (8 + 2 * FP32)
+    combine = N * (h * e + h * r + FP32 + 16)
+    copies = (nE // 2 + 1) * 3 * h * f * 2
+    assert _layer_prediction("alltoall-bf16-mixed", R) == pytest.approx(
+        base + router + R * (h * e + 16) + 4 * R * f * e + combine + copies, rel=1e-12)
 
 
 def test_formulas_match_the_layer():
