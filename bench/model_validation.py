@@ -389,10 +389,28 @@ def write_md(path: Path, params: list[dict], mem_rows: list[dict], a2a_summary: 
               "received (the prediction assumes balanced routing, `expert_imbalance=1`); the "
               "pp2 dp2 ep2 stage 0 is over-predicted by the same +4.2% / +4.4% on both its "
               "ranks, a systematic term not traced (under the 5% target).", "",
+              "**bf16-mixed** (the `bf16-mixed` rows: `precision: bf16-mixed` in the train "
+              "config, Strategy precision \"bf16-mixed\"): weights, gradients and AdamW stay "
+              "fp32, so the static part is the fp32 one; what changes is the activations, "
+              "listed tensor by tensor as above: bf16 for what the GEMMs read and write "
+              "(attention core, FFN and expert internals, dispatched rows, expert outputs), fp32 "
+              "for the residual stream, each RMSNorm's input and normalised input (plus the "
+              "bf16 copy of its output that autocast makes for the next GEMM), the MoE layer's "
+              "input (the fp32 router reads it), the combine's weighted product and the "
+              "pipeline sends, and the bf16 copy of every GEMM weight that each micro-batch's "
+              "forward makes and keeps for its backward (autocast caches casts only within one "
+              "forward): `piper_moe/model/memory.py`. On tiny-moe that copy is 2 bytes per "
+              "parameter per micro-batch in flight, which is why bf16-mixed cuts the gpipe "
+              "case's dynamic bytes by a quarter (187.9 -> 138.7 MiB), not by half. These "
+              "five rows: `.venv/bin/python bench/model_validation.py --cases "
+              "10,11,12,13,14` (which merges them into the recorded rows), 2026-12-03, commit "
+              "cedf2ef, the 2-core CI VM.", "",
               "Not validated here: tensor/sequence parallelism and recompute (the runtime has "
               "neither: tp = 1, no recompute), ZeRO (the runtime keeps full replicas: zero=0), "
-              "MLA attention, bf16 (CPU runs fp32), and GPU `torch.cuda.max_memory_allocated` "
-              "(no GPU was lent to this task).", "",
+              "MLA attention, Megatron-style bf16 (bf16 weights with an fp32 master: the "
+              "runtime's `bf16` keeps everything in bf16 and its `bf16-mixed` keeps fp32 "
+              "weights), FP8 dispatch's buffers (working memory of the all-to-all, not kept), "
+              "and GPU `torch.cuda.max_memory_allocated` (no GPU was lent to this task).", "",
               "## 3. All-to-all time: calibrated model vs benchmark", "",
               a2a_summary, ""]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
