@@ -530,6 +530,8 @@ def render(facts: dict[str, Any], found: list[Diagnosis]) -> str:
         refs = (f"{want['latency'] * 1e6:>8.1f} us {want['bandwidth'] / 1e9:>8.3f} GB/s"
                 if want else "")
         out.append(f"  {level:<6} {meas}   {refs}")
+    out.append("  (a platform's inter bandwidth is one device's share of its node's NICs; the "
+               "ping-pong measures one pair alone on the link)")
     nics = {f"{r['host']}:{k}": x for r in ranks for k, x in r["nics"].items()}
     out.append("NICs: " + (", ".join(f"{k} {x / 1e9:g} Gbit/s" for k, x in sorted(nics.items()))
                            or "no interface reports a speed or a tbf rate"))
