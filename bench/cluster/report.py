@@ -6,10 +6,10 @@ Writes, for the parts that are recorded:
   a2a_summary.txt / .json / .png   every algorithm's all-to-all time against the line-rate time
         of the bytes one node sends to the other nodes (the same for halo, flat, MPI and gloo:
         HALO aggregates messages, not bytes), per layout and cap;
-  moe_summary.txt / .json          dispatch + combine (forward + backward of one MoE layer) per
+  moe_summary.txt / .json / .png    dispatch + combine (forward + backward of one MoE layer) per
         dispatcher: time, the inter-node payload of a step (layer.stats, forward x 2), its
         link-bound time, the veth bytes of the job per step;
-  train_summary.txt                the training runs with dedup on and off.
+  train_summary.txt / .png         the training runs with dedup on and off.
 Every figure is EMULATED (netns + veth + tc tbf, no added latency, one machine's CPUs).
 """
 
@@ -28,6 +28,7 @@ from linkcheck import inter_node_bytes, line_seconds, parse_rate
 EMULATED = ("EMULATED: network namespaces + veth + bridge on one 2-CPU machine, tc tbf egress cap "
             "per node, no added latency")
 ALGOS = ("halo", "flat", "mpi", "gloo")
+LABELS = {"alltoall": "plain all-to-all", "halo": "node dedup", "ppmoe": "PPMoE"}  # dispatchers
 
 
 def _name(path: str) -> dict[str, str]:
@@ -148,7 +149,40 @@ def moe(d: Path) -> list[str]:
                        f"{tb:>11} {vb:>13}")
     out += _moe_exposed(summary)
     (d / "moe_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _plot_moe(d / "moe_summary.png", summary)
     return out
+
+
+def _plot_moe(path: Path, summary: dict) -> None:
+    """Per capped configuration: each dispatcher's step time split into the time without a
+    link bottleneck (its 10gbit run) and the exposed link time, beside its payload's line-rate
+    time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in summary if "10gbit" not in k]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.5), squeeze=False)
+    for ax, key in zip(axes[0], sorted(keys, reverse=True)):
+        by = summary[key]
+        fast = summary.get(key.replace(key.split()[-1], "10gbit"), {})
+        names = [n for n in ("alltoall", "halo", "ppmoe") if n in by]
+        base = [fast.get(n, {}).get("time_ms", 0.0) for n in names]
+        top = [by[n]["time_ms"] - b for n, b in zip(names, base)]
+        ticks = [LABELS[n] for n in names]
+        ax.bar(ticks, base, color="C7", label="time at 10gbit (no link bottleneck)")
+        ax.bar(ticks, top, bottom=base, color="C0", label="exposed link time at the cap")
+        ax.scatter(ticks, [b + by[n]["link_bound_ms"] for n, b in zip(names, base)],
+                   color="C3", marker="_", s=600, zorder=3,
+                   label="10gbit time + line-rate time of the payload")
+        ax.set(title=f"MoE layer fwd+bwd, {key} (emulated)", ylabel="ms per step")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _moe_exposed(summary: dict) -> list[str]:
@@ -207,7 +241,35 @@ def train(d: Path) -> list[str]:
                    f"{secs[len(secs) // 2]:>7.3f} {meas or float('nan'):>9.3f} "
                    f"{pred or float('nan'):>10.3f} {tx / 1e6:>8.1f} {tx / len(hist) / 1e6:>8.2f} "
                    f"{hist[-1]['loss']:>10.4f}")
+    _plot_train(d / "train_summary.png", runs)
     return out
+
+
+def _plot_train(path: Path, runs: list[str]) -> None:
+    """Loss and step time per step of each training run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, cpath in enumerate(runs):
+        mpath = Path(cpath[: -len(".counters.json")] + ".metrics.json")
+        if not mpath.exists():
+            continue
+        hist = json.loads(mpath.read_text())["history"]
+        label = mpath.name.split("_dedup_")[-1].split(".")[0]
+        a1.plot([h["step"] for h in hist], [h["loss"] for h in hist], color=f"C{i}",
+                label=f"dedup {label}")
+        a2.plot([h["step"] for h in hist], [h["seconds"] for h in hist], color=f"C{i}",
+                label=f"dedup {label}")
+    a1.set(xlabel="step", ylabel="loss", title="training on the emulated cluster (200mbit)")
+    a2.set(xlabel="step", ylabel="seconds per step", title="step time (emulated)")
+    for a in (a1, a2):
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

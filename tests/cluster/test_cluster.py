@@ -205,3 +205,25 @@ def test_run_checks_the_link_and_catches_a_bypass(prefix, tmp_path):
                   env={"PIPER_CLUSTER_NETMOD": "ucx"})
     assert bad.returncode == 1 and "BYPASS" in bad.stderr, bad.stderr
     assert _leftovers(prefix) == []
+
+
+RESULTS = ROOT / "bench" / "results" / "cluster"
+
+
+@pytest.mark.skipif(not (RESULTS / "a2a_2x2_200mbit.json").exists(),
+                    reason="no recorded runs in bench/results/cluster")
+def test_report_and_predict_run_on_the_recorded_results(tmp_path):
+    for f in RESULTS.glob("*.json"):
+        shutil.copy(f, tmp_path)
+    shutil.copy(RESULTS / "platform_2x2_200mbit.yaml", tmp_path)
+    r = subprocess.run([sys.executable, str(ROOT / "bench/cluster/report.py"), "--dir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    a2a = (tmp_path / "a2a_summary.txt").read_text()
+    assert "# 2x4 200mbit" in a2a and (tmp_path / "a2a_summary.png").stat().st_size > 0
+    assert "exposed link time" in (tmp_path / "moe_summary.txt").read_text()
+    assert "dedup_on" in (tmp_path / "train_summary.txt").read_text()
+    r = subprocess.run([sys.executable, str(ROOT / "bench/cluster/predict.py"), "--dir",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "emulated-2x2-200mbit" in (tmp_path / "predict_summary.txt").read_text()
