@@ -11,6 +11,12 @@
 #   the dispatcher comparison alone (--dispatchers alltoall,halo,ppmoe --chunks 1,2,auto, with
 #   the resource model's prediction), 4 ranks as 2 nodes of 2 then as 1 node of 4, into
 #   bench/results/moe_dispatchers_cpu.txt and moe_dispatchers_cpu_np4_ls{2,4}.json
+#        bench/run_moe_layer.sh precisions [extra bench flags]
+#   the precision comparison alone: 4 ranks as one node (EP=4), hidden 512, 16 experts top-4,
+#   one shared expert, 1024 tokens per rank, Piper's layer in fp32, bf16-mixed and
+#   bf16-mixed + fp8 dispatch against torchtitan's MoE layer as shipped (--peer torchtitan,
+#   needs torchtitan installed) and the fp32 reference, into
+#   bench/results/moe_layer_cpu_np4_ls4_precisions.{txt,json}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=bench/results
@@ -49,6 +55,12 @@ dispatchers() {  # dispatchers [bench flags...]: both runs appended to one .txt
     echo "# uptime after: $(uptime)" >> "$txt"
   done
 }
+if [[ ${1:-} == precisions ]]; then
+  shift
+  run 4 4 _precisions --hidden 512 --variants reference,piper-nodedup \
+    --precisions fp32,bf16-mixed,bf16-mixed+fp8 --peer torchtitan "$@"
+  exit 0
+fi
 if [[ ${1:-} == dispatchers ]]; then
   shift
   dispatchers "$@"

@@ -36,6 +36,18 @@ Variants, all built from the same seed (so the same global weights) and fed the 
                  parameter bytes per rank, and the resource model's (--platform) per-layer
                  communication time of each dispatcher next to the measured difference.
 
+    --precisions LIST  (subset of fp32,bf16-mixed,bf16-mixed+fp8): every Piper variant
+                 (--variants) runs once per precision, named <variant>@<precision>
+                 (MoELayer(precision=..., fp8_dispatch=...), layer/precision.py); the
+                 reference stays fp32 (max|y-y_ref| is then the distance to fp32). Reported
+                 besides the time: dispatch and combine bytes (layer.stats, summed over ranks)
+                 and the bytes saved for backward by one forward. Not combinable with --chunks
+                 or --dispatchers.
+    --peer torchtitan  adds the variant "torchtitan": torchtitan's MoE layer with its
+                 expert-parallel all-to-all dispatcher over gloo, as shipped (bf16 grouped
+                 GEMMs over fp32 weights, fp32 dispatch and combine; piper_moe/bench_peer.py),
+                 with the same weights, routing and tokens.
+
 One timed step: comm.barrier() on every rank, then perf_counter around
 y = layer(x); (y.sum() + layer.aux_loss).backward(). Variants are interleaved step by step
 (so drift hits them alike). A variant's time is the median over --iters steps on each rank,
@@ -57,6 +69,9 @@ import numpy as np
 
 VARIANTS = ("reference", "piper", "piper-nodedup")
 DISPATCHERS = ("alltoall", "halo", "ppmoe")
+PRECISIONS = {"fp32": {}, "bf16-mixed": {"precision": "bf16-mixed"},
+              "bf16-mixed+fp8": {"precision": "bf16-mixed", "fp8_dispatch": True}}
+PEERS = ("torchtitan",)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,8 +110,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--platform", default="cpu-host",
                    help="resource-model platform (name or YAML path) for the predicted "
                    "communication time of --dispatchers (default cpu-host)")
+    p.add_argument("--precisions", default=None, metavar="LIST",
+                   help=f"comma-separated subset of {','.join(PRECISIONS)}: each Piper variant "
+                   "once per precision (module docstring)")
+    p.add_argument("--peer", default=None, choices=PEERS,
+                   help="add a peer MoE layer as a variant (module docstring)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (rank 0)")
     a = p.parse_args(argv)
+    a.precisions = [x.strip() for x in (a.precisions or "").split(",") if x.strip()]
+    bad = [x for x in a.precisions if x not in PRECISIONS]
+    if bad:
+        p.error(f"--precisions: unknown {bad}; choose from {tuple(PRECISIONS)}")
+    if a.precisions and (a.chunks or a.dispatchers):
+        p.error("--precisions does not combine with --chunks or --dispatchers")
+    if a.precisions and a.dtype != "float32":
+        p.error("--precisions sets the precision: leave --dtype at float32 (the parameters)")
     if a.variants is None:
         a.variants = "reference" if a.chunks or a.dispatchers else ",".join(VARIANTS)
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -128,6 +156,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         elif d not in a.variants:
             a.variants.append(d)
     a.variants += [v for v in a.chunk_settings if v not in a.variants]
+    if a.precisions:
+        a.variants = [x for v in a.variants for x in
+                      ([v] if v == "reference" else [f"{v}@{q}" for q in a.precisions])]
+    if a.peer:
+        a.variants.append(a.peer)
     if a.iters < 1 or a.warmup < 0 or a.tokens < 0 or a.threads < 1:
         p.error("--iters >= 1, --warmup >= 0, --tokens >= 0, --threads >= 1")
     return a
@@ -172,8 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     node_comm = node_communicator(comm) if "ppmoe" in a.dispatchers else None
     layers = {}
     for v in a.variants:  # construction order is the same on every rank (it is collective)
+        base, _, prec = v.partition("@")
+        kw = PRECISIONS[prec] if prec else {}
         if v == "reference":
             layers[v] = ReferenceMoE(cfg, seed=a.seed, dtype=dtype)
+        elif v in PEERS:
+            layers[v] = peer_layer(v, cfg, comm, a.seed)
+        elif prec:
+            layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, dedup=base == "piper",
+                                 **kw)
         elif v in a.chunk_settings:
             layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, dedup=False,
                                  pipeline_chunks=a.chunk_settings[v],
@@ -211,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     outs = {v: step(v)[1] for v in a.variants}
     diff = {v: float((outs[v] - outs["reference"]).abs().max()) if a.tokens else 0.0
             for v in a.variants if v != "reference" and "reference" in outs}
+    ref_max = float(outs["reference"].abs().max()) if a.tokens and "reference" in outs else 0.0
     for _ in range(a.warmup):
         for v in a.variants:
             step(v)
@@ -221,23 +262,50 @@ def main(argv: list[str] | None = None) -> int:
         for v in a.variants:
             times[v].append(step(v)[0])
     chunk_rows = chunk_summary(a, comm, layers, x0, comm_s, torch) if a.chunk_settings else []
-    memory = memory_summary(a, comm, layers, x0, torch) if a.dispatchers else {}
+    memory = (memory_summary(a, comm, layers, x0, torch) if a.dispatchers or a.precisions
+              else {})
 
     med = np.array([statistics.median(times[v]) for v in a.variants])
     all_med = gather(comm, med)                                         # [P, variants]
     all_times = gather(comm, np.concatenate([times[v] for v in a.variants]))
     all_diff = gather(comm, np.array([diff.get(v, 0.0) for v in a.variants]))
-    stat_keys = ("bytes_sent_intra_node", "bytes_sent_inter_node", "bytes_saved_by_dedup")
-    piper_vs = [v for v in a.variants if v != "reference"]
+    all_ref_max = gather(comm, np.array([ref_max]))
+    stat_keys = ("bytes_sent_intra_node", "bytes_sent_inter_node", "bytes_saved_by_dedup",
+                 "bytes_dispatch", "bytes_combine")
+    piper_vs = [v for v in a.variants if v != "reference" and v not in PEERS]
     all_stats = gather(comm, np.array([layers[v].stats[k] for v in piper_vs
                                        for k in stat_keys], dtype=np.float64))
     if me == 0:
         report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_vs,
-               stat_keys, layers, chunk_rows, memory)
+               stat_keys, layers, chunk_rows, memory, float(all_ref_max.max()))
     if node_comm is not None:
         node_comm.close()
     comm.close()
     return 0
+
+
+def peer_layer(name: str, cfg, comm, seed: int):
+    """The --peer layer (piper_moe/bench_peer.py) with the global model of seed; starts
+    torch.distributed (gloo) over the job's ranks for its all-to-alls. Collective."""
+    import warnings
+
+    import torch.distributed as dist
+
+    import piper_comm.torch  # noqa: F401  (under mpirun: RANK, MASTER_ADDR, ... from MPI)
+    from piper_moe.bench_peer import torchtitan_layer
+    from piper_moe.layer.reference import ReferenceMoE
+
+    # its router asks CPU autocast for float32, which CPU autocast refuses with a warning
+    warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=comm.rank, world_size=comm.size)
+    mesh = None
+    if comm.size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (comm.size,))
+    sd = ReferenceMoE(cfg, seed=seed).state_dict()
+    return torchtitan_layer(cfg, sd, comm.size, comm.rank, mesh)
 
 
 def node_communicator(comm):
@@ -289,7 +357,7 @@ def model_saved(a, layer, ranks: int) -> float | None:
     from piper_moe.model.memory import moe_layer_saved
 
     if not hasattr(layer, "dispatcher") or getattr(layer, "dedup", False) or (
-            a.dtype not in ("float32", "bfloat16")):
+            a.dtype not in ("float32", "bfloat16")) or layer.precision != "fp32":
         return None
     st = layer.stats
     if layer.dispatcher == "ppmoe":
@@ -418,7 +486,7 @@ def chunk_summary(a, comm, layers, x0, comm_s, torch) -> list[dict]:
 
 
 def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_vs, stat_keys,
-           layers, chunk_rows=(), memory=None) -> None:
+           layers, chunk_rows=(), memory=None, ref_max: float = 0.0) -> None:
     P = comm.size
     global_tokens = a.tokens * P
     worst = all_med.max(axis=0)                          # max over ranks of per-rank median
@@ -474,6 +542,8 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
         tpe = layers[piper_vs[0]].stats["tokens_per_expert"]
         imb = f"{max(tpe) / (sum(tpe) / len(tpe)):.2f}" if sum(tpe) else "-"
         print(f"#   tokens per expert (global): {tpe}  (max/mean {imb})")
+    precision_rows = (report_precisions(a, worst, all_diff, stats, memory, ref_max)
+                      if a.precisions else [])
     if chunk_rows:
         print("#")
         print("# chunked pipeline (forward communication; C=1 is synchronous: nothing hidden, "
@@ -543,9 +613,55 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
                "timing": "max over ranks of the per-rank median of forward+backward seconds",
                "results": rows, "stats_summed_over_ranks": stats, "chunked": list(chunk_rows),
                "memory": memory or {}, "model_comm_seconds_fwd": model,
+               "precisions": precision_rows, "peer": a.peer,
                "platform": a.platform if a.dispatchers else None, "notes": notes}
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def report_precisions(a, worst, all_diff, stats, memory, ref_max: float) -> list[dict]:
+    """Prints the --precisions table (time, ratio to the peer and to the same variant in
+    fp32, distance to the fp32 reference, bytes, saved-for-backward bytes); returns its
+    rows."""
+    t = {v: float(worst[i]) for i, v in enumerate(a.variants)}
+    peer = t.get(a.peer) if a.peer else None
+    rows = []
+    print("#")
+    print("# precisions (fwd+bwd; bytes: layer.stats of the last step summed over ranks; "
+          "saved-for-bwd: one forward, max over ranks):")
+    print(f"# {'variant':>28} {'time(ms)':>9} {'peer/this':>9} {'fp32/this':>9} "
+          f"{'rel|y-y32|':>10} {'dispatch(MB)':>12} {'combine(MB)':>11} "
+          f"{'saved-for-bwd(MiB)':>18}")
+    for i, v in enumerate(a.variants):
+        if v == "reference":
+            continue
+        base = v.partition("@")[0]
+        fp32 = t.get(f"{base}@fp32")
+        st = stats.get(v, {})
+        saved = memory.get(v, {}).get("saved_for_backward_bytes_max_rank")
+        rel = float(all_diff[:, i].max()) / ref_max if ref_max else None
+        row = {"variant": v, "time_ms": 1e3 * t[v],
+               "peer_over_this": peer / t[v] if peer else None,
+               "fp32_over_this": fp32 / t[v] if fp32 else None,
+               "rel_max_diff_vs_fp32_reference": rel,
+               "bytes_dispatch": st.get("bytes_dispatch"),
+               "bytes_combine": st.get("bytes_combine"),
+               "saved_for_backward_bytes_max_rank": saved}
+        rows.append(row)
+
+        def f(x, fmt):
+            return "-" if x is None else format(x, fmt)
+
+        mb = {k: None if st.get(k) is None else st[k] / 1e6
+              for k in ("bytes_dispatch", "bytes_combine")}
+        print(f"  {v:>28} {1e3 * t[v]:9.2f} {f(row['peer_over_this'], '9.3f'):>9} "
+              f"{f(row['fp32_over_this'], '9.3f'):>9} {f(rel, '10.2e'):>10} "
+              f"{f(mb['bytes_dispatch'], '12.3f'):>12} {f(mb['bytes_combine'], '11.3f'):>11} "
+              f"{f(None if saved is None else saved / 2**20, '18.2f'):>18}")
+    print("#  peer/this: the peer's time / this variant's (> 1: this one is faster); fp32/this: "
+          "the same variant in fp32 / this; rel|y-y32|: max |y - y_fp32_reference| / "
+          "max |y_fp32_reference| over ranks (first step's outputs)")
+    return rows
 
 
 def report_dispatchers(a, cfg, comm, torch, worst, ref_t, memory, stats) -> dict:

@@ -31,10 +31,14 @@ class SavedTensors:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
+        try:
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        except RuntimeError:  # a wrapper subclass with no storage of its own (torch's
+            # AsyncCollectiveTensor, e.g. in a peer layer): counted at its own size
+            ptr, nbytes = ("tensor", id(t)), t.numel() * t.element_size()
         if ptr not in self._excluded:
-            self._sizes[ptr] = max(self._sizes.get(ptr, 0), storage.nbytes())
+            self._sizes[ptr] = max(self._sizes.get(ptr, 0), nbytes)
             if getattr(t, "_piper_offloaded", False):
                 self._host.add(ptr)
         return t
