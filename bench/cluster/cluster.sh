@@ -31,7 +31,8 @@
 # /etc/netns/Pn*/hosts (`ip netns exec` mounts it over /etc/hosts, so node names resolve).
 # Each object is written to the state file /run/piper-cluster/P.state BEFORE it is created;
 # `down` (and the trap of `run`, on exit, Ctrl-C, failure) removes exactly what that file lists,
-# so a run killed with SIGKILL is cleaned by the next one. (The empty lock file P.lock stays.) Names or the subnet already in use by
+# so a run killed with SIGKILL is cleaned by the next one (the empty lock file P.lock stays); a
+# failed `up` removes what it made. Names or the subnet already in use by
 # anything else make `up` refuse; it never changes an interface it did not create.
 set -euo pipefail
 
@@ -108,6 +109,8 @@ teardown() {
   [[ -f $STATE ]] || return 0
   local kind name pids
   while read -r kind name; do
+    # Only names this prefix can have produced (a damaged state file must not widen the reach).
+    [[ $name == "$PREFIX"* || $name == "/etc/netns/$PREFIX"* ]] || continue
     case $kind in
       netns)
         if [[ -e /run/netns/$name ]]; then
@@ -124,7 +127,8 @@ teardown() {
           fi
           ip netns del "$name" 2>/dev/null || true
         fi ;;
-      link) ip link show dev "$name" >/dev/null 2>&1 && ip link del dev "$name" 2>/dev/null || true ;;
+      link)
+        ip link show dev "$name" >/dev/null 2>&1 && ip link del dev "$name" 2>/dev/null || true ;;
       dir) rm -rf -- "$name" ;;
     esac
   done < <(tac "$STATE")
@@ -268,6 +272,11 @@ EOF
   return $rc
 }
 
+undo_failed_up() {  # `up` alone keeps what it made only when it succeeded
+  local rc=$?
+  [[ $rc -eq 0 ]] || { teardown; log "up failed (exit $rc): removed what it had made"; }
+}
+
 on_exit() {
   local rc=$?
   trap - EXIT INT TERM
@@ -282,7 +291,10 @@ on_exit() {
 }
 
 case $cmd in
-  up) up; log "up; remove with: $0 down -p $PREFIX" ;;
+  up)
+    trap undo_failed_up EXIT
+    up
+    log "up; remove with: $0 down -p $PREFIX" ;;
   down) teardown; log "down: nothing of prefix '$PREFIX' is left" ;;
   status)
     if [[ -f $STATE ]]; then cat "$STATE"; ip netns list | grep "^$PREFIX" || true

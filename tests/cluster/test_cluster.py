@@ -180,6 +180,13 @@ def test_refuses_names_and_subnet_it_did_not_create(prefix):
 
 
 @needs_root_tools
+def test_failed_up_removes_what_it_made(prefix):
+    r = _script("up", "-p", prefix, "-s", NET, "-r", "0bit")   # tc rejects a rate of 0
+    assert r.returncode != 0 and "up failed" in r.stderr, r.stderr
+    assert _leftovers(prefix) == [] and not Path(f"/run/piper-cluster/{prefix}.state").exists()
+
+
+@needs_root_tools
 def test_second_run_after_a_killed_one(prefix):
     # A run killed with SIGKILL leaves its cluster up (no trap runs): `up` alone does the same.
     assert _script("up", "-p", prefix, "-s", NET).returncode == 0
