@@ -5,8 +5,9 @@ emulated cluster (`python -m piper_moe.calibrate` run through cluster.sh).
     python bench/cluster/predict.py [--dir bench/results/cluster] \\
         [--calibrated bench/results/cluster/platform_2x2_200mbit.yaml]
 
-Both platforms are used with devices_per_node set to the runs' 2 ranks per node (calibrate
-keeps the base platform's 8). Three comparisons, written to predict_summary.txt:
+Both platforms are used with devices_per_node set to the calibration's 2 ranks per node
+(calibrate keeps the base platform's 8), and for runs with k ranks per node with the node's
+inter-node bandwidth shared by k. Three comparisons, written to predict_summary.txt:
   all-to-all  piper_comm.cost.predict_uniform (flat and halo; the model `auto` uses) against
               piper_comm.bench's time, 2 x 2 at 200mbit, the calibration's own layout;
   MoE layer   piper_moe.model.ppmoe.a2a_time (dispatch + combine, x 2 for backward) of the
@@ -39,6 +40,13 @@ def _platforms(calibrated: str, per_node: int):
         p = load_platform(name)
         out[p.name] = dataclasses.replace(p, devices_per_node=per_node)
     return out
+
+
+def _at(p, per_node: int):
+    """Platform p for nodes of per_node ranks: the node's NIC shared by per_node devices."""
+    inter = dataclasses.replace(p.inter, bandwidth=p.inter.bandwidth * p.devices_per_node
+                                / per_node)
+    return dataclasses.replace(p, devices_per_node=per_node, inter=inter)
 
 
 def a2a_lines(d: Path, plats) -> list[str]:
@@ -74,19 +82,21 @@ def moe_lines(d: Path, plats) -> list[str]:
     if not summ.exists():
         return []
     s = json.loads(summ.read_text())
-    out = ["#", "# MoE layer, plain all-to-all dispatcher, 2 x 2 at 200mbit: exposed link time "
+    out = ["#", "# MoE layer, plain all-to-all dispatcher at 200mbit: exposed link time "
            "(capped - 10gbit) vs the model's dispatch + combine, forward and backward"]
     for key, by in s.items():
         if "200mbit" not in key or "exposed_ms" not in by.get("alltoall", {}):
             continue
         topk = int(re.search(r"top(\d+)", key).group(1))
-        run = json.loads((d / f"moe_2x2_200mbit_top{topk}_alltoall.json").read_text())
+        layout = key.split()[1]
+        run = json.loads((d / f"moe_{layout}_200mbit_top{topk}_alltoall.json").read_text())
         T, h = run["tokens_per_rank"], run["config"]["hidden"]
         cells = []
         for n, p in plats.items():
-            pred = 2 * 1e3 * a2a_time(T, topk, h, 4, run["nranks"], run["local_size"], p, "flat")
+            pred = 2 * 1e3 * a2a_time(T, topk, h, 4, run["nranks"], run["local_size"],
+                                      _at(p, run["local_size"]), "flat")
             cells.append(f"{n}: {pred:.1f} ms (x{by['alltoall']['exposed_ms'] / pred:.2f})")
-        out.append(f"#   top-{topk}: measured {by['alltoall']['exposed_ms']:.1f} ms; "
+        out.append(f"#   top-{topk} {layout}: measured {by['alltoall']['exposed_ms']:.1f} ms; "
                    + "; ".join(cells))
     return out
 

@@ -11,7 +11,8 @@
 #   bench/cluster/record.sh moe [RATE]  piper_moe.bench_layer, one job per dispatcher (so the
 #                                  veth counters are that dispatcher's), top-8 and top-2, at
 #                                  RATE (200mbit; 10gbit: the same jobs without a link bottleneck);
-#                                  MOE_TOPKS="8 2", MOE_DISPATCHERS="alltoall halo ppmoe" select
+#                                  MOE_TOPKS="8 2", MOE_DISPATCHERS="alltoall halo ppmoe" and
+#                                  MOE_PPN=2 (ranks per node) select
 #   bench/cluster/record.sh train  python -m piper_moe.train, dedup on and off, 200mbit
 # then `python bench/cluster/report.py` writes the summaries and plots from what is recorded.
 set -euo pipefail
@@ -66,11 +67,11 @@ MOE_SHAPE=(--hidden 256 --ffn-hidden 128 --num-experts 64 --num-groups 8 --topk-
            --tokens 512 --iters 5 --warmup 2)
 moe() {  # moe [RATE]: 200mbit by default; 10gbit gives the same jobs with a link that is not
          # the bottleneck (CPU-bound), so that capped - uncapped = the exposed link time
-  local rate=${1:-200mbit} topk disp base
+  local rate=${1:-200mbit} k=${MOE_PPN:-2} topk disp base
   for topk in ${MOE_TOPKS:-8 2}; do
     for disp in ${MOE_DISPATCHERS:-alltoall halo ppmoe}; do
-      base=$OUT/moe_2x2_${rate}_top${topk}_${disp}
-      job "$base" 2 2 "$rate" "$PY" -m piper_moe.bench_layer "${MOE_SHAPE[@]}" --top-k "$topk" \
+      base=$OUT/moe_2x${k}_${rate}_top${topk}_${disp}
+      job "$base" 2 "$k" "$rate" "$PY" -m piper_moe.bench_layer "${MOE_SHAPE[@]}" --top-k "$topk" \
         --dispatchers "$disp" --json "$base.json"
     done
   done
