@@ -16,7 +16,7 @@
 #include "runtime/executor.hpp"
 #include "runtime/header.hpp"
 #include "runtime/py_transport.hpp"
-#include "python/call.hpp"
+#include "python/call_queue.hpp"
 #ifdef PIPER_WITH_MPI
 #include "runtime/mpi_transport.hpp"
 #endif
@@ -301,21 +301,6 @@ PYBIND11_MODULE(_C, m) {
                   "the executor calls it with the GIL held. Other arguments as over_mpi.")
       .def_property_readonly("transport_name",
                              [](Executor& ex) { return ex.transport().name(); })
-      .def(
-          "call",
-          [](Executor& ex, int op, py::handle send, py::handle send_counts, py::handle recv,
-             py::handle recv_counts, int64_t request, bool exact_recv, bool recv_only, int check,
-             int64_t seq, const std::string& what, double left_s, double timeout_s,
-             py::handle new_rows) {
-            const piper::python::CallOptions opt{request, exact_recv, recv_only, check, seq,
-                                                 what, left_s, timeout_s};
-            return piper::python::run_call(ex, op, send, send_counts, recv, recv_counts, opt,
-                                           new_rows);
-          },
-          "call(op, send, send_counts, recv, recv_counts, request, exact_recv, recv_only,\n"
-          "check, seq, what, left_s, timeout_s, new_rows) -> (out, recv_counts, algorithm):\n"
-          "one whole all-to-all (op 1) or all-to-all-v (op 2) of numpy arrays / torch CPU\n"
-          "tensors (csrc/python/call.hpp). request: ALGO id; check: PIPER_CHECK mode.")
       .def_property_readonly(
           "check_counts",
           [](const Executor& ex) {
@@ -351,6 +336,48 @@ PYBIND11_MODULE(_C, m) {
           py::arg("timeout_s"), "All-gather of one int64 row per rank: P x len(mine).");
 
   using piper::host::NodeChannel;
+  using piper::python::CallQueue;
+  using piper::python::CallState;
+  py::class_<CallState, std::shared_ptr<CallState>>(
+      m, "PendingCall", "An asynchronous call in a CallQueue (opaque; see piper_comm/work.py).");
+  py::class_<CallQueue, std::shared_ptr<CallQueue>>(
+      m, "CallQueue",
+      "A communicator's calls in issue order: synchronous ones on the caller's thread once\n"
+      "the queue drained, asynchronous ones on a C++ worker (csrc/python/call_queue.hpp).")
+      .def(py::init([](Executor& ex) { return std::make_shared<CallQueue>(ex); }),
+           py::arg("executor"), py::keep_alive<1, 2>())
+      .def(
+          "call",
+          [](CallQueue& q, int op, py::handle send, py::handle send_counts, py::handle recv,
+             py::handle recv_counts, int64_t request, bool exact_recv, bool recv_only, int check,
+             int64_t seq, const std::string& what, double timeout_s, py::handle new_rows,
+             bool async_op) -> py::object {
+            const piper::python::CallOptions opt{request, exact_recv, recv_only, check, seq,
+                                                 what, timeout_s};
+            auto st = piper::python::prepare(q.executor(), op, send, send_counts, recv,
+                                             recv_counts, opt, new_rows);
+            if (!async_op) return q.run(st);
+            q.submit(st);
+            return py::cast(st);
+          },
+          "call(op, send, send_counts, recv, recv_counts, request, exact_recv, recv_only,\n"
+          "check, seq, what, timeout_s, new_rows, async_op): one all-to-all (op 1) or\n"
+          "all-to-all-v (op 2) of numpy arrays / torch CPU tensors (csrc/python/call.hpp).\n"
+          "Returns (out, recv_counts, algorithm), or a PendingCall when async_op.")
+      .def("wait", &CallQueue::wait, py::arg("call"), py::arg("timeout_s"),
+           "Waits for a PendingCall (GIL released); False if timeout_s (< 0: none) passed.")
+      .def("done", &CallQueue::done, py::arg("call"))
+      .def(
+          "result",
+          [](CallQueue&, const std::shared_ptr<CallState>& st) {
+            return piper::python::finish(*st);
+          },
+          py::arg("call"), "A completed PendingCall's (out, recv_counts, algorithm), or its error.")
+      .def_property_readonly("pending", &CallQueue::pending)
+      .def("drain", &CallQueue::drain, "Waits until no call is queued or running.")
+      .def("stop", &CallQueue::stop, py::arg("timeout_s"),
+           "Finishes queued calls and ends the worker; False if still running after timeout_s.");
+
   py::class_<NodeChannel>(m, "NodeChannel", "Shared memory of one node (csrc/host/node_channel.hpp).")
       .def(py::init<std::string, int64_t, std::vector<int64_t>, int64_t, bool>(), py::arg("prefix"),
            py::arg("local_rank"), py::arg("local_ranks"), py::arg("world_size"), py::arg("create"))

@@ -1,24 +1,24 @@
 """Communicator: the object `pc.init()` returns. Owns the transport, the topology, the node
-segment, the call counter and (once an async call was made) the progress thread; runs
-all_to_all / all_to_all_v (see design.md, Public API), synchronously or, with async_op=True,
-on the progress thread (see work.py for the async contract)."""
+segment, the call counter and the call queue; runs all_to_all / all_to_all_v (see
+docs/architecture.md), synchronously or, with async_op=True, on the queue's C++ worker (see
+work.py for the async contract)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from . import _C, envs, validate
 from . import arrays as A
+from . import work as _work
 from .cost import Links
 from .errors import PiperError, PiperPeerError, PiperTimeoutError, PiperUsageError
 from .transport import Transport
-from .work import ProgressThread, Work
+from .work import Work
 
 log = logging.getLogger("piper")
 
@@ -69,11 +69,12 @@ class Communicator:
         self._segment = segment
         segment.set_progress(transport.progress)
         self._executor = _executor(transport, self._topology, segment)
+        self._calls = _C.CallQueue(self._executor)  # sync calls inline, async on its worker
+        _work.drain_at_exit(self)
         self.links = links or Links()
         self._seq = 0
         self._failed: PiperError | None = None
         self._closed = False
-        self._progress: ProgressThread | None = None  # started by the first async call
         self._async_refused: str | None = None        # why async_op cannot run (thread level)
 
     def __repr__(self) -> str:
@@ -114,16 +115,20 @@ class Communicator:
         if self._closed:
             return
         self._closed = True
-        # Drain the progress thread: queued operations complete (or fail: each is bounded by
-        # PIPER_TIMEOUT, and after a failure the rest fail at once); their Work keeps the result.
-        if self._progress is not None and not self._progress.stop(self.timeout + 10.0):
-            # Never unmap memory an operation may still touch: leak it instead.
-            log.warning("piper: close on rank %d: the progress thread is still running; the "
+        # Drain the queue: queued calls complete (or fail: each is bounded by PIPER_TIMEOUT,
+        # and after a failure the rest fail at once); their Work keeps the result.
+        if not self._calls.stop(self.timeout + 10.0):
+            # Never unmap memory a call may still touch: leak it instead.
+            log.warning("piper: close on rank %d: an async call is still running; the "
                         "segment and transport are left open", self.rank)
             return
-        self._executor = None  # before the segment it points into is unmapped
+        self._calls = self._executor = None  # before the segment they point into is unmapped
         self._segment.close()
         self._transport.close()
+
+    def _drain_at_exit(self) -> None:
+        if not self._closed and not self._calls.stop(self.timeout + 10.0):
+            log.warning("piper: rank %d: async calls were still running at exit", self.rank)
 
     def abort(self, code: int = 1) -> None:
         """Ends the whole job now (MPI_Abort under MPI): the way out after a peer failure."""
@@ -153,19 +158,6 @@ class Communicator:
         self._check_usable(what)
         return time.monotonic() + self.timeout
 
-    # -- issue: directly, or through the progress thread's queue
-    def _submit(self, what: str, fn: Callable[[], Any], async_op: bool) -> Any:
-        """Runs fn now when nothing is queued (the synchronous fast path), else queues it
-        behind the pending operations; returns a Work when async_op, else fn's result."""
-        if async_op:
-            if self._progress is None:
-                self._progress = ProgressThread(f"piper-progress-r{self.rank}", self._crashed,
-                                                drain_s=self.timeout + 10.0)
-        elif self._progress is None or self._progress.pending == 0:
-            return fn()
-        work = self._progress.submit(Work(what, self.rank), fn)
-        return work if async_op else work.wait()
-
     def _check_async(self, what: str) -> None:
         """MPI must allow calls from several threads (the caller may use MPI meanwhile)."""
         if self._async_refused is None:
@@ -184,9 +176,6 @@ class Communicator:
         if self._async_refused:
             raise PiperUsageError(f"piper: {what} on rank {self.rank}: {self._async_refused}")
 
-    def _crashed(self, error: BaseException) -> None:
-        self._failed = PiperError(f"piper: rank {self.rank}: the progress thread died: {error}")
-
     def _tag(self, seq: int, phase: int) -> int:
         """Call seq's header (phase 0) and data (1) tags, as csrc/runtime/call.hpp has them."""
         return 2 * (seq % _C.TAG_CALLS) + phase
@@ -195,9 +184,7 @@ class Communicator:
     def barrier(self) -> None:
         """Returns once every rank has called barrier (bounded by PIPER_TIMEOUT)."""
         seq, what = self._begin("barrier")
-        self._submit(what, functools.partial(self._barrier_now, seq, what), False)
-
-    def _barrier_now(self, seq: int, what: str) -> None:
+        self._calls.drain()  # behind the async calls issued before it
         deadline = self._start(what)
         mine = np.array([seq], dtype=np.int64)
         self._allgather(mine, self._tag(seq, 0), what, deadline)
@@ -259,27 +246,30 @@ class Communicator:
              exact_recv: bool = False, async_op: bool = False, recv_only: bool = False):
         """Issues one all-to-all(v) (op 1: equal split, 2: with counts); returns
         (recv, recv_counts), recv alone when recv_only, or a Work of that when async_op.
-        exact_recv (torch.distributed semantics): recv must have exactly the rows that
-        arrive (sum of recv_counts, or send's rows for the equal split)."""
+        exact_recv (torch.distributed semantics): recv must have exactly the rows that arrive
+        (sum of recv_counts, or send's rows for the equal split). The whole call, from argument
+        checks to the last byte, is C++ (csrc/python/call.hpp), on this thread or, async, on
+        the communicator's worker."""
         if async_op:
             self._check_async(name)
         seq, what = self._begin(name)
-        fn = functools.partial(self._execute, seq, what, op, send, send_counts, recv,
-                               recv_counts, algorithm, exact_recv, recv_only)
-        return self._submit(what, fn, async_op)
-
-    def _execute(self, seq: int, what: str, op: int, send, send_counts, recv, recv_counts,
-                 algorithm, exact_recv: bool, recv_only: bool):
-        """Runs call `seq` now (the issuing thread or the progress thread): the whole call, from
-        argument checks to the last byte, is one C++ call (csrc/python/call.hpp)."""
         self._start(what)
-        t0 = time.perf_counter() if self._debug else 0.0
         request = validate.ALGO_IDS.get(self._forced_algorithm or algorithm, -1)
-        out, counts, algo = self._guard(
-            self._executor.call, op, send, send_counts, recv, recv_counts, request, exact_recv,
-            recv_only, self._check, seq, what, self.timeout, self.timeout, A.new_rows)
-        self.last_algorithm = algo
-        if self._debug:
-            log.info("%s rank %d: %s, %d rows received, %.1f us", what, self.rank, algo,
-                     len(out), 1e6 * (time.perf_counter() - t0))
-        return out if recv_only else (out, counts)
+        t0 = time.perf_counter() if self._debug else 0.0
+
+        def finish(result):
+            out, counts, algo = result
+            self.last_algorithm = algo
+            if self._debug:
+                log.info("%s rank %d: %s, %d rows received, %.1f us since issue", what,
+                         self.rank, algo, len(out), 1e6 * (time.perf_counter() - t0))
+            return out if recv_only else (out, counts)
+
+        pending = self._guard(self._calls.call, op, send, send_counts, recv, recv_counts,
+                              request, exact_recv, recv_only, self._check, seq, what,
+                              self.timeout, A.new_rows, async_op)
+        if not async_op:
+            return finish(pending)
+        calls = self._calls  # the Work may be waited for after close()
+        return Work(what, self.rank, calls, pending,
+                    lambda p: finish(self._guard(calls.result, p)))

@@ -27,12 +27,20 @@ namespace {
 
 }  // namespace
 
-py::tuple run_call(runtime::Executor& ex, int op, py::handle send, py::handle send_counts,
-                   py::handle recv, py::handle recv_counts, const CallOptions& opt,
-                   py::handle new_rows) {
+std::shared_ptr<CallState> prepare(runtime::Executor& ex, int op, py::handle send,
+                                   py::handle send_counts, py::handle recv,
+                                   py::handle recv_counts, const CallOptions& opt,
+                                   py::handle new_rows) {
   using namespace runtime;
+  auto st = std::make_shared<CallState>();
   const int64_t P = ex.topology().size();
-  Call c;
+  st->opt = opt;
+  st->rank = ex.transport().rank();
+  st->size = P;
+  st->send = py::reinterpret_borrow<py::object>(send);
+  st->out = py::reinterpret_borrow<py::object>(recv);
+  st->new_rows = py::reinterpret_borrow<py::object>(new_rows);
+  Call& c = st->call;
   c.op = static_cast<Op>(op);
   c.seq = opt.seq;
   c.what = opt.what;
@@ -54,42 +62,62 @@ py::tuple run_call(runtime::Executor& ex, int op, py::handle send, py::handle se
     if (!recv_counts.is_none()) parse_counts(recv_counts, P, 1, c.recv_counts, c);
   }
   c.check_local(P);
+  return st;
+}
 
-  const Deadline deadline = Deadline::in(opt.left_s, opt.timeout_s);
-  const auto mode = static_cast<CheckMode>(opt.check);
-  Agreement ag;
-  {
-    py::gil_scoped_release nogil;
-    ag = ex.agree(c, mode, deadline);
+void execute(runtime::Executor& ex, CallState& st) {
+  using namespace runtime;
+  try {
+    const Deadline deadline = Deadline::in(st.opt.timeout_s, st.opt.timeout_s);
+    Call& c = st.call;
+    st.agreement = ex.agree(c, static_cast<CheckMode>(st.opt.check), deadline);
+    if (st.agreement.verdict != Verdict::kOk) return;
+    if (!c.recv.kind && c.err == kErrNone) {
+      py::gil_scoped_acquire gil;
+      try {
+        st.out = st.new_rows(st.send, st.agreement.recv_rows());
+        if (python::parse_array(st.out, c.recv) != kErrNone)
+          throw Error(ErrorCode::kInternal, "piper internal error: new_rows made an unusable "
+                                            "array");
+      } catch (py::error_already_set& e) {
+        st.py_error = std::make_unique<py::error_already_set>(std::move(e));
+        return;
+      }
+    }
+    st.mismatch = ex.exchange(c, st.agreement, deadline);
+  } catch (...) {
+    st.error = std::current_exception();
   }
+}
+
+py::tuple finish(CallState& st) {
+  using namespace runtime;
+  if (st.error) std::rethrow_exception(st.error);
+  if (st.py_error) {
+    st.py_error->restore();
+    st.py_error.reset();
+    throw py::error_already_set();
+  }
+  const Call& c = st.call;
+  const Agreement& ag = st.agreement;
   switch (ag.verdict) {
     case Verdict::kOk: break;
-    case Verdict::kMismatch: raise_mismatch(ag.table, P, c.what);
+    case Verdict::kMismatch: raise_mismatch(ag.table, st.size, c.what);
     case Verdict::kLocalError:
-      py::module_::import("piper_comm.validate").attr("raise_local")(
-          c.what, ex.transport().rank(), c.err, c.err_a, c.err_b);
+      py::module_::import("piper_comm.validate").attr("raise_local")(c.what, st.rank, c.err,
+                                                                     c.err_a, c.err_b);
       throw Error(ErrorCode::kInternal, "piper internal error: raise_local returned");
     case Verdict::kRecvTooSmall:
-      throw Error(ErrorCode::kUsage, fmt("piper: ", c.what, ": rank ", ex.transport().rank(),
-                                         ": recv has ", c.recv.rows, " rows but ",
-                                         ag.recv_rows(), " rows arrive"));
+      throw Error(ErrorCode::kUsage, fmt("piper: ", c.what, ": rank ", st.rank, ": recv has ",
+                                         c.recv.rows, " rows but ", ag.recv_rows(),
+                                         " rows arrive"));
   }
-  py::object out = py::reinterpret_borrow<py::object>(recv);
+  if (!st.mismatch.empty()) raise_mismatch(st.mismatch, st.size, c.what);
+  py::object out = st.out;
   const int64_t rows = ag.recv_rows();
-  if (!c.recv.kind && c.err == kErrNone) {
-    out = new_rows(send, rows);
-    if (parse_array(out, c.recv) != kErrNone)
-      throw Error(ErrorCode::kInternal, "piper internal error: new_rows made an unusable array");
-  }
-  std::vector<int64_t> table;
-  {
-    py::gil_scoped_release nogil;
-    table = ex.exchange(c, ag, deadline);
-  }
-  if (!table.empty()) raise_mismatch(table, P, c.what);
   if (rows != c.recv.rows) out = out[py::slice(0, rows, 1)];
   py::object counts = py::none();
-  if (!opt.recv_only) counts = py::cast(ag.recv_counts);
+  if (!st.opt.recv_only) counts = py::cast(ag.recv_counts);
   return py::make_tuple(out, counts, algorithm_name(ag.algo));
 }
 

@@ -1,13 +1,20 @@
-// The whole Python entry of one all-to-all(v): arguments parsed in C++ (args.hpp), agreement
-// and data movement in the executor with the GIL released, the receive buffer allocated in
-// between when the caller gave none. Errors: a mismatch found by the ranks is worded by
-// piper_comm.validate (the one place where messages are written) and raised on every rank.
+// The whole Python entry of one all-to-all(v), in three steps so that it can run on the
+// caller's thread or on the communicator's C++ worker (call_queue.hpp):
+//   prepare  (GIL held)   arguments parsed without copies (args.hpp) into a CallState;
+//   execute  (no GIL)     agreement and data movement in the executor; takes the GIL only to
+//                         allocate the receive array when the caller gave none;
+//   finish   (GIL held)   the result, or the error: a mismatch found by the ranks is worded
+//                         by piper_comm.validate (the one place where messages are written)
+//                         and raised on every rank.
 #pragma once
 
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <exception>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "runtime/executor.hpp"
 
@@ -20,14 +27,34 @@ struct CallOptions {
   int check;             // runtime::CheckMode
   int64_t seq;
   std::string what;      // "all_to_all #12"
-  double left_s, timeout_s;
+  double timeout_s;      // PIPER_TIMEOUT: the call's deadline is this long after it starts
 };
 
-/// Runs one call. op: 1 all_to_all, 2 all_to_all_v. new_rows(like, rows) allocates a receive
-/// array like `send` when recv is None. Returns (out, recv_counts list or None, algorithm).
-pybind11::tuple run_call(runtime::Executor& ex, int op, pybind11::handle send,
-                         pybind11::handle send_counts, pybind11::handle recv,
-                         pybind11::handle recv_counts, const CallOptions& opt,
-                         pybind11::handle new_rows);
+/// One call in flight. Holds references to the caller's arrays until it is destroyed (with
+/// the GIL held: by finish's caller or the queue's Python-side clean-up).
+struct CallState {
+  runtime::Call call;
+  CallOptions opt;
+  int64_t rank = 0, size = 0;
+  pybind11::object send, out, new_rows;  // out: recv, or the array allocated for it
+  runtime::Agreement agreement;
+  std::vector<int64_t> mismatch;         // headers gathered after an in-band mismatch
+  std::exception_ptr error;              // a piper::Error of execute (no Python objects)
+  std::unique_ptr<pybind11::error_already_set> py_error;  // new_rows failed
+  bool done = false;                     // guarded by the queue's mutex when queued
+};
+
+/// op: 1 all_to_all, 2 all_to_all_v. new_rows(like, rows) allocates a receive array like
+/// `send` when recv is None.
+std::shared_ptr<CallState> prepare(runtime::Executor& ex, int op, pybind11::handle send,
+                                   pybind11::handle send_counts, pybind11::handle recv,
+                                   pybind11::handle recv_counts, const CallOptions& opt,
+                                   pybind11::handle new_rows);
+
+/// Runs the call (without the GIL); never throws: errors are kept for finish.
+void execute(runtime::Executor& ex, CallState& state);
+
+/// (out, recv_counts list or None, algorithm name), or raises the call's error.
+pybind11::tuple finish(CallState& state);
 
 }  // namespace piper::python
