@@ -148,10 +148,16 @@ preflight() {
   done
   ip link show dev "$BRIDGE" >/dev/null 2>&1 && fail "refusing: interface $BRIDGE exists and is" \
     "not this script's; choose another -p PREFIX"
-  if ip -4 route show table all | grep -q -E "(^|[^0-9])${NET//./\\.}\.[0-9]+"; then
-    fail "refusing: $NET.0/24 is already routed here (ip -4 route show table all); choose another" \
-         "-s NET"
-  fi
+  # Any route but the default that reaches into NET.0/24 (its own /24, a wider one, a host
+  # route) means the subnet is in use here: a bridge address in it would shadow that route.
+  local used=""
+  for i in 0 1 254 255; do
+    used+=$(ip -4 route show table all match "$NET.$i" | grep -v -E '^(default|unreachable)' \
+      || true)
+  done
+  used+=$(ip -4 route show table all root "$NET.0/24" | grep -v '^default' || true)
+  [[ -z $used ]] || fail "refusing: $NET.0/24 is already routed here (ip -4 route show table" \
+    "all: ${used%%$'\n'*}); choose another -s NET"
   return 0
 }
 

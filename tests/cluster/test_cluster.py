@@ -180,6 +180,19 @@ def test_refuses_names_and_subnet_it_did_not_create(prefix):
 
 
 @needs_root_tools
+def test_refuses_a_subnet_inside_a_wider_route(prefix):
+    wide = f"10.{200 + os.getpid() % 50}.0.0/16"       # a test-owned blackhole route
+    net = wide.replace(".0.0/16", ".7")
+    subprocess.run(["ip", "route", "add", "blackhole", wide], check=True)
+    try:
+        r = _script("up", "-p", prefix, "-s", net)
+        assert r.returncode == 2 and "already routed" in r.stderr and wide in r.stderr, r.stderr
+    finally:
+        subprocess.run(["ip", "route", "del", "blackhole", wide], check=True)
+    assert _leftovers(prefix) == []
+
+
+@needs_root_tools
 def test_failed_up_removes_what_it_made(prefix):
     r = _script("up", "-p", prefix, "-s", NET, "-r", "0bit")   # tc rejects a rate of 0
     assert r.returncode != 0 and "up failed" in r.stderr, r.stderr
