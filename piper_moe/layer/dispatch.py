@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .precision import Fp8Exchange, accumulate_dtype
+from .precision import AllToAll, Fp8RowMoves, Gather, accumulate_dtype
 
 
 @dataclass(frozen=True)
@@ -62,19 +62,13 @@ class DispatchHandle:
     from_send_order: torch.Tensor | None = None
 
 
-def exchange(x: torch.Tensor, send: list[int], recv: list[int], comm, fp8: bool = False
-             ) -> torch.Tensor:
-    """Differentiable all-to-all-v of rows (identity without a communicator). fp8: the rows
-    travel as packed e4m3 + scales and arrive dequantized in x's dtype (precision.Fp8Exchange;
-    quantized even without a communicator, so every EP size computes on the same values);
-    the backward carries the gradient in its own dtype."""
-    if fp8:
-        return Fp8Exchange.apply(x.contiguous(), send, recv, comm, x.dtype)
+def exchange(x: torch.Tensor, send: list[int], recv: list[int], comm) -> torch.Tensor:
+    """Differentiable all-to-all-v of rows (identity without a communicator)."""
     if comm is None:
         return x
-    from piper_comm.torch import AllToAll  # imported (collectively) by MoELayer.__init__
+    from piper_comm.torch import AllToAll as RowsAllToAll  # imported by MoELayer.__init__
 
-    return AllToAll.apply(x.contiguous(), send, recv, comm)
+    return RowsAllToAll.apply(x.contiguous(), send, recv, comm)
 
 
 def exchange_counts(counts: np.ndarray, comm) -> np.ndarray:
@@ -90,8 +84,35 @@ def dispatch(x: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor | None,
              ) -> tuple[torch.Tensor, DispatchHandle]:
     """x [T, hidden], experts int64 [T, k] logical expert ids (entries that keep drops may be
     -1), keep bool [T, k] or None (all kept), slot_of int64 [num_experts] on x's device or None
-    (identity placement), fp8: rows travel as FP8 (exchange) -> (rows [sum(expert_counts),
-    hidden] in x's dtype, grouped by this rank's local slots, handle)."""
+    (identity placement), fp8: rows travel as FP8 -> (rows [sum(expert_counts), hidden] in x's
+    dtype, grouped by this rank's local slots, handle). With fp8 the T token rows are quantized
+    once, before the k-fold gather (precision.Fp8RowMoves), not the gathered rows."""
+    handle = plan_dispatch(experts, keep, num_experts, comm, slot_of, x.device)
+    if fp8:
+        return Fp8RowMoves.apply(x, dispatch_moves(handle), comm, x.dtype), handle
+    gathered = x.index_select(0, handle.pair_token)
+    if handle.to_send_order is not None:
+        gathered = gathered.index_select(0, handle.to_send_order)
+    rows = exchange(gathered, handle.send_splits, handle.recv_splits, comm)
+    return rows.index_select(0, handle.to_expert_order), handle
+
+
+def dispatch_moves(handle: DispatchHandle) -> list:
+    """The row moves of a dispatch (precision.Gather / AllToAll), from the T token rows to
+    the rows grouped by local slot: gather the pairs' tokens, reorder to send order under a
+    placement, the all-to-all-v, regroup by local slot."""
+    n_pairs = len(handle.pair_token)
+    moves = [Gather(handle.pair_token, handle.tokens)]
+    if handle.to_send_order is not None:
+        moves.append(Gather(handle.to_send_order, n_pairs))
+    return [*moves, AllToAll(handle.send_splits, handle.recv_splits),
+            Gather(handle.to_expert_order, sum(handle.recv_splits))]
+
+
+def plan_dispatch(experts: torch.Tensor, keep: torch.Tensor | None, num_experts: int, comm,
+                  slot_of: torch.Tensor | None, device) -> DispatchHandle:
+    """The DispatchHandle of a dispatch (arguments as in dispatch): sorts the pairs, exchanges
+    the [EP, E_local] count matrix (collective; host sync), builds the row maps on device."""
     ep = 1 if comm is None else comm.size
     e_local = num_experts // ep
     T, k = experts.shape
@@ -109,7 +130,7 @@ def dispatch(x: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor | None,
     recv = [int(r) for r in recv_counts.sum(axis=1)]
     # Received rows are ordered (source rank, local slot); regroup them by local slot.
     local_ids = np.repeat(np.tile(np.arange(e_local), ep), recv_counts.reshape(-1))
-    to_expert = torch.from_numpy(np.argsort(local_ids, kind="stable")).to(x.device)
+    to_expert = torch.from_numpy(np.argsort(local_ids, kind="stable")).to(device)
     from_expert = _inverse(to_expert)
     to_send = from_send = None
     pair_order = send_pairs
@@ -118,15 +139,9 @@ def dispatch(x: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor | None,
         from_send = torch.argsort(flat[send_pairs], stable=True)
         to_send = _inverse(from_send)
         pair_order = send_pairs[from_send]
-    pair_token = pair_order // k
-    gathered = x.index_select(0, pair_token)
-    if to_send is not None:
-        gathered = gathered.index_select(0, to_send)
-    rows = exchange(gathered, send, recv, comm, fp8)
-    handle = DispatchHandle(pair_order, pair_token, send, recv, to_expert, from_expert,
-                            [int(c) for c in recv_counts.sum(axis=0)], T, comm, to_send,
-                            from_send)
-    return rows.index_select(0, to_expert), handle
+    return DispatchHandle(pair_order, pair_order // k, send, recv, to_expert, from_expert,
+                          [int(c) for c in recv_counts.sum(axis=0)], T, comm, to_send,
+                          from_send)
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
@@ -203,11 +218,11 @@ def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     slots of other nodes) and their weights ([k], differentiable). Stage 2: the gateway
     dispatches the received rows to the experts of its node (`dispatch`, intra-node only).
     x [T, hidden], experts int64 [T, k] logical ids, weights [T, k], keep bool [T, k] or None,
-    slot_of as in dispatch, fp8: both stages carry FP8 rows (the gateway re-quantizes the
-    dequantized rows, which is lossless: layer/precision.py) -> (rows grouped by this rank's
-    local slots, in x's dtype, handle). Collective, like dispatch. Logical ids travel to the
-    gateway; a placement that moves an expert to another node changes which outputs are
-    summed on which node (rounding, for top_k >= 3).
+    slot_of as in dispatch, fp8: both stages carry the packed FP8 rows (quantized once here,
+    forwarded as they are by the gateway, dequantized by the expert's rank) -> (rows grouped by
+    this rank's local slots, in x's dtype, handle). Collective, like dispatch. Logical ids
+    travel to the gateway; a placement that moves an expert to another node changes which
+    outputs are summed on which node (rounding, for top_k >= 3).
     """
     ep, T = comm.size, experts.shape[0]
     e_local = num_experts // ep
@@ -226,11 +241,16 @@ def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     send_counts = torch.bincount(row_gw, minlength=ep).cpu().numpy().reshape(ep, 1)
     send = [int(s) for s in send_counts[:, 0]]
     recv = [int(r) for r in exchange_counts(send_counts, comm)[:, 0]]
-    x_recv = exchange(x.index_select(0, row_token), send, recv, comm, fp8)
     w_recv = exchange(w, send, recv, comm)
     ids_recv, _ = comm.all_to_all_v(ids.cpu().contiguous(), send, recv_counts=recv)
     ids_recv = ids_recv.to(x.device)
-    rows, inner = dispatch(x_recv, ids_recv, ids_recv >= 0, num_experts, comm, slot_of, fp8)
+    if fp8:  # both stages move the packed rows: quantized once, dequantized on arrival
+        inner = plan_dispatch(ids_recv, ids_recv >= 0, num_experts, comm, slot_of, x.device)
+        moves = [Gather(row_token, T), AllToAll(send, recv), *dispatch_moves(inner)]
+        rows = Fp8RowMoves.apply(x, moves, comm, x.dtype)
+    else:
+        x_recv = exchange(x.index_select(0, row_token), send, recv, comm)
+        rows, inner = dispatch(x_recv, ids_recv, ids_recv >= 0, num_experts, comm, slot_of)
     remote = pair_node[valid] != comm.node
     remote_rows = int((node_of[row_gw] != comm.node).sum())
     handle = DedupHandle(row_token, send, recv, w_recv, inner, T,

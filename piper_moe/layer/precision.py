@@ -47,10 +47,28 @@ import torch
 
 from .config import FP8_BLOCK, FP8_SCALE_BYTES, fp8_blocks, fp8_row_bytes
 
-__all__ = ["FP8_BLOCK", "FP8_DTYPE", "FP8_MAX", "PRECISIONS", "Fp8Exchange", "accumulate_dtype",
-           "bf16_native", "check_precision", "compute_dtype", "dequantize_fp8",
-           "fake_quantize_fp8", "fp8_all_to_all_v", "fp8_blocks", "fp8_row_bytes", "pack_fp8",
-           "param_dtype", "quantize_fp8", "resolve", "unpack_fp8"]
+__all__ = [
+    "FP8_BLOCK",
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "PRECISIONS",
+    "AllToAll",
+    "Fp8RowMoves",
+    "Gather",
+    "accumulate_dtype",
+    "bf16_native",
+    "check_precision",
+    "compute_dtype",
+    "dequantize_fp8",
+    "fake_quantize_fp8",
+    "fp8_blocks",
+    "fp8_row_bytes",
+    "pack_fp8",
+    "param_dtype",
+    "quantize_fp8",
+    "resolve",
+    "unpack_fp8",
+]
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 FP8_DTYPE = torch.float8_e4m3fn
@@ -171,32 +189,59 @@ def fake_quantize_fp8(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> t
     return dequantize_fp8(*quantize_fp8(x), dtype)
 
 
-# -- the FP8 exchange
-def fp8_all_to_all_v(x: torch.Tensor, send: list[int], recv: list[int], comm,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """Rows x [sum(send), H] -> the rows received [sum(recv), H] in dtype, travelling as packed
-    FP8 (quantize, all-to-all-v of uint8 rows, dequantize). No autograd; collective."""
-    H = x.shape[1]
-    buf = pack_fp8(*quantize_fp8(x))
-    if comm is not None:
-        buf, _ = comm.all_to_all_v(buf, send, recv_counts=recv)
-    return dequantize_fp8(*unpack_fp8(buf, H), dtype)
+# -- moving packed FP8 rows
+class Gather:
+    """A row move: rows [n_in, *] -> rows[index] ([len(index), *]); adjoint: the gradient
+    rows summed back into [n_in, *] (index_add, as index_select's backward)."""
+
+    def __init__(self, index: torch.Tensor, n_in: int):
+        self.index, self.n_in = index, n_in
+
+    def forward(self, rows: torch.Tensor, comm) -> torch.Tensor:
+        return rows.index_select(0, self.index)
+
+    def adjoint(self, grad: torch.Tensor, comm) -> torch.Tensor:
+        return grad.new_zeros((self.n_in, *grad.shape[1:])).index_add(0, self.index, grad)
 
 
-class Fp8Exchange(torch.autograd.Function):
-    """Differentiable FP8 all-to-all-v of rows: forward as fp8_all_to_all_v (output in
-    `dtype`); backward: the reverse all-to-all-v of the gradient in its own dtype (bf16), the
-    quantization taken as the identity (straight-through). apply(x [sum(send), H], send,
-    recv, comm, dtype) -> [sum(recv), H]."""
+class AllToAll:
+    """A row move: the all-to-all-v of rows (send[r] rows to rank r, recv[r] from rank r;
+    the identity without a communicator); adjoint: the reverse all-to-all-v. Collective."""
+
+    def __init__(self, send: list[int], recv: list[int]):
+        self.send, self.recv = send, recv
+
+    def forward(self, rows: torch.Tensor, comm) -> torch.Tensor:
+        if comm is None:
+            return rows
+        return comm.all_to_all_v(rows.contiguous(), self.send, recv_counts=self.recv)[0]
+
+    def adjoint(self, grad: torch.Tensor, comm) -> torch.Tensor:
+        if comm is None:
+            return grad
+        return comm.all_to_all_v(grad.contiguous(), self.recv, recv_counts=self.send)[0]
+
+
+class Fp8RowMoves(torch.autograd.Function):
+    """rows = dequantize(M(quantize(x))): x [T, H] is quantized once, the packed uint8 rows
+    go through the row moves M (a list of Gather / AllToAll, applied in order: gathers copy
+    packed rows, all-to-alls carry them) and are dequantized to `dtype` where they land.
+    Backward: the adjoint moves in reverse order on the gradient in its own dtype (bf16), the
+    quantization taken as the identity (straight-through), exactly the backward of the same
+    moves done on unquantized rows. apply(x, moves, comm, dtype) -> [rows out, H];
+    collective when M has an AllToAll (forward and backward)."""
 
     @staticmethod
-    def forward(ctx, x, send, recv, comm, dtype):
-        ctx.send, ctx.recv, ctx.comm, ctx.x_dtype = send, recv, comm, x.dtype
-        return fp8_all_to_all_v(x, send, recv, comm, dtype)
+    def forward(ctx, x, moves, comm, dtype):
+        ctx.moves, ctx.comm, ctx.x_dtype = moves, comm, x.dtype
+        buf = pack_fp8(*quantize_fp8(x))
+        for m in moves:
+            buf = m.forward(buf, comm)
+        return dequantize_fp8(*unpack_fp8(buf, x.shape[1]), dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        g = grad.contiguous()
-        if ctx.comm is not None:
-            g, _ = ctx.comm.all_to_all_v(g, ctx.recv, recv_counts=ctx.send)
-        return g.to(ctx.x_dtype), None, None, None, None
+        g = grad
+        for m in reversed(ctx.moves):
+            g = m.adjoint(g, ctx.comm)
+        return g.to(ctx.x_dtype), None, None, None
