@@ -28,7 +28,8 @@
 # What it creates, named from PREFIX (P): namespaces Pn0..Pn{N-1} (also the nodes' host names),
 # host-side veths Pv0.., inside each namespace the veth Pnic with NET.(i+1)/24 and the tbf,
 # the bridge Pbr with NET.254/24 (the address hydra's proxies call back to), and
-# /etc/netns/Pn*/hosts (`ip netns exec` mounts it over /etc/hosts, so node names resolve).
+# /etc/netns/Pn*/hosts (`ip netns exec` mounts it over /etc/hosts, so node names resolve; and
+# /etc/netns itself when it did not exist).
 # Each object is written to the state file /run/piper-cluster/P.state BEFORE it is created;
 # `down` (and the trap of `run`, on exit, Ctrl-C, failure) removes exactly what that file lists,
 # so a run killed with SIGKILL is cleaned by the next one (the empty lock file P.lock stays); a
@@ -110,8 +111,10 @@ teardown() {
   local kind name pids
   while read -r kind name; do
     # Only names this prefix can have produced (a damaged state file must not widen the reach).
-    [[ $name == "$PREFIX"* || $name == "/etc/netns/$PREFIX"* ]] || continue
+    [[ $name == "$PREFIX"* || $name == "/etc/netns/$PREFIX"* || $name == /etc/netns ]] \
+      || continue
     case $kind in
+      parent) rmdir -- "$name" 2>/dev/null || true ;;  # rmdir: only if no other prefix uses it
       netns)
         if [[ -e /run/netns/$name ]]; then
           # Processes left in it (ranks of a killed job) were started by this script's jobs.
@@ -166,6 +169,7 @@ up() {
   preflight
   local i n v
   log "up: $NODES nodes x $PPN ranks, egress cap $RATE per node, $NET.0/24, prefix $PREFIX"
+  [[ -d /etc/netns ]] || record parent /etc/netns
   record link "$BRIDGE"
   ip link add "$BRIDGE" type bridge
   ip addr add "$NET.254/24" dev "$BRIDGE"
