@@ -394,8 +394,8 @@ def check_thread_level(facts) -> Diagnosis | None:
     if facts.get("backend") != "mpi" or level in (None, "MPI_THREAD_MULTIPLE"):
         return None
     return Diagnosis("thread_level", "warn",
-                     f"MPI runs at {level}: Piper refuses async_op=True (its progress thread "
-                     f"calls MPI beside yours)",
+                     f"MPI runs at {level}: Piper refuses async_op=True (it calls MPI from a "
+                     f"background thread beside yours)",
                      "let mpi4py initialise MPI at its default (unset MPI4PY_RC_THREAD_LEVEL, "
                      "no mpi4py.rc.thread_level below 'multiple')")
 
