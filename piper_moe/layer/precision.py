@@ -33,12 +33,14 @@ tiles; the last block of a row may be shorter), packed into one uint8 row of
 ``fp8_row_bytes(hidden)`` bytes so that one all-to-all moves both. Scales are powers of two
 (the smallest with amax(block) / scale <= 448, as DeepGEMM's UE8M0 scales), so
 dequantization (``q * scale``, exact in bfloat16) and re-quantization of a dequantized row
-are lossless; the node-dedup path can therefore re-quantize at its gateway. The expert input
-is the dequantized bf16 row (no scaled FP8 GEMM on CPU). The combine exchange carries bf16.
-Backward: the dispatch's gradient (combine direction) travels in bf16, with the
-quantization treated as the identity (straight-through), as DeepEP's combine and
-DeepSeek-V3's backward do: gradients have a wider dynamic range than activations and feed
-the weight updates directly.
+are lossless. A token row is quantized once, before it is replicated for its k experts, and
+the packed rows travel through every gather and all-to-all of the dispatch (both stages of
+node dedup: the gateway forwards them as they are; ``Fp8RowMoves``) until the expert's rank
+dequantizes them. The expert input is the dequantized bf16 row (no scaled FP8 GEMM on CPU).
+The combine exchange carries bf16. Backward: the dispatch's gradient (combine direction)
+travels in bf16, with the quantization treated as the identity (straight-through), as
+DeepEP's combine and DeepSeek-V3's backward do: gradients have a wider dynamic range than
+activations and feed the weight updates directly.
 """
 
 from __future__ import annotations
