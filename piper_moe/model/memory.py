@@ -41,8 +41,11 @@ fp32, the layer inputs and pipeline sends are fp32. Every GEMM weight (attention
 this rank's experts, shared experts, head; not the fp32 router) is cast to bf16 in each
 micro-batch's forward and the copy is kept for its backward: 2 bytes per such parameter per
 micro-batch in flight (``weight_copies``). With ``fp8_dispatch`` the dispatch buffers carry
-(h + 4 * ceil(h / 128)) bytes per row (e4m3 + fp32 scales): working memory only, the expert
-input rows the layer keeps are the dequantized bf16 ones.
+(h + 4 * ceil(h / 128)) bytes per row (e4m3 + fp32 scales): forward working memory only,
+smaller than the bf16 buffers it replaces and gone before the backward peak priced in
+``_transient`` (whose exchanges are bf16); the expert input rows the layer keeps are the
+dequantized bf16 ones, so nothing here changes with it (its bytes enter the all-to-all time,
+``estimate._stage_time``).
 
 Recompute "full" keeps only each layer's input T*h/t_sp; "selective" drops norm outputs and
 activation-function outputs (recomputed in backward). In-flight micro-batches per stage come from
