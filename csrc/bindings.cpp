@@ -25,6 +25,7 @@
 #endif
 
 namespace py = pybind11;
+void register_gpu(py::module_& m);  // gpu_py.cpp: the CUDA execution context
 using piper::plan::CopyList;
 using piper::plan::FlatPlan;
 using piper::plan::HaloPlan;
@@ -410,4 +411,6 @@ PYBIND11_MODULE(_C, m) {
       .def("data_view", [](const NodeChannel& ch) {
         return py::memoryview::from_memory(ch.data(), ch.data_bytes(), /*readonly=*/false);
       });
+
+  register_gpu(m);
 }

@@ -67,13 +67,20 @@ int64_t* NodeChannel::row(int64_t parity, int64_t l) const {
   return reinterpret_cast<int64_t*>(base) + (parity * local_size() + l) * world_size_;
 }
 
+uint8_t* NodeChannel::exchange(int64_t l) const {
+  PIPER_HOST_ASSERT(l >= 0 && l < local_size() && control_.data() != nullptr);
+  auto* rows_end = reinterpret_cast<uint8_t*>(row(0, 0) + 2 * local_size() * world_size_);
+  return rows_end + l * kExchangeBytes;
+}
+
 NodeChannel::NodeChannel(std::string prefix, int64_t local_rank, std::vector<int64_t> local_ranks,
                          int64_t world_size, bool create)
     : prefix_(std::move(prefix)), local_rank_(local_rank), world_size_(world_size),
       local_ranks_(std::move(local_ranks)) {
   const int64_t L = local_size();
   PIPER_HOST_ASSERT(local_rank_ >= 0 && local_rank_ < L);
-  const size_t bytes = round_up(sizeof(Header), 64) + L * sizeof(Slot) + 2 * L * world_size_ * 8;
+  const size_t bytes = round_up(sizeof(Header), 64) + L * sizeof(Slot) + 2 * L * world_size_ * 8 +
+                       L * kExchangeBytes;
   const std::string name = prefix_ + ".ctl";
   if (create) {
     control_ = ShmSegment::create(name, bytes);  // zero-filled by ftruncate

@@ -55,6 +55,12 @@ class NodeChannel {
   uint8_t* data() const { return data_.data(); }
   int64_t data_bytes() const { return static_cast<int64_t>(data_.bytes()); }
 
+  /// Bytes of the area each local rank publishes for the others (the CUDA context's IPC
+  /// handles, csrc/cuda/ipc_record.hpp). Local rank l's area: exchange(l); a rank writes only
+  /// its own, and reads another's only after a barrier that followed the write.
+  static constexpr int64_t kExchangeBytes = 512;
+  uint8_t* exchange(int64_t l) const;
+
   int64_t local_rank() const { return local_rank_; }
   int64_t local_size() const { return static_cast<int64_t>(local_ranks_.size()); }
 
