@@ -1,4 +1,4 @@
-"""Soak: many random all_to_all_v calls, every received byte compared with a reference.
+"""Soak: many random all_to_all(v) calls, every received byte compared with a reference.
 
     python bench/soak.py --calls 10000 --seed 0 --out bench/results/soak.md
     python bench/soak.py --calls 200                                     # a quick look
@@ -8,10 +8,12 @@ The calls are shared among mpirun jobs of different node splits (JOBS: 1 to 8 ra
 on every rank: a P x P count matrix (random with zeros, one rank receiving everything, one rank
 silent, a single pair, equal, empty, or large), a numpy dtype (bool .. complex128), a trailing
 shape, an algorithm (halo, flat, pairwise, auto) and whether recv is given (with a canary
-tail); recv_counts are given on odd calls. The data of each block is a pure function of
-(seed, call, source, destination), so each rank checks what it received, bitwise, without
-talking to the others (tests/comm/cases.py check_exchange: payload, counts, shape, the canary,
-recv used in place, the algorithm run). A mismatch is a (call, rank) whose check failed.
+tail); recv_counts are given on odd calls; half the equal and empty matrices go through
+all_to_all (the equal split, checked in-band) instead of all_to_all_v. The data of each block
+is a pure function of (seed, call, source, destination), so each rank checks what it received,
+bitwise, without talking to the others (tests/comm/cases.py check_exchange: payload, counts,
+shape, the canary, recv used in place, the algorithm run). A mismatch is a (call, rank) whose
+check failed.
 
 Rank 0 of the running job prints a progress line every --progress calls; the tool prints one
 line per job and a table at the end, and exits non-zero on any mismatch, error or hang.
@@ -69,7 +71,8 @@ def draw(P: int, seed: int, call: int) -> dict:
         C = rng.integers(0, 3000, size=(P, P)) * (rng.random((P, P)) >= 0.3)
     return {"counts": C, "pattern": kind, "dtype": str(rng.choice(NUMPY_DTYPES)),
             "trailing": TRAILING[rng.integers(len(TRAILING))],
-            "algo": ALGOS[rng.integers(len(ALGOS))], "use_recv": bool(rng.random() < 0.5)}
+            "algo": ALGOS[rng.integers(len(ALGOS))], "use_recv": bool(rng.random() < 0.5),
+            "equal_split": kind in ("equal", "empty") and bool(rng.random() < 0.5)}
 
 
 # -- rank side
@@ -88,7 +91,7 @@ def rank_side(a) -> None:
         d = draw(P, a.seed, call)
         try:
             check_exchange(comm, d["counts"], "numpy", d["dtype"], d["trailing"], d["algo"],
-                           a.seed, call, use_recv=d["use_recv"])
+                           a.seed, call, use_recv=d["use_recv"], equal_split=d["equal_split"])
         except AssertionError as e:
             res["mismatches"] += 1
             if len(res["messages"]) < 5:
@@ -105,6 +108,7 @@ def rank_side(a) -> None:
                     f"algo {d['algo']}" + (f" ({comm.last_algorithm})" if d["algo"] == "auto"
                                             else ""),
                     f"recv {'given' if d['use_recv'] else 'allocated'}",
+                    f"op {'all_to_all' if d['equal_split'] else 'all_to_all_v'}",
                     f"recv_counts {'given' if call % 2 else 'exchanged'}"):
             cov[key] += 1
         if me == 0 and (call + 1) % a.progress == 0:
@@ -219,7 +223,7 @@ def main() -> int:
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(
-            f"# Soak: {a.calls} random all_to_all_v calls, seed {a.seed}\n\n"
+            f"# Soak: {a.calls} random all_to_all(v) calls, seed {a.seed}\n\n"
             f"{provenance(sys.argv)}\n\n{text}\n\n"
             + ("First failures:\n\n" + "\n".join(f"- {m}" for m in bad) if bad
                else "Every call matched its reference bitwise on every rank.") + "\n")

@@ -119,8 +119,8 @@ void MpiTransport::completed(size_t i, const MPI_Status& status, bool in_error) 
   if (truncated)
     throw Error(ErrorCode::kUsage,
                 fmt("rank ", rank_, ": a message from rank ", m.peer, " was larger than its ",
-                    m.bytes, " B receive buffer (counts disagree between ranks, and PIPER_CHECK=0 "
-                    "trusted them)"));
+                    m.bytes, " B receive buffer (the ranks disagree on this call: counts that "
+                    "PIPER_CHECK=0 trusted, or ranks in different collectives)"));
   throw Error(ErrorCode::kPeer, fmt("MPI reported an error on rank ", rank_, " for the ",
                                     m.send ? "send to" : "receive from", " rank ", m.peer, ": ",
                                     error_string(err)));

@@ -70,11 +70,15 @@ def count_patterns(P: int, seed: int) -> dict[str, np.ndarray]:
     hot = np.zeros((P, P), dtype=np.int64)
     hot[:, P - 1] = rng.integers(1, 9, size=P)  # one rank receives everything
     return {"random": rnd, "silent": silent, "hot": hot,
-            "empty": np.zeros((P, P), dtype=np.int64)}
+            "empty": np.zeros((P, P), dtype=np.int64),
+            "equal": np.full((P, P), 2, dtype=np.int64)}
+
+
+EQUAL_PATTERNS = ("empty", "equal")  # constant counts: exchanged through all_to_all too
 
 
 def check_exchange(comm, C: np.ndarray, kind: str, dtype: str, trailing: tuple, algo: str,
-                   seed: int, call: int, use_recv: bool) -> None:
+                   seed: int, call: int, use_recv: bool, equal_split: bool = False) -> None:
     P, me = comm.size, comm.rank
     row_bytes = _itemsize(kind, dtype) * int(np.prod(trailing, dtype=np.int64))
     is_bool = dtype == "bool"
@@ -87,9 +91,12 @@ def check_exchange(comm, C: np.ndarray, kind: str, dtype: str, trailing: tuple, 
     total = int(C[:, me].sum())
     if use_recv:  # a larger buffer with a canary tail that must survive
         recv = _make(kind, dtype, trailing, np.full((total + 2) * row_bytes, 0xA5, np.uint8))
-    out, counts = comm.all_to_all_v(send, list(C[me]), recv=recv,
-                                    recv_counts=list(C[:, me]) if call % 2 else None,
-                                    algorithm=algo)
+    if equal_split:  # C is constant: the same bytes through all_to_all (in-band checks)
+        out, counts = comm.all_to_all(send, recv=recv, algorithm=algo), list(C[:, me])
+    else:
+        out, counts = comm.all_to_all_v(send, list(C[me]), recv=recv,
+                                        recv_counts=list(C[:, me]) if call % 2 else None,
+                                        algorithm=algo)
     where = f"rank {me}: {kind} {dtype} {trailing} algo={algo} call={call}"
     assert counts == [int(c) for c in C[:, me]], f"{where}: recv counts {counts}"
     assert type(out) is type(send), where
@@ -128,7 +135,8 @@ def exactness(local_size: int | None = None, node_ids: list[int] | None = None,
                     call += 1
                     trailing = TRAILING[(d + a + len(name)) % len(TRAILING)]
                     check_exchange(comm, C, kind, dtype, trailing, algo, seed, call,
-                                   use_recv=(call % 3 == 0))
+                                   use_recv=(call % 3 == 0),
+                                   equal_split=name in EQUAL_PATTERNS)
     # Equal split through all_to_all, each algorithm.
     for algo in ALGOS:
         m = 3
