@@ -11,7 +11,9 @@
 #include "cuda/cuda_context.hpp"
 #include "cuda/ipc_record.hpp"
 #include "host/node_channel.hpp"
+#include "runtime/executor.hpp"
 #include "runtime/protocol_probe.hpp"
+#include "runtime/transport.hpp"
 
 namespace py = pybind11;
 
@@ -76,6 +78,61 @@ py::dict decode_record(const py::bytes& area, int64_t rank, const std::string& w
       py::bytes(reinterpret_cast<const char*>(r.segment_handle), sizeof(r.segment_handle));
   return d;
 }
+
+// The transport of a one-node CUDA executor: HALO on one node sends no message; anything else
+// needs the NCCL transport, which does not exist yet.
+class NoInterNodeTransport final : public piper::runtime::Transport {
+ public:
+  NoInterNodeTransport(int64_t rank, int64_t size) : rank_(rank), size_(size) {}
+  int64_t rank() const override { return rank_; }
+  int64_t size() const override { return size_; }
+  std::string name() const override { return "none (one node)"; }
+  void post_send(const void*, int64_t bytes, int64_t peer, int) override { refuse(bytes, peer); }
+  void post_recv(void*, int64_t bytes, int64_t peer, int) override { refuse(bytes, peer); }
+  bool test_all() override { return true; }
+  std::vector<piper::runtime::Message> pending() const override { return {}; }
+  void cancel_all() override {}
+  void progress() override {}
+
+ private:
+  [[noreturn]] void refuse(int64_t bytes, int64_t peer) const {
+    throw piper::Error(piper::ErrorCode::kUsage,
+                       piper::fmt("piper: rank ", rank_, ": a message of ", bytes, " B to or from ",
+                                  "rank ", peer, " on device memory needs the NCCL transport ",
+                                  "(not implemented yet, issue 16); only HALO on one node runs"));
+  }
+  int64_t rank_, size_;
+};
+
+// HALO over a CudaContext on a topology of one node (every rank a process on this host): the
+// GPU tests' way to run the real executor on device memory before the CUDA call path exists.
+class CudaNodeExecutor {
+ public:
+  CudaNodeExecutor(piper::host::NodeChannel* channel, int64_t world_size, int64_t rank,
+                   int device, double timeout_s) {
+    auto ctx = piper::cuda::CudaContext::create(channel, world_size, rank, device, timeout_s);
+    context_ = ctx.get();
+    executor_ = std::make_unique<piper::runtime::Executor>(
+        piper::plan::Topology(std::vector<int64_t>(world_size, 0)),
+        std::make_shared<NoInterNodeTransport>(rank, world_size), std::move(ctx),
+        std::vector<int64_t>{}, std::vector<uint8_t>{});
+  }
+  void alltoallv(uintptr_t send, int64_t send_n, uintptr_t recv, int64_t recv_n,
+                 const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes,
+                 uintptr_t stream, int64_t seq, double timeout_s) {
+    context_->set_stream(stream);
+    const std::string what = piper::fmt("all_to_all_v #", seq, " (cuda, one node)");
+    executor_->alltoallv(reinterpret_cast<const uint8_t*>(send), send_n,
+                         reinterpret_cast<uint8_t*>(recv), recv_n, send_bytes, recv_bytes,
+                         piper::runtime::Algorithm::kHalo, seq, 0, what,
+                         piper::runtime::Deadline::in(timeout_s, timeout_s));
+  }
+  void close(double timeout_s) { context_->close("cuda executor close", timeout_s); }
+
+ private:
+  piper::cuda::CudaContext* context_;  // owned by executor_
+  std::unique_ptr<piper::runtime::Executor> executor_;
+};
 
 }  // namespace
 
@@ -160,6 +217,23 @@ void register_gpu(py::module_& m) {
           },
           py::arg("bytes"))
       .def("close", &CudaContext::close, py::arg("what"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>());
+
+  py::class_<CudaNodeExecutor>(
+      m, "CudaNodeExecutor",
+      "HALO on device memory for the ranks of one node (csrc/gpu_py.cpp): the real executor\n"
+      "over a CudaContext, no inter-node transport. For the GPU tests, until CUDA tensors\n"
+      "reach comm.all_to_all_v.")
+      .def(py::init<piper::host::NodeChannel*, int64_t, int64_t, int, double>(),
+           py::arg("channel").none(true), py::arg("world_size"), py::arg("rank"),
+           py::arg("device"), py::arg("timeout_s"), py::keep_alive<1, 2>(),
+           py::call_guard<py::gil_scoped_release>())
+      .def("alltoallv", &CudaNodeExecutor::alltoallv, py::arg("send_ptr"), py::arg("send_bytes_total"),
+           py::arg("recv_ptr"), py::arg("recv_bytes_total"), py::arg("send_bytes"),
+           py::arg("recv_bytes"), py::arg("stream"), py::arg("seq"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Bytes: send_bytes[p] to rank p back to back; ordered on `stream`, no host sync.")
+      .def("close", &CudaNodeExecutor::close, py::arg("timeout_s"),
            py::call_guard<py::gil_scoped_release>());
 
   m.def(

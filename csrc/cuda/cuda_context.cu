@@ -60,6 +60,8 @@ class IpcCudaContext final : public CudaContext {
   void close(const std::string& what, double timeout_s) override;
 
  private:
+  void open(double timeout_s);  // the constructor's work: events, handles, the peers' events
+  void check_open(const std::string& what) const;
   bool owner() const { return channel_ == nullptr || channel_->local_rank() == 0; }
   int64_t global_rank(int64_t l) const { return rank_ - channel_->local_rank() + l; }
   void use_device() const;
@@ -84,6 +86,12 @@ class IpcCudaContext final : public CudaContext {
   bool closed_ = false;
 };
 
+void IpcCudaContext::check_open(const std::string& what) const {
+  if (closed_)
+    throw Error(ErrorCode::kUsage, fmt("piper: ", what, ": the CUDA context of rank ", rank_,
+                                       " was closed"));
+}
+
 void IpcCudaContext::use_device() const {
   PIPER_CHECK_CUDA(cudaSetDevice(device_), fmt("cudaSetDevice(", device_, ") on rank ", rank_));
 }
@@ -91,6 +99,16 @@ void IpcCudaContext::use_device() const {
 IpcCudaContext::IpcCudaContext(host::NodeChannel* channel, int64_t world_size, int64_t rank,
                                int device, double timeout_s)
     : channel_(channel), counts_(channel, world_size), rank_(rank), device_(device) {
+  try {
+    open(timeout_s);
+  } catch (...) {  // the destructor does not run for a half-built object
+    release_local();
+    cudaGetLastError();
+    throw;
+  }
+}
+
+void IpcCudaContext::open(double timeout_s) {
   use_device();
   const std::string what = fmt("CudaContext on rank ", rank_, " (device ", device_, ")");
   for (auto& e : events_)
@@ -157,7 +175,8 @@ void IpcCudaContext::release_local() {
     if (t.device) cudaFree(t.device);
   }
   tables_.clear();
-  if (staging_ != nullptr) cudaFreeAsync(staging_, stream_), staging_ = nullptr;
+  // cudaFree, not cudaFreeAsync: the caller's stream may no longer exist here.
+  if (staging_ != nullptr) cudaFree(staging_), staging_ = nullptr;
   staging_bytes_ = 0;
 }
 
@@ -228,6 +247,7 @@ void IpcCudaContext::copy(const uint8_t* src, int64_t src_bytes, uint8_t* dst, i
   const std::vector<int64_t> table = device_table(blocks, src_bytes, dst_bytes, what);
   const int64_t n = static_cast<int64_t>(table.size()) / 3;
   if (n == 0) return;
+  check_open(what);
   use_device();
   TableSlot& slot = free_slot(3 * n);
   std::memcpy(slot.host, table.data(), table.size() * sizeof(int64_t));
@@ -239,6 +259,7 @@ void IpcCudaContext::copy(const uint8_t* src, int64_t src_bytes, uint8_t* dst, i
 }
 
 void IpcCudaContext::fence(const std::string& what, double timeout_s) {
+  check_open(what);
   if (channel_ == nullptr) return;  // one rank: its stream orders everything
   use_device();
   const int parity = static_cast<int>(fences_++ % kFenceEvents);
@@ -255,6 +276,7 @@ void IpcCudaContext::fence(const std::string& what, double timeout_s) {
 
 void IpcCudaContext::ensure_segment(int64_t bytes, const std::string& what, double timeout_s) {
   if (bytes <= segment_bytes_) return;
+  check_open(what);
   use_device();
   const int64_t new_bytes = grown_segment_bytes(bytes, segment_bytes_);
   const std::string grow = fmt(what, " (grow the node's device segment to ", new_bytes, " B)");
@@ -286,6 +308,9 @@ void IpcCudaContext::ensure_segment(int64_t bytes, const std::string& what, doub
       segment_bytes_ = new_bytes;
     } catch (const Error& e) {  // published, so the peers raise it too instead of waiting
       std::strncpy(r.error, e.what(), sizeof(r.error) - 1);
+      segment_ = nullptr;
+      segment_bytes_ = 0;
+      cudaGetLastError();
     }
     write_record(channel_->exchange(me), host::NodeChannel::kExchangeBytes, r);
   }
@@ -309,6 +334,7 @@ void IpcCudaContext::ensure_segment(int64_t bytes, const std::string& what, doub
 
 uint8_t* IpcCudaContext::staging(int64_t bytes) {
   if (bytes <= staging_bytes_) return staging_;
+  check_open("cuda staging");
   use_device();
   const int64_t new_bytes = std::max(bytes, 2 * staging_bytes_);
   // Stream-ordered: work already queued on the stream still reads the old buffer safely.

@@ -63,11 +63,12 @@ class CudaContext : public runtime::ExecContext {
 
   /// Releases what the node shares, collective over the node: importers close the segment and
   /// the peers' events, then a barrier, then the owner frees the segment (cudaFree of an
-  /// exported allocation before every importer closed it is undefined behaviour). Bounded by
-  /// timeout_s; if the barrier fails (a peer died or is late) the owner keeps the allocation,
-  /// which the driver frees at process exit, and the error is raised. Idempotent. Without it
-  /// the destructor releases only this rank's own resources and, on the owner, leaves the
-  /// segment to process exit for the same reason.
+  /// exported allocation before every importer closed it is undefined behaviour). The stream
+  /// last set must still exist; any later call raises kUsage. Bounded by timeout_s; if the
+  /// barrier fails (a peer died or is late) the owner keeps the allocation, which the driver
+  /// frees at process exit, and the error is raised. Idempotent. Without it the destructor
+  /// releases only this rank's own resources and, on the owner, leaves the segment to process
+  /// exit for the same reason.
   virtual void close(const std::string& what, double timeout_s) = 0;
 };
 

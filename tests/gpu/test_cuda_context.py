@@ -225,12 +225,12 @@ def test_segment_grows_at_least_double_in_whole_granules():
 def test_create_refuses_clearly_without_cuda_or_without_a_device():
     if not NO_DEVICE:
         pytest.skip("a CUDA device is visible: the GPU tests create real contexts")
-    if BUILD["cuda"]:
-        with pytest.raises(pc.PiperError, match=r"cudaSetDevice\(0\) on rank 2 failed"):
-            _C.CudaContext.create(None, 4, 2, 0, 1.0)
-    else:
-        with pytest.raises(pc.PiperUsageError, match=r"rank 2 .*built without CUDA"):
-            _C.CudaContext.create(None, 4, 2, 0, 1.0)
+    error, match = ((pc.PiperError, r"cudaSetDevice\(0\) on rank 2 failed") if BUILD["cuda"]
+                    else (pc.PiperUsageError, r"rank 2 .*built without CUDA"))
+    with pytest.raises(error, match=match):
+        _C.CudaContext.create(None, 4, 2, 0, 1.0)
+    with pytest.raises(error, match=match):
+        _C.CudaNodeExecutor(None, 4, 2, 0, 1.0)
 
 
 # ---------------------------------------------------------------- GPU: two processes, one device
@@ -246,3 +246,13 @@ def test_ipc_segment_shared_and_fenced_between_processes(nprocs):
     repeats; close() releases the handles in order."""
     run = run_mpi(nprocs, "gpu.cases:ipc_segment_round_trip", {"rows": 4096}, timeout=180)
     assert all(r["result"] == "ok" for r in run.ranks), run.report()
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_halo_on_device_memory_one_node(nprocs):
+    """The executor's HALO over the CUDA context, nprocs processes on one device as one node,
+    uneven counts, the segment grown between calls: bitwise the bytes sent."""
+    run = run_mpi(nprocs, "gpu.cases:halo_one_node_cuda", {"seed": nprocs}, timeout=180)
+    assert all(r["result"] == 3 for r in run.ranks), run.report()

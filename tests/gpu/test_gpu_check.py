@@ -51,7 +51,7 @@ def test_steps_that_claim_to_exist_do():
     """The steps the check runs (not marked "not implemented") refer to code in the tree."""
     from tests.gpu import cases
 
-    assert callable(cases.ipc_segment_round_trip)
+    assert callable(cases.ipc_segment_round_trip) and callable(cases.halo_one_node_cuda)
     assert list((ROOT / "tests" / "gpu").glob("test_*.py"))
     text = SCRIPT.read_text()
     assert "def sanitize()" in text and "def bench()" in text
