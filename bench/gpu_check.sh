@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check of issue 16, for the lent GPU machine (one H100/H200, no network, ~15 minutes):
-# builds the extension, names the device, runs the GPU tests (the pack kernels, and the CUDA
-# execution context over CUDA IPC with 2 and 4 ranks on the one device), compute-sanitizer on the
-# kernels and on the context's IPC round trip, and times copy_blocks and pack/unpack against a
-# plain device-to-device copy at 16/64/256 MiB. Steps whose code does not exist yet (all_to_all on
-# CUDA tensors, the MoE layer and training on CUDA, the NCCL baseline) are listed and recorded as
-# "not implemented yet (issue 16)", never as passed. Everything goes to bench/results/gpu_<date>.txt,
-# headed by the device's name. A failing step is recorded and the next runs.
+# builds the extension, names the device, runs the GPU tests (the pack kernels; the CUDA
+# execution context over CUDA IPC and HALO over it, 2 and 4 ranks of one node on the device),
+# compute-sanitizer on the kernels and on the context's IPC round trip, and times copy_blocks and
+# pack/unpack against a plain device-to-device copy at 16/64/256 MiB. Steps whose code does not
+# exist yet (all_to_all on CUDA tensors, the MoE layer and training on CUDA, the NCCL baseline)
+# are listed and recorded as "not implemented yet (issue 16)", never as passed. Everything goes to
+# bench/results/gpu_<date>.txt, headed by the device's name. A failing step is recorded and the
+# next runs.
 #
 #   bash bench/gpu_check.sh            # PYTHON=python3 by default (torch with CUDA required)
 #   bash bench/gpu_check.sh --dry-run  # prints every step; runs, builds and writes nothing

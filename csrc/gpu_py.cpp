@@ -209,7 +209,8 @@ void register_gpu(py::module_& m) {
       .def("ensure_segment", &CudaContext::ensure_segment, py::arg("bytes"), py::arg("what"),
            py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly(
-          "segment_ptr", [](const CudaContext& c) { return reinterpret_cast<uintptr_t>(c.segment()); })
+          "segment_ptr",
+          [](const CudaContext& c) { return reinterpret_cast<uintptr_t>(c.segment()); })
       .def_property_readonly("segment_bytes", &CudaContext::segment_bytes)
       .def(
           "staging", [](CudaContext& c, int64_t bytes) {
@@ -228,7 +229,8 @@ void register_gpu(py::module_& m) {
            py::arg("channel").none(true), py::arg("world_size"), py::arg("rank"),
            py::arg("device"), py::arg("timeout_s"), py::keep_alive<1, 2>(),
            py::call_guard<py::gil_scoped_release>())
-      .def("alltoallv", &CudaNodeExecutor::alltoallv, py::arg("send_ptr"), py::arg("send_bytes_total"),
+      .def("alltoallv", &CudaNodeExecutor::alltoallv, py::arg("send_ptr"),
+           py::arg("send_bytes_total"),
            py::arg("recv_ptr"), py::arg("recv_bytes_total"), py::arg("send_bytes"),
            py::arg("recv_bytes"), py::arg("stream"), py::arg("seq"), py::arg("timeout_s"),
            py::call_guard<py::gil_scoped_release>(),
