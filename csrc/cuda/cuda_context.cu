@@ -63,7 +63,7 @@ class IpcCudaContext final : public CudaContext {
   void open(double timeout_s);  // the constructor's work: events, handles, the peers' events
   void check_open(const std::string& what) const;
   bool owner() const { return channel_ == nullptr || channel_->local_rank() == 0; }
-  int64_t global_rank(int64_t l) const { return rank_ - channel_->local_rank() + l; }
+  int64_t global_rank(int64_t l) const { return channel_->rank_of(l); }
   void use_device() const;
   void drain_stream(const std::string& what, double timeout_s) const;
   void release_segment();  // this rank's mapping or allocation of the segment

@@ -62,6 +62,8 @@ class NodeChannel {
   uint8_t* exchange(int64_t l) const;
 
   int64_t local_rank() const { return local_rank_; }
+  /// The global rank of local rank l.
+  int64_t rank_of(int64_t l) const { return local_ranks_.at(l); }
   int64_t local_size() const { return static_cast<int64_t>(local_ranks_.size()); }
 
  private:
