@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check of issue 16, for the lent GPU machine (one H100/H200, no network, ~15 minutes):
+# The GPU check of the GPU path, for the lent GPU machine (one H100/H200, no network, ~15 minutes):
 # builds the extension, names the device, runs the GPU tests (the pack kernels; the CUDA
 # execution context over CUDA IPC and HALO over it, 2 and 4 ranks of one node on the device),
 # compute-sanitizer on the kernels and on the context's IPC round trip, and times copy_blocks and
 # pack/unpack against a plain device-to-device copy at 16/64/256 MiB. Steps whose code does not
 # exist yet (all_to_all on CUDA tensors, the MoE layer and training on CUDA, the NCCL baseline)
-# are listed and recorded as "not implemented yet (issue 16)", never as passed. Everything goes to
+# are listed and recorded as "not implemented yet (see docs/gpu.md)", never as passed. Everything goes to
 # bench/results/gpu_<date>.txt, headed by the device's name. A failing step is recorded and the
 # next runs.
 #
@@ -52,8 +52,8 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, records outpu
   [ "$rc" -eq 0 ] || STATUS=1
 }
 
-todo() {  # todo NAME WHAT: a step of issue 16 whose code does not exist yet
-  echo "### $1: not implemented yet (issue 16): $2" | tee -a "$OUT"
+todo() {  # todo NAME WHAT: a step of the GPU path whose code does not exist yet
+  echo "### $1: not implemented yet (see docs/gpu.md): $2" | tee -a "$OUT"
   TODO=$((TODO + 1))
 }
 
@@ -191,9 +191,9 @@ todo bench_nccl "python -m piper_comm.bench --algos halo,flat,nccl on 4 ranks of
 step bench_pack 180 "$PY" "$DRIVER" bench
 
 if [ $DRY -eq 1 ]; then
-  echo "# dry run: $TODO step(s) not implemented yet (issue 16); nothing was run"
+  echo "# dry run: $TODO step(s) not implemented yet (see docs/gpu.md); nothing was run"
   exit 0
 fi
 VERDICT=$([ $STATUS -eq 0 ] && echo "OK (the steps that exist)" || echo "SOME STEP FAILED")
-echo "### overall: $VERDICT; $TODO step(s) not implemented yet (issue 16) -> $OUT" | tee -a "$OUT"
+echo "### overall: $VERDICT; $TODO step(s) not implemented yet (see docs/gpu.md) -> $OUT" | tee -a "$OUT"
 exit $STATUS

@@ -99,7 +99,8 @@ class NoInterNodeTransport final : public piper::runtime::Transport {
     throw piper::Error(piper::ErrorCode::kUsage,
                        piper::fmt("piper: rank ", rank_, ": a message of ", bytes, " B to or from ",
                                   "rank ", peer, " on device memory needs the NCCL transport ",
-                                  "(not implemented yet, issue 16); only HALO on one node runs"));
+                                  "(not implemented yet, see docs/gpu.md); only HALO on one node "
+                                  "runs"));
   }
   int64_t rank_, size_;
 };

@@ -41,9 +41,10 @@ def test_dry_run_prints_every_step_and_calls_nothing(tmp_path):
     for name in STEPS:
         assert any(line.startswith(f"### {name} (limit ") for line in lines), name
     for name in TODO:
-        assert any(line.startswith(f"### {name}: not implemented yet (issue 16)")
+        assert any(line.startswith(f"### {name}: not implemented yet (see docs/gpu.md)")
                    for line in lines), name
-    assert f"{len(TODO)} step(s) not implemented yet (issue 16); nothing was run" in out.stdout
+    assert (f"{len(TODO)} step(s) not implemented yet (see docs/gpu.md); nothing was run"
+            in out.stdout)
     assert "bench/results/gpu_" in out.stdout and "device name" in out.stdout
 
 
