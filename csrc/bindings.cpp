@@ -269,7 +269,8 @@ PYBIND11_MODULE(_C, m) {
   for (int64_t i = 0; i < piper::runtime::kNumLocalErrors; ++i)
     local_errors[piper::runtime::kLocalErrorNames[i]] = i;
   m.attr("LOCAL_ERRORS") = local_errors;
-  m.attr("TAG_CALLS") = piper::runtime::kTagCalls;
+  m.def("header_tag", &piper::runtime::header_tag, py::arg("seq"),
+        "The tag of call seq's header round (csrc/runtime/call.hpp), also the barrier's.");
   m.def(
       "agree",
       [](const I64Array& table) -> py::object {

@@ -176,10 +176,6 @@ class Communicator:
         if self._async_refused:
             raise PiperUsageError(f"piper: {what} on rank {self.rank}: {self._async_refused}")
 
-    def _tag(self, seq: int, phase: int) -> int:
-        """Call seq's header (phase 0) and data (1) tags, as csrc/runtime/call.hpp has them."""
-        return 2 * (seq % _C.TAG_CALLS) + phase
-
     # -- collectives
     def barrier(self) -> None:
         """Returns once every rank has called barrier (bounded by PIPER_TIMEOUT)."""
@@ -187,12 +183,8 @@ class Communicator:
         self._calls.drain()  # behind the async calls issued before it
         deadline = self._start(what)
         mine = np.array([seq], dtype=np.int64)
-        self._allgather(mine, self._tag(seq, 0), what, deadline)
-
-    def _allgather(self, mine: np.ndarray, tag: int, what: str, deadline: float) -> np.ndarray:
-        """P x len(mine) int64: every rank's row (the per-call metadata exchange)."""
-        return self._guard(self._executor.allgather, mine, tag, f"{what} (metadata exchange)",
-                           deadline - time.monotonic(), self.timeout)
+        self._guard(self._executor.allgather, mine, _C.header_tag(seq), what,
+                    deadline - time.monotonic(), self.timeout)
 
     def all_to_all(self, send: Any, recv: Any = None, algorithm: str = "auto",
                    async_op: bool = False) -> Any:

@@ -125,15 +125,8 @@ void Executor::wait_all(const std::string& what, const Deadline& deadline) {
 
 std::vector<int64_t> Executor::allgather(const int64_t* mine, int64_t words, int tag,
                                          const std::string& what, const Deadline& deadline) {
-  const int64_t P = topology_.size(), bytes = words * 8;
-  std::vector<int64_t> table(P * words);
-  std::copy(mine, mine + words, table.begin() + me_ * words);
-  for (int64_t k = 1; k < P; ++k) {
-    const int64_t src = (me_ - k + P) % P, dst = (me_ + k) % P;
-    transport_->post_recv(table.data() + src * words, bytes, src, tag);
-    transport_->post_send(mine, bytes, dst, tag);
-  }
-  wait_all(what, deadline);
+  std::vector<int64_t> table;
+  gather(std::vector<int64_t>(mine, mine + words), tag, false, what, deadline, table);
   return table;
 }
 

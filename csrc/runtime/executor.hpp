@@ -61,7 +61,8 @@ class Executor {
                  Algorithm algo, int64_t seq, int tag, const std::string& what,
                  const Deadline& deadline);
 
-  /// All-gather of `words` int64 per rank: returns P x words, row r = rank r's.
+  /// All-gather of `words` int64 per rank: returns P x words, row r = rank r's (errors name
+  /// `what` + " (metadata exchange)").
   std::vector<int64_t> allgather(const int64_t* mine, int64_t words, int tag,
                                  const std::string& what, const Deadline& deadline);
 
