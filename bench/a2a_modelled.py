@@ -2,7 +2,7 @@
 
 No multi-node or multi-GPU machine exists here, so this is what Piper's alpha-beta model
 (`piper_comm/cost.py`, the one `algorithm="auto"` uses, in its uniform case through
-`piper_moe/model/comm.py`) predicts from a shipped platform file (public figures, plus the
+`piper_moe/resource_model/comm.py`) predicts from a shipped platform file (public figures, plus the
 latencies marked [I] in it, which are our assumptions), for 8 GPUs per node and 1-128 nodes.
 Only CPU hosts were ever measured against it (bench/results/a2a_validation.md, made with an
 earlier HALO formula, the two-phase exchange the executor does not run); the GPU figures below
@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from piper_moe.model import load_platform  # noqa: E402
-from piper_moe.model.comm import a2a_flat, a2a_halo, cost_links  # noqa: E402
+from piper_moe.resource_model import load_platform  # noqa: E402
+from piper_moe.resource_model.comm import a2a_flat, a2a_halo, cost_links  # noqa: E402
 
 NODES = (1, 2, 4, 8, 16, 32, 64, 128)
 SIZES = tuple(2**k for k in range(13, 31, 2))  # 8 KiB .. 1 GiB per rank, factor 4
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
                             text=True).stdout.strip()
     text = "\n".join([
         "# MODELLED all-to-all, HALO vs flat: predictions of piper_comm/cost.py (uniform case, "
-        "through", "# piper_moe/model/comm.py), NOT measurements",
+        "through", "# piper_moe/resource_model/comm.py), NOT measurements",
         f"# command: python bench/a2a_modelled.py {' '.join(argv or sys.argv[1:])}".rstrip(),
         f"# date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}  commit: {commit}",
         "# model: alpha-beta per link level; HALO as the executor runs it (pack into the node "

@@ -3,7 +3,7 @@
 For each (N ranks, k ranks per emulated node), on the same host:
 
     mpirun -genv PIPER_LOCAL_SIZE k -genv OMP_NUM_THREADS 1 -n N \
-        python -m piper_moe.calibrate --repeats 5 --out cal_npN_lsk.yaml
+        python -m piper_moe.cli.calibrate --repeats 5 --out cal_npN_lsk.yaml
     for r in a b c d e; do
       mpirun -genv PIPER_LOCAL_SIZE k -n N python -m piper_comm.bench --op alltoall \
           -b $((N*1024)) -e $((N*1048576)) -f 4 -n 20 -w 5 --algos halo,flat \
@@ -15,8 +15,9 @@ For each (N ranks, k ranks per emulated node), on the same host:
 preallocated buffers, warm-up, a barrier, the mean of 20 calls, max over ranks; median of the
 repeats) and
 fits alpha/beta per link level by non-negative least squares on relative residuals. The bench's
-size is the bytes one rank sends in total (``m`` of ``piper_moe.model.comm.a2a_flat/a2a_halo``;
-bytes per peer = m / N); "measured" is the median over the bench repeats.
+size is the bytes one rank sends in total (``m`` of
+``piper_moe.resource_model.comm.a2a_flat/a2a_halo``; bytes per peer = m / N); "measured" is the
+median over the bench repeats.
 
 Predictions: **same** = the platform calibrated at the same (N, k) in a separate run (how the
 tool is meant to be used: calibrate the machine, then predict); **cross** = the platform
@@ -38,9 +39,9 @@ from pathlib import Path
 
 import yaml
 
-from piper_moe.calibrate import fit_a2a
-from piper_moe.model.comm import all_to_all
-from piper_moe.model.spec import LinkSpec, load_platform
+from piper_moe.cli.calibrate import fit_a2a
+from piper_moe.resource_model.comm import all_to_all
+from piper_moe.resource_model.spec import LinkSpec, load_platform
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BANDS = (("small (1-4 KiB/peer)", 0, 4096), ("medium (16-64 KiB/peer)", 4097, 65536),
@@ -198,7 +199,7 @@ def _summary_md(rows, summary, load_note: str) -> str:
     n_ok = sum(s["same_median_abs_error_pct"] <= 15 for s in summary)
     return (
         f"**{n_ok} of {len(summary)} (N, k, algorithm) meet the 15% target** (median |error| "
-        "over all sizes; details: `bench/results/a2a_validation.md`). `piper_moe.calibrate` "
+        "over all sizes; details: `bench/results/a2a_validation.md`). `piper_moe.cli.calibrate` "
         "times the all-to-all with the benchmark's own loop (`piper_comm.bench.measure`: "
         "preallocated buffers, warm-up, barrier, mean of 20 calls, max over ranks; median of "
         "repeats taken as rounds over all sizes); the median "
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bench_json", nargs="+", help="piper_comm.bench --json files (repeats too)")
     ap.add_argument("--cal", nargs="+", required=True,
-                    help="platform YAMLs written by piper_moe.calibrate, one per (N, k)")
+                    help="platform YAMLs written by piper_moe.cli.calibrate, one per (N, k)")
     ap.add_argument("--load", default="", help="load averages during the runs (for the text)")
     ap.add_argument("--summary-note", default="",
                     help="a sentence appended to summary_md (e.g. about other runs)")
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         *(["## Repeated runs: median |error| over all sizes / bench repeat deviation", "",
            *_runs_table(args.compare, summary), ""] if args.compare else []),
         "",
-        "## Calibrations (`piper_moe.calibrate`, one per (N, k))",
+        "## Calibrations (`piper_moe.cli.calibrate`, one per (N, k))",
         "",
         *cal_lines,
         "",

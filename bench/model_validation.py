@@ -1,12 +1,12 @@
 """Validate the resource model (issue 6, point 7) and write bench/results/model_validation.md.
 
 1. Closed forms: parameter counts of the shipped models against the publishers' numbers.
-2. Peak memory of real training steps of the runtime (``piper_moe.train.main.Trainer``: the
-   ``piper_moe.models.Stage`` chunks, the pipeline engine, the MoE layer with its all-to-all,
-   gradient all-reduce, clipping and AdamW), predicted by ``piper_moe.model.memory`` for the same
-   ``Strategy`` that ``Trainer.report()`` builds. One-rank cases run in this process; multi-rank
-   cases run under ``mpirun`` (this script with ``--worker``) and compare every rank with the
-   prediction for its pipeline stage.
+2. Peak memory of real training steps of the runtime (``piper_moe.train.trainer.Trainer``: the
+   ``piper_moe.transformer.Stage`` chunks, the pipeline engine, the MoE layer with its all-to-all,
+   gradient all-reduce, clipping and AdamW), predicted by ``piper_moe.resource_model.memory`` for
+   the same ``Strategy`` that ``Trainer.report()`` builds. One-rank cases run in this process;
+   multi-rank cases run under ``mpirun`` (this script with ``--worker``) and compare every rank with
+   the prediction for its pipeline stage.
 
 How peak memory is measured on CPU: every CPU tensor's bytes come from c10's CPU allocator, which
 reports each allocation and free (with the running total of live bytes, "Total Allocated") to the
@@ -46,10 +46,10 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from piper_moe.model import Strategy, load_model, load_platform  # noqa: E402
-from piper_moe.model.memory import stage_memory  # noqa: E402
-from piper_moe.model.params import count_params  # noqa: E402
-from piper_moe.model.spec import CONFIG_DIR  # noqa: E402
+from piper_moe.resource_model import Strategy, load_model, load_platform  # noqa: E402
+from piper_moe.resource_model.memory import stage_memory  # noqa: E402
+from piper_moe.resource_model.params import count_params  # noqa: E402
+from piper_moe.resource_model.spec import CONFIG_DIR  # noqa: E402
 from piper_moe.train import config as C  # noqa: E402
 
 MIB = 2**20
@@ -176,7 +176,7 @@ def predict(case: Case, stage: int | None = None, *,
 def _measure_trainer(cfg: dict, steps: int) -> dict:
     """Builds a Trainer and runs ``steps`` steps inside one profiler session; live-tensor bytes
     (see module doc) of this process: static before the last step, peak during it."""
-    from piper_moe.train.main import Trainer
+    from piper_moe.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         trace = os.path.join(tmp, "trace.json")
@@ -225,7 +225,7 @@ def measure_ranks(index: int, steps: int = 3) -> list[dict]:
 
 def worker(index: int, steps: int, out_dir: str) -> None:
     """One rank of a multi-rank case: measure and write ``out_dir/rank<r>.json``."""
-    from piper_moe.train.main import launch
+    from piper_moe.train.launch import launch
 
     launch()
     torch.set_num_threads(1)
@@ -316,12 +316,13 @@ def write_md(path: Path, params: list[dict], mem_rows: list[dict], a2a_summary: 
               "(685B with it), so counting it would be fitting the number, not the model. The "
               "tests assert the exact count, round(36.63B) == 37B and |error| < 1.1%.", "",
               "## 2. Peak memory of training steps on CPU (predicted vs measured)", "",
-              "Runtime: `piper_moe.train.main.Trainer` on the `tiny` train config (model "
+              "Runtime: `piper_moe.train.trainer.Trainer` on the `tiny` train config (model "
               "`tiny-moe`: 4 layers, first dense, GQA 4/2 heads, 8 experts top-2 + 1 shared, "
               "h=128, V=512; and a wider variant h=256, 2 dense layers, 16 experts top-4, no "
               "shared expert), rebalancing off, 3 steps, measured in the last one. fp32 weights, "
               "gradients and AdamW (m, v): 16 bytes/parameter. Prediction: "
-              "`piper_moe.model.memory.stage_memory` for the Strategy `Trainer.report()` builds "
+              "`piper_moe.resource_model.memory.stage_memory` for the Strategy "
+              "`Trainer.report()` builds "
               "(dp, tp=1, pp, ep, micro_batch, global_batch, seq_len, zero=0, schedule, fp32), "
               "without the platform reserve: exactly what `estimate()` (which "
               "`Trainer.report()` prints) counts, less that reserve. Gradients persist between "
@@ -399,7 +400,8 @@ def write_md(path: Path, params: list[dict], mem_rows: list[dict], a2a_summary: 
               "input (the fp32 router reads it), the combine's weighted product and the "
               "pipeline sends, and the bf16 copy of every GEMM weight that each micro-batch's "
               "forward makes and keeps for its backward (autocast caches casts only within one "
-              "forward): `piper_moe/model/memory.py`. On tiny-moe that copy is 2 bytes per "
+              "forward): `piper_moe/resource_model/memory.py`. On tiny-moe that copy is 2 bytes "
+              "per "
               "parameter per micro-batch in flight, which is why bf16-mixed cuts the gpipe "
               "case's dynamic bytes by a quarter (187.9 -> 138.7 MiB), not by half. These "
               "five rows: `.venv/bin/python bench/model_validation.py --cases "

@@ -1,6 +1,6 @@
 """A small PyTorch MoE transformer built from a ``ModelSpec``: the reference implementation whose
-saved tensors ``piper_moe.model.memory`` describes (used by ``bench/model_validation.py`` until the
-runtime's MoE layer exists).
+saved tensors ``piper_moe.resource_model.memory`` describes (used by ``bench/model_validation.py``
+until the runtime's MoE layer exists).
 
 Layer = RMSNorm -> attention (GQA/MHA, RoPE, causal flash SDPA) -> residual -> RMSNorm -> dense
 SwiGLU FFN or MoE (softmax router, top-k, sort-by-expert dispatch, per-expert SwiGLU, weighted
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from piper_moe.model.spec import ModelSpec
+from piper_moe.resource_model.spec import ModelSpec
 
 
 class _RMSNormFn(torch.autograd.Function):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Records the MoE layer benchmark (piper_moe.bench_layer: Piper's expert-parallel MoELayer,
+# Records the MoE layer benchmark (bench/moe_layer.py: Piper's expert-parallel MoELayer,
 # with and without node dedup, vs the plain data-parallel PyTorch ReferenceMoE; forward +
 # backward) on this CPU host into bench/results/moe_layer_cpu_np{N}_ls{K}[_TAG].{txt,json}:
 #   np4_ls2       4 ranks as 2 emulated nodes of 2, default shape (16 experts, top-4)
@@ -26,7 +26,7 @@ run() {  # run NP LS TAG [bench flags...]
   shift 3
   local base="$OUT/moe_layer_cpu_np${np}_ls${ls}${tag}"
   local cmd=(.venv/bin/mpirun -genv PIPER_LOCAL_SIZE "$ls" -n "$np" .venv/bin/python
-             -m piper_moe.bench_layer --json "$base.json" "$@")
+             bench/moe_layer.py --json "$base.json" "$@")
   {
     echo "# date -u: $(date -u '+%Y-%m-%dT%H:%M:%SZ')  git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)  machine: nproc $(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
     echo "# command: ${cmd[*]}"
@@ -43,7 +43,7 @@ dispatchers() {  # dispatchers [bench flags...]: both runs appended to one .txt
   local ls
   for ls in 2 4; do
     local cmd=(.venv/bin/mpirun -genv PIPER_LOCAL_SIZE "$ls" -n 4 .venv/bin/python
-               -m piper_moe.bench_layer --dispatchers alltoall,halo,ppmoe --chunks 1,2,auto
+               bench/moe_layer.py --dispatchers alltoall,halo,ppmoe --chunks 1,2,auto
                --json "$OUT/moe_dispatchers_cpu_np4_ls${ls}.json" "$@")
     echo "== $txt (PIPER_LOCAL_SIZE $ls)" >&2
     {

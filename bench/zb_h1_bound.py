@@ -44,7 +44,7 @@ def _patch_paper_bound() -> None:
 def worker(case_index: int, paper: bool, out_dir: str) -> None:
     import torch
 
-    from piper_moe.train.main import launch
+    from piper_moe.train.launch import launch
 
     launch()
     if paper:

@@ -2,9 +2,9 @@
 
 One model, two uses: `algorithm="auto"` scores it per call on the gathered byte matrix
 (`predict`, `choose`; every rank evaluates it on the same matrix, so every rank picks the same
-algorithm without talking), and the resource model (piper_moe.model.comm) scores its uniform
-case in closed form (`predict_uniform`). Times are in seconds, bandwidths in bytes per second,
-the parameters of each level in `Links`. What one rank does is a `Traffic`; its time is
+algorithm without talking), and the resource model (piper_moe.resource_model.comm) scores its
+uniform case in closed form (`predict_uniform`). Times are in seconds, bandwidths in bytes per
+second, the parameters of each level in `Links`. What one rank does is a `Traffic`; its time is
 `Traffic.seconds`, and a call takes as long as its slowest rank.
 
 flat : every non-empty block for another rank is its own message;
@@ -49,7 +49,7 @@ Amount = float | np.ndarray  # one rank's, or one per rank
 @dataclass(frozen=True)
 class Links:
     """Link parameters per level. The defaults are rough guesses for one CPU host, not
-    measurements: calibrate them (piper_moe.calibrate) for a real machine."""
+    measurements: calibrate them (piper_moe.cli.calibrate) for a real machine."""
 
     alpha_intra: float = 4e-6     # per message between ranks of one node (MPI over shm)
     beta_intra: float = 4e9

@@ -233,7 +233,7 @@ def _importable(name: str) -> bool:
 
 def _reference(platform: str) -> dict[str, Any]:
     try:
-        from piper_moe.model.spec import load_platform
+        from piper_moe.resource_model.spec import load_platform
 
         p = load_platform(platform)
     except Exception as e:  # a missing file, a bad YAML: say so in the report
@@ -550,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="facts and diagnoses as JSON")
     p.add_argument("--platform", default="cpu-host",
                    help="reference values: a shipped platform name or a platform YAML "
-                        "(e.g. one written by python -m piper_moe.calibrate)")
+                        "(e.g. one written by python -m piper_moe.cli.calibrate)")
     p.add_argument("--max-bytes", type=int, default=64 << 20,
                    help="bytes per rank of the largest call, for the /dev/shm check")
     p.add_argument("--timeout", type=float, default=60.0, help="bound on the measurements (s)")

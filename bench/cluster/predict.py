@@ -1,6 +1,6 @@
 """The resource model's predictions for the recorded emulated-cluster runs, beside the
 measurements: from the generic `cpu-host` platform and from the platform calibrated on the
-emulated cluster (`python -m piper_moe.calibrate` run through cluster.sh).
+emulated cluster (`python -m piper_moe.cli.calibrate` run through cluster.sh).
 
     python bench/cluster/predict.py [--dir bench/results/cluster] \\
         [--calibrated bench/results/cluster/platform_2x2_200mbit.yaml]
@@ -10,10 +10,11 @@ Both platforms are used with devices_per_node set to the calibration's 2 ranks p
 inter-node bandwidth shared by k. Three comparisons, written to predict_summary.txt:
   all-to-all  piper_comm.cost.predict_uniform (flat and halo; the model `auto` uses) against
               piper_comm.bench's time, 2 x 2 at 200mbit, the calibration's own layout;
-  MoE layer   piper_moe.model.ppmoe.a2a_time (dispatch + combine, x 2 for backward) of the
+  MoE layer   piper_moe.resource_model.dispatch_cost.a2a_time (dispatch + combine, x 2 for backward)
+              of the
               plain all-to-all dispatcher against its exposed link time (capped - 10gbit run);
               the model prices every token copy, so node dedup's savings are not in it;
-  training    piper_moe.model.estimate's step time for the runs' strategy against the
+  training    piper_moe.resource_model.estimate's step time for the runs' strategy against the
               measured median step.
 Every measured figure is EMULATED (netns + veth + tc tbf, no added latency, 2 CPUs).
 """
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _platforms(calibrated: str, per_node: int):
-    from piper_moe.model import load_platform
+    from piper_moe.resource_model import load_platform
 
     out = {}
     for name in ("cpu-host", calibrated):
@@ -51,7 +52,7 @@ def _at(p, per_node: int):
 
 def a2a_lines(d: Path, plats) -> list[str]:
     from piper_comm.cost import predict_uniform
-    from piper_moe.model.comm import cost_links
+    from piper_moe.resource_model.comm import cost_links
 
     path = d / "a2a_2x2_200mbit.json"
     if not path.exists():
@@ -76,7 +77,7 @@ def a2a_lines(d: Path, plats) -> list[str]:
 
 
 def moe_lines(d: Path, plats) -> list[str]:
-    from piper_moe.model.ppmoe import a2a_time
+    from piper_moe.resource_model.dispatch_cost import a2a_time
 
     summ = d / "moe_summary.json"
     if not summ.exists():
@@ -102,7 +103,7 @@ def moe_lines(d: Path, plats) -> list[str]:
 
 
 def train_lines(d: Path, plats) -> list[str]:
-    from piper_moe.model import Strategy, estimate, load_model
+    from piper_moe.resource_model import Strategy, estimate, load_model
 
     runs = sorted(glob.glob(str(d / "train_*_dedup_*.metrics.json")))
     if not runs:

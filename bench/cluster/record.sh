@@ -8,7 +8,7 @@
 # Usage (root; hold the machine's lock around it: flock /tmp/piper.lock bash ...):
 #   bench/cluster/record.sh a2a    piper_comm.bench, 2 x 2 and 2 x 4 ranks, 200mbit and 1gbit
 #                                  (halo, flat, mpi, gloo; 1 KiB - 16 MiB per rank), ~4 min
-#   bench/cluster/record.sh moe [RATE]  piper_moe.bench_layer, one job per dispatcher (so the
+#   bench/cluster/record.sh moe [RATE]  bench/moe_layer.py, one job per dispatcher (so the
 #                                  veth counters are that dispatcher's), top-8 and top-2, at
 #                                  RATE (200mbit; 10gbit: the same jobs without a link bottleneck);
 #                                  MOE_TOPKS="8 2", MOE_DISPATCHERS="alltoall halo ppmoe" and
@@ -71,7 +71,7 @@ moe() {  # moe [RATE]: 200mbit by default; 10gbit gives the same jobs with a lin
   for topk in ${MOE_TOPKS:-8 2}; do
     for disp in ${MOE_DISPATCHERS:-alltoall halo ppmoe}; do
       base=$OUT/moe_2x${k}_${rate}_top${topk}_${disp}
-      job "$base" 2 "$k" "$rate" "$PY" -m piper_moe.bench_layer "${MOE_SHAPE[@]}" --top-k "$topk" \
+      job "$base" 2 "$k" "$rate" "$PY" bench/moe_layer.py "${MOE_SHAPE[@]}" --top-k "$topk" \
         --dispatchers "$disp" --json "$base.json"
     done
   done

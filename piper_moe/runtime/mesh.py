@@ -2,7 +2,7 @@
 
 A pipeline stage owns `dp` ranks (its data-parallel replicas); inside a stage the routed
 experts are spread over `ep` ranks (an EP group) and the dp / ep EP groups hold copies of
-them (EDP). This is the resource model's layout (piper_moe/model/strategy.py, "MoE parallel
+them (EDP). This is the resource model's layout (piper_moe/resource_model/strategy.py, "MoE parallel
 folding" with tp=1). Rank order, innermost first, is `order` (default "ep,edp,pp": a stage
 owns dp consecutive ranks and an EP group ep consecutive ones), which keeps an EP group inside
 one node whenever ep divides the ranks per node: the paper's point, the all-to-all stays on

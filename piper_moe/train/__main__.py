@@ -1,5 +1,6 @@
-"""python -m piper_moe.train: see piper_moe/train/main.py (CLI), trainer.py, launch.py."""
+"""`python -m piper_moe.train`: the training command line (piper_moe/cli/train.py)."""
 
-from .main import finish, main
+from ..cli.train import main
+from .launch import finish
 
 finish(main())

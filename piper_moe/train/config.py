@@ -161,12 +161,13 @@ def num_micro(cfg: dict, dp: int) -> int:
 
 def choose_dispatcher(model, platform, st: dict, micro_batch: int, seq_len: int,
                       dtype: str) -> dict:
-    """The MoE dispatcher for a strategy, by the resource model (piper_moe/model/ppmoe.py):
+    """The MoE dispatcher for a strategy, by the resource model
+    (piper_moe/resource_model/dispatch_cost.py):
     PPMoE when the EP group is the stage's whole DP group inside one node (what the runtime's
     ppmoe needs) and its all-gather + reduce-scatter is predicted faster than the dispatch +
     combine all-to-all; the chunk count is left to the layer's online choice ("auto": it
     times C in {1, 2, 4} and keeps the fastest, as MPipeMoE does)."""
-    from ..model.ppmoe import a2a_time, ppmoe_time
+    from ..resource_model.dispatch_cost import a2a_time, ppmoe_time
 
     ep, dp = st["ep"], st["dp"]
     elem = {"float32": 4, "float64": 8, "bfloat16": 2}.get(dtype, 4)
@@ -188,8 +189,8 @@ def plan_for_world(cfg: dict, world: int) -> dict:
     predicted time and memory like any other) is kept as planned: the all-to-all dispatcher
     with its pipeline_chunks and chunk_memory. Returns the strategy mapping (with
     "moe_layer")."""
-    from ..model import load_model, load_platform
-    from ..model.planner import plan
+    from ..resource_model import load_model, load_platform
+    from ..resource_model.planner import plan
 
     model, platform = load_model(cfg["model"]), load_platform(cfg["platform"])
     b = cfg["batch"]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..layer.precision import param_dtype
-from ..model import load_model
+from ..resource_model import load_model
 from ..runtime.engine import PipelineEngine
 from ..runtime.mesh import Mesh, build_mesh
 from . import config as C
@@ -62,7 +62,7 @@ class Trainer:
         import torch.distributed as dist
 
         from ..data import make_source
-        from ..models import Stage
+        from ..transformer import Stage
 
         self.cfg = cfg
         self.dist = dist.is_available() and dist.is_initialized()
@@ -234,9 +234,9 @@ class Trainer:
         gradient_as_bucket_view, Megatron's grad buffer). Autograd accumulates into the views
         in place, the data-parallel all-reduce runs on each buffer as it is (no concatenation
         and copy back), and the gradients persist between steps, zeroed, not freed: the
-        lifetime piper_moe.model.estimate() assumes (persistent_grads=True). A weight that gets
-        no gradient in a step sees zeros, not None, so AdamW still decays it and advances its
-        step (as under Megatron's and DDP's buffers)."""
+        lifetime piper_moe.resource_model.estimate() assumes (persistent_grads=True). A weight
+        that gets no gradient in a step sees zeros, not None, so AdamW still decays it and advances
+        its step (as under Megatron's and DDP's buffers)."""
         buffers = {}
         for expert in (False, True):
             params = [p for n, p in self.params if _is_expert(n) == expert]
@@ -410,12 +410,12 @@ class Trainer:
         return self.history
 
     def _flops_per_token(self) -> float:
-        from ..model.compute import model_flops_per_token
+        from ..resource_model.compute import model_flops_per_token
 
         return model_flops_per_token(self.spec, self.seq_len)
 
     def _peak_flops(self) -> float:
-        from ..model import load_platform
+        from ..resource_model import load_platform
 
         try:
             return load_platform(self.cfg["platform"]).peak_flops
@@ -500,7 +500,7 @@ class Trainer:
     def report(self) -> dict:
         """Measured step time, tokens/s and peak memory next to the resource model's
         prediction for this strategy on the config's platform."""
-        from ..model import Strategy, estimate, load_platform
+        from ..resource_model import Strategy, estimate, load_platform
 
         times = [h["seconds"] for h in self.history[1:]] or [h["seconds"] for h in self.history]
         measured = {"step_s": float(np.median(times)) if times else float("nan"),

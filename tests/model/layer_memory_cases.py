@@ -1,5 +1,5 @@
 """mpirun cases: bytes one MoE layer saves for backward, measured, for tests/model/
-test_layer_memory.py to set against piper_moe.model.memory's formulas."""
+test_layer_memory.py to set against piper_moe.resource_model.memory's formulas."""
 
 from __future__ import annotations
 

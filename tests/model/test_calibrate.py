@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import yaml
 
-from piper_moe import calibrate
-from piper_moe.model import comm, load_platform
-from piper_moe.model.spec import LinkSpec
+from piper_moe.cli import calibrate
+from piper_moe.resource_model import comm, load_platform
+from piper_moe.resource_model.spec import LinkSpec
 
 
 def test_fit_gemm_recovers_curve():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from piper_comm import cost
-from piper_moe.model import comm, load_model, load_platform
-from piper_moe.model.compute import gemm_efficiency, gemm_time, model_flops_per_token
-from piper_moe.model.spec import GemmSpec, LinkSpec
+from piper_moe.resource_model import comm, load_model, load_platform
+from piper_moe.resource_model.compute import gemm_efficiency, gemm_time, model_flops_per_token
+from piper_moe.resource_model.spec import GemmSpec, LinkSpec
 
 PLAT = dataclasses.replace(
     load_platform("cpu-host"),

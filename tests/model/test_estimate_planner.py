@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from piper_moe import plan as plan_cli
-from piper_moe.model import Strategy, estimate, load_model, load_platform, plan
-from piper_moe.model.estimate import TIME_KEYS
+from piper_moe.cli import plan as plan_cli
+from piper_moe.resource_model import Strategy, estimate, load_model, load_platform, plan
+from piper_moe.resource_model.estimate import TIME_KEYS
 
 V3 = load_model("deepseek-v3")
 H100 = load_platform("dgx-h100")
@@ -97,8 +97,8 @@ def test_chunked_layer_time_terms():
     routed experts' forward GEMM time per MoE layer and micro-batch) and "recompute" adds one
     dispatch exchange in backward, a quarter of an unchunked layer's four exchanges when one
     piece is latency-free."""
-    from piper_moe.model.compute import routed_expert_gemm_time
-    from piper_moe.model.memory import stage_layer_kinds
+    from piper_moe.resource_model.compute import routed_expert_gemm_time
+    from piper_moe.resource_model.memory import stage_layer_kinds
 
     base = Strategy(**TINY_EP)
     save = dataclasses.replace(base, moe_chunks=4)
@@ -120,7 +120,7 @@ def test_chunked_layer_memory_terms():
     """Chunking drops the experts' FFN internals (4 R f per MoE layer, bf16 activations: 2
     bytes; one micro-batch in flight without PP); "recompute" and "offload" also drop the kept
     rows (R h)."""
-    from piper_moe.model.memory import shapes, stage_layer_kinds, stage_memory
+    from piper_moe.resource_model.memory import shapes, stage_layer_kinds, stage_memory
 
     base = Strategy(**TINY_EP)
     save = dataclasses.replace(base, moe_chunks=4)
@@ -143,8 +143,8 @@ def test_chunked_layer_memory_terms():
 def test_planner_falls_back_to_the_chunked_layer_when_memory_is_short():
     """On a device just too small for every unchunked plan, the planner still finds plans: the
     chunked layer's (re-dispatching its rows where keeping them does not fit)."""
-    from piper_moe.model.memory import memory
-    from piper_moe.model.planner import candidates
+    from piper_moe.resource_model.memory import memory
+    from piper_moe.resource_model.planner import candidates
 
     kw = dict(global_batch=16, seq_len=128)
     smallest = min(memory(TINY, CPU, s)[0]["total"] for s in candidates(TINY, CPU, 4, **kw)

@@ -1,4 +1,4 @@
-"""The MoE formulas of piper_moe.model.memory against the bytes a real MoELayer saves for
+"""The MoE formulas of piper_moe.resource_model.memory against the bytes a real MoELayer saves for
 backward (mpirun, 2 ranks on one emulated node): the all-to-all layer, the chunked layer
 keeping or re-dispatching its rows, and PPMoE."""
 
@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from piper_moe.model import Strategy, load_model
-from piper_moe.model.memory import FP32, moe_layer_saved
-from piper_moe.model.spec import MoESpec
+from piper_moe.resource_model import Strategy, load_model
+from piper_moe.resource_model.memory import FP32, moe_layer_saved
+from piper_moe.resource_model.spec import MoESpec
 from tests.launch import run_mpi
 from tests.model.layer_memory_cases import LAYER, TOKENS
 

@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from piper_moe.model import Strategy, load_model, load_platform
-from piper_moe.model.memory import (
+from piper_moe.resource_model import Strategy, load_model, load_platform
+from piper_moe.resource_model.memory import (
     attention_activations,
     dense_mlp_activations,
     layer_activations,
@@ -15,8 +15,8 @@ from piper_moe.model.memory import (
     stage_layer_kinds,
     stage_memory,
 )
-from piper_moe.model.params import moe_layer_linears
-from piper_moe.model.pipeline import bubble, in_flight
+from piper_moe.resource_model.params import moe_layer_linears
+from piper_moe.resource_model.pipeline import bubble, in_flight
 
 TINY = load_model("tiny-moe")
 CPU = load_platform("cpu-host")

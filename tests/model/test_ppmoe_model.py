@@ -4,11 +4,11 @@ import dataclasses
 
 import pytest
 
-from piper_moe.model import Strategy, estimate, load_model, load_platform, plan
-from piper_moe.model import ppmoe as pm
-from piper_moe.model.memory import stage_layer_kinds
-from piper_moe.model.planner import candidates
-from piper_moe.model.spec import LinkSpec
+from piper_moe.resource_model import Strategy, estimate, load_model, load_platform, plan
+from piper_moe.resource_model import dispatch_cost as pm
+from piper_moe.resource_model.memory import stage_layer_kinds
+from piper_moe.resource_model.planner import candidates
+from piper_moe.resource_model.spec import LinkSpec
 
 PLAT = dataclasses.replace(load_platform("cpu-host"), intra=LinkSpec(latency=1e-6, bandwidth=1e9),
                            inter=LinkSpec(latency=1e-5, bandwidth=1e8))

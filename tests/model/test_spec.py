@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from piper_moe.model import Strategy, load_model, load_platform
-from piper_moe.model.spec import model_from_dict, platform_from_dict, shipped
+from piper_moe.resource_model import Strategy, load_model, load_platform
+from piper_moe.resource_model.spec import model_from_dict, platform_from_dict, shipped
 
 
 def test_every_shipped_file_loads():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 import piper_comm as pc
-from piper_moe.model.spec import load_model
-from piper_moe.models import Stage, cross_entropy
+from piper_moe.resource_model.spec import load_model
+from piper_moe.transformer import Stage, cross_entropy
 
 # float32: the expert GEMMs run over different row counts under EP (another blocking and
 # summation order), rounding at 2^-24 relative, a little amplified through 4 layers.

@@ -8,9 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from piper_moe.layer import MoEConfig
-from piper_moe.model.compute import model_flops_per_token
-from piper_moe.model.spec import load_model, model_from_dict
-from piper_moe.models import Stage, cross_entropy, extra_shared_ffn, flops_per_token, moe_config
+from piper_moe.resource_model.compute import model_flops_per_token
+from piper_moe.resource_model.spec import load_model, model_from_dict
+from piper_moe.transformer import (
+    Stage,
+    cross_entropy,
+    extra_shared_ffn,
+    flops_per_token,
+    moe_config,
+)
 from tests.launch import run_mpi
 
 TINY = load_model("tiny-moe")

@@ -1,4 +1,4 @@
-"""piper_moe.bench_layer's precision dimension: argument handling (one process) and a short
+"""bench/moe_layer.py's precision dimension: argument handling (one process) and a short
 run on 2 ranks whose JSON reports the bytes halved by bf16 and by FP8 dispatch (mpirun)."""
 
 import importlib.util
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from piper_moe import bench_layer
+from bench import moe_layer as bench_layer
 from piper_moe.layer.config import fp8_row_bytes
 from tests.launch import MPIRUN, ROOT
 
@@ -30,7 +30,7 @@ def test_short_run_reports_bytes(tmp_path, peer):
     if peer and importlib.util.find_spec("torchtitan") is None:
         pytest.skip("torchtitan is not installed (the peer layer is optional)")
     out = tmp_path / "b.json"
-    cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "piper_moe.bench_layer", "--hidden", "256",
+    cmd = [MPIRUN, "-n", "2", sys.executable, "bench/moe_layer.py", "--hidden", "256",
            "--tokens", "64", "--iters", "1", "--warmup", "0", "--variants",
            "reference,piper-nodedup", "--precisions", "fp32,bf16-mixed,bf16-mixed+fp8",
            "--json", str(out)] + (["--peer", "torchtitan"] if peer else [])

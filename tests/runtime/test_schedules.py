@@ -67,11 +67,11 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize(("pp", "M"), [(2, 4), (4, 8), (8, 16)])
 def test_resource_model_bubble_is_the_runtime_schedules(pp, M):
-    """piper_moe.model.pipeline.bubble (what the planner ranks by) equals the idle time of the
+    """resource_model.pipeline.bubble (what the planner ranks by) equals the idle time of the
     action lists the runtime executes, under several F / B (input gradient) / W costs (a
     chunk of vpp 2 costs half)."""
-    from piper_moe.model import Strategy
-    from piper_moe.model.pipeline import bubble
+    from piper_moe.resource_model import Strategy
+    from piper_moe.resource_model.pipeline import bubble
 
     for f, b, w in ((1, 1, 1), (1, 1, .5), (1, 1.5, 1), (1, .5, 1), (2, 1, 1)):
         for name, vpp in (("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved", 2)):

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from piper_moe.model import load_model, load_platform
+from piper_moe.resource_model import load_model, load_platform
 from piper_moe.train import config as C
 
 
@@ -21,7 +21,7 @@ def test_unknown_keys_are_errors():
 
 
 def test_dispatcher_choice_follows_the_model():
-    """PPMoE moves g / top_k times the all-to-all's bytes (piper_moe/model/ppmoe.py): with
+    """PPMoE moves g / top_k times the all-to-all's bytes (resource_model/dispatch_cost.py): with
     top_k = 4 over an EP group of 2 it is predicted faster and chosen; with top_k = 2 = g the
     two tie and the all-to-all stays; when ep != dp the runtime cannot run ppmoe."""
     m, p = load_model("tiny-moe"), load_platform("cpu-host")
@@ -50,8 +50,8 @@ def test_auto_hands_a_chunked_plan_to_the_layer(monkeypatch):
     tests/model/test_estimate_planner.py), strategy auto keeps it as planned: the all-to-all
     dispatcher with its chunk count and chunk_memory (not a PPMoE switch whose memory the
     planner did not check)."""
-    from piper_moe import model as model_pkg
-    from piper_moe.model import planner
+    from piper_moe import resource_model as model_pkg
+    from piper_moe.resource_model import planner
 
     cfg = C.load("tiny", {"strategy": "auto", "batch": {"micro_batch": 2, "global_batch": 8,
                                                         "seq_len": 32}})

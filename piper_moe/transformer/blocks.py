@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.spec import AttentionSpec
+from ..resource_model.spec import AttentionSpec
 
 ROPE_THETA = 10000.0
 NORM_EPS = 1e-6

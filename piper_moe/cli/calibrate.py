@@ -1,6 +1,6 @@
-"""Measure this machine and write a platform YAML that ``piper_moe.model`` accepts.
+"""Measure this machine and write a platform YAML that ``piper_moe.resource_model`` accepts.
 
-    mpirun -np N python -m piper_moe.calibrate --out my-host.yaml [--base cpu-host]
+    mpirun -np N python -m piper_moe.cli.calibrate --out my-host.yaml [--base cpu-host]
         [--name my-host] [--skip-a2a] [--quick] [--repeats 3]
 
 Measures (every rank runs; rank 0 writes the file):
@@ -13,9 +13,9 @@ Measures (every rank runs; rank 0 writes the file):
   exactly as ``python -m piper_comm.bench`` times them (its ``measure``: preallocated send and
   recv buffers, ``warmup`` calls, a barrier, the mean of ``iters`` back-to-back calls, max over
   ranks), median of ``repeats`` such measurements; fitted to the alpha-beta models of
-  ``piper_moe.model.comm`` by non-negative least squares on relative residuals (each row divided
-  by its measured time, so a 1 ms row weighs as much as a 100 ms one). The rows are the terms
-  of ``piper_comm.cost.traffic_uniform`` (the one model of the algorithms the executor runs):
+  ``piper_moe.resource_model.comm`` by non-negative least squares on relative residuals (each row
+  divided by its measured time, so a 1 ms row weighs as much as a 100 ms one). The rows are the
+  terms of ``piper_comm.cost.traffic_uniform`` (the one model of the algorithms the executor runs):
   flat [(g-1), (g-1)*b, (n-g), (n-g)*b, 0] and HALO [2, 0, (N-1), (n-g)*b, m + g*b] (two node
   barriers, charged at the intra-node latency, then the proxied messages and the copies into
   and out of the node segment), unknowns (alpha_intra, 1/beta_intra, alpha_inter,
@@ -44,7 +44,7 @@ import numpy as np
 import yaml
 
 from piper_comm.cost import traffic_uniform
-from piper_moe.model.spec import load_platform
+from piper_moe.resource_model.spec import load_platform
 
 log = logging.getLogger("piper")
 
@@ -202,7 +202,7 @@ def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit) -> dic
     data = dataclasses.asdict(base)
     rate, half = fit_gemm(gemm_points)
     peak = max(base.peak_flops, rate)
-    data.update(name=name, source=f"python -m piper_moe.calibrate (base {base.name})",
+    data.update(name=name, source=f"python -m piper_moe.cli.calibrate (base {base.name})",
                 peak_flops=peak, copy_bandwidth=copy["copy_bandwidth"],
                 hbm_bandwidth=copy["memory_bandwidth"])
     data["gemm"].update(max_efficiency=min(1.0, rate / peak), half_dim=half)
@@ -219,7 +219,7 @@ def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m piper_moe.calibrate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m piper_moe.cli.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="platform YAML to write")
     parser.add_argument("--base", default="cpu-host", help="platform whose other numbers to keep")
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         data = build_platform(args.base, name, gemm_points, copy, a2a_fit)
         data["calibrated"]["a2a"] = a2a_points
         with open(args.out, "w", encoding="utf-8") as f:
-            f.write("# written by python -m piper_moe.calibrate\n")
+            f.write("# written by python -m piper_moe.cli.calibrate\n")
             yaml.safe_dump(data, f, sort_keys=False)
         rate, half = fit_gemm(gemm_points)
         log.info("calibrate: GEMM %.1f GFLOP/s asymptote, half at d=%.0f; copy %.2f GB/s; "

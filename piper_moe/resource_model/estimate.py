@@ -13,7 +13,7 @@ Step time is assembled on the critical (slowest) pipeline stage, for m micro-bat
   ``overlap_a2a`` (not gpipe, m >= 2) a layer's all-to-all hides behind another micro-batch's
   compute of that layer and only the excess shows; with ``dispatcher`` "ppmoe" there is none:
   the MoE block's TP all-gather + reduce-scatter sums the experts' partial outputs
-  (``ppmoe.ppmoe_time``, charged to tp_comm); with ``moe_chunks`` C > 1 (the chunked layer)
+  (``dispatch_cost.ppmoe_time``, charged to tp_comm); with ``moe_chunks`` C > 1 (the chunked layer)
   the forward exchanges overlap the experts chunk by chunk (``_chunked_a2a``) and the
   backward recomputes the experts (charged to recompute);
 - pp_comm: one activation send forward and one gradient send backward per micro-batch;
@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..layer.config import fp8_row_bytes
-from . import comm, ppmoe
+from . import comm, dispatch_cost
 from .compute import head_compute, layer_compute, model_flops_per_token, routed_expert_gemm_time
 from .memory import PRECISION_BYTES, memory, shapes, stage_layer_kinds, stage_params
 from .pipeline import bubble
@@ -100,8 +100,8 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
         a2a_fwd = a2a_bwd = chunk_re = 0.0
         tp_l = tp_layer
         if moe_layer and s.dispatcher == "ppmoe":  # attention's two, then the PPMoE sum
-            tp_l = tp_layer / 2 + ppmoe.ppmoe_time(sh.tokens, model.hidden, e, s.tp, platform,
-                                                   sequence_sharded=True)
+            tp_l = tp_layer / 2 + dispatch_cost.ppmoe_time(
+                sh.tokens, model.hidden, e, s.tp, platform, sequence_sharded=True)
         elif moe_layer and s.ep > 1:
             m_bytes = sh.moe_tokens * model.moe.top_k * model.hidden * e
             m_bytes *= s.capacity_factor or s.expert_imbalance

@@ -52,7 +52,7 @@ class Strategy:
     micro-batch's compute (not with gpipe or a single micro-batch). ``dispatcher`` "alltoall"
     (expert-parallel all-to-all, ``a2a``) or "ppmoe" (the TP group is the EP group, ``ep == tp``,
     ``etp == 1``, inside one node: the MoE block's TP collective sums the experts' partial
-    outputs and no all-to-all runs; ``model/ppmoe.py``); ppmoe needs ``sequence_parallel``
+    outputs and no all-to-all runs; ``dispatch_cost.py``); ppmoe needs ``sequence_parallel``
     (the expert-row model assumes each TP rank routes T / tp tokens' worth of rows).
     ``moe_chunks`` C > 1: the runtime's MPipeMoE-style chunked MoE layer (``pipeline_chunks``;
     alltoall dispatcher only): each layer's all-to-all is split into C pieces whose transfer

@@ -1,10 +1,10 @@
 """Memory per rank (bytes) for one pipeline stage: weights, gradients, optimizer states,
 activations, MoE dispatch/combine buffers, transient working memory.
 
-Activations are the tensors autograd keeps for backward in Piper's runtime (``piper_moe.models``
-blocks and ``piper_moe.layer``, validated tensor by tensor in ``bench/model_validation.py``).
-Per micro-batch, T = micro_batch * seq_len tokens, e bytes per activation element, t = TP,
-t_sp = TP with sequence parallelism (else 1), h = hidden:
+Activations are the tensors autograd keeps for backward in Piper's runtime
+(``piper_moe.transformer`` blocks and ``piper_moe.layer``, validated tensor by tensor in
+``bench/model_validation.py``). Per micro-batch, T = micro_batch * seq_len tokens, e bytes per
+activation element, t = TP, t_sp = TP with sequence parallelism (else 1), h = hidden:
 
 - RMSNorm (plain ops): its input, the normalised input and the scaled output (the next linear's
   input), 3*T*h/t_sp per norm.
@@ -214,7 +214,7 @@ def moe_layer_saved(model: ModelSpec, s: Strategy) -> float:
     """Bytes a standalone MoE layer (``piper_moe.MoELayer``, no RMSNorm before it) saves for
     backward per micro-batch: ``moe_activations`` with the block's norm (3 [T_m, h] tensors)
     replaced by the layer input it feeds (1 [T_m, h]). For checking the formulas against a
-    layer measured alone (tests/model/test_layer_memory.py, ``piper_moe.bench_layer``)."""
+    layer measured alone (tests/model/test_layer_memory.py, ``bench/moe_layer.py``)."""
     a = moe_activations(model, s)
     T_m = shapes(model, s).moe_tokens
     r = residual_bytes(s)

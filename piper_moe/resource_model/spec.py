@@ -337,7 +337,7 @@ def load_model(name_or_path: str | Path) -> ModelSpec:
 
 def load_platform(name_or_path: str | Path) -> PlatformSpec:
     """Load a shipped platform by name (``"frontier"``) or any platform YAML by path (e.g. one
-    written by ``python -m piper_moe.calibrate``)."""
+    written by ``python -m piper_moe.cli.calibrate``)."""
     path = _resolve("platforms", name_or_path)
     return platform_from_dict(_read(path), str(path))
 

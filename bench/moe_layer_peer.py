@@ -1,4 +1,4 @@
-"""A peer MoE layer for piper_moe.bench_layer: torchtitan's MoE (torchtitan 0.3.0,
+"""A peer MoE layer for bench/moe_layer.py: torchtitan's MoE (torchtitan 0.3.0,
 torchtitan.models.common.moe) with its expert-parallel all-to-all token dispatcher, as shipped:
 fp32 parameters, router in fp32, tokens dispatched and combined in fp32, the routed experts'
 grouped GEMMs in bf16 (GroupedExperts casts tokens and weights), the shared expert in fp32.

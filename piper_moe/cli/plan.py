@@ -1,6 +1,6 @@
 """Command line planner: rank the parallel strategies of a model on a platform.
 
-    python -m piper_moe.plan --model deepseek-v3 --platform dgx-h100 --gpus 1024 [--top 5]
+    python -m piper_moe.cli.plan --model deepseek-v3 --platform dgx-h100 --gpus 1024 [--top 5]
         [--global-batch B] [--seq-len S] [--zero 1] [--overlap] [--json plans.json]
 
 Prints, for the fastest strategies that fit, the predicted step time, throughput, MFU, the memory
@@ -17,8 +17,8 @@ import logging
 import sys
 import time
 
-from piper_moe.model import load_model, load_platform, plan
-from piper_moe.model.estimate import TIME_KEYS, Estimate
+from piper_moe.resource_model import load_model, load_platform, plan
+from piper_moe.resource_model.estimate import TIME_KEYS, Estimate
 
 log = logging.getLogger("piper")
 GIB = 2**30
@@ -58,7 +58,7 @@ def to_json(e: Estimate) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m piper_moe.plan", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m piper_moe.cli.plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="shipped model name or YAML path")
     parser.add_argument("--platform", required=True, help="shipped platform name or YAML path")

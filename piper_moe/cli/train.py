@@ -22,11 +22,11 @@ import json
 import logging
 from pathlib import Path
 
-from . import config as C
-from .launch import finish, launch
-from .trainer import Trainer, _fmt, layer_ranges
+from ..train import config as C
+from ..train.launch import finish, launch
+from ..train.trainer import Trainer, _fmt
 
-__all__ = ["Trainer", "finish", "launch", "layer_ranges", "main"]
+__all__ = ["main"]
 log = logging.getLogger("piper.moe")
 
 
@@ -95,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                      report["measured"]["peak_rss_bytes"] / 2**20,
                      _fmt(report["predicted"].get("memory_bytes"), 2**-20))
         if args.plot:
-            from .plots import plot_run
+            from ..train.plots import plot_run
 
             for p in plot_run(result, out):
                 log.info("piper_moe.train: wrote %s", p)
     return 0
+
+
+if __name__ == "__main__":
+    finish(main())

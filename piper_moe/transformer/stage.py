@@ -24,7 +24,7 @@ w2 use 0.02 / sqrt(2 * num_layers)), then cast; norms start at one; the MoE laye
 crc32(f"{seed}/{layer}/moe") and initialises itself per global expert id. Layer ids "embed" and
 "head" name the embedding and the LM head.
 
-Parameter counts follow ``piper_moe/model/params.py`` (see ``Stage.num_params``), with two
+Parameter counts follow ``piper_moe/resource_model/params.py`` (see ``Stage.num_params``), with two
 caveats: MoELayer's experts are always SwiGLU (a ``gelu`` model's MoE layers have 3 expert
 matrices where params.py counts 2), and the router bias is a buffer, counted only for specs with
 ``moe.router_bias`` (as params.py does).
@@ -41,7 +41,7 @@ from torch import nn
 
 from ..layer.config import MoEConfig
 from ..layer.precision import check_precision, param_dtype
-from ..model.spec import ModelSpec
+from ..resource_model.spec import ModelSpec
 from .blocks import DenseFFN, RMSNorm, make_attention, rope_dim, rope_tables
 
 INIT_STD = 0.02
@@ -103,7 +103,7 @@ def flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     halved, i.e. s * H * (qk_dim + v_dim) (= 2*2*s*H*d/2 for mha/gqa). The resource model's
     ``compute.model_flops_per_token`` computes exactly this, so it is reused.
     """
-    from ..model.compute import model_flops_per_token
+    from ..resource_model.compute import model_flops_per_token
 
     return model_flops_per_token(spec, seq_len)
 

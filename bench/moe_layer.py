@@ -1,6 +1,6 @@
 """Forward + backward timing of Piper's expert-parallel MoE layer vs a plain PyTorch layer.
 
-    mpirun -genv PIPER_LOCAL_SIZE 2 -n 4 .venv/bin/python -m piper_moe.bench_layer [flags]
+    mpirun -genv PIPER_LOCAL_SIZE 2 -n 4 .venv/bin/python bench/moe_layer.py [flags]
 
 Variants, all built from the same seed (so the same global weights) and fed the same tokens:
     reference    piper_moe.layer.reference.ReferenceMoE on each rank's own tokens with ALL
@@ -45,7 +45,7 @@ Variants, all built from the same seed (so the same global weights) and fed the 
                  or --dispatchers.
     --peer torchtitan  adds the variant "torchtitan": torchtitan's MoE layer with its
                  expert-parallel all-to-all dispatcher over gloo, as shipped (bf16 grouped
-                 GEMMs over fp32 weights, fp32 dispatch and combine; piper_moe/bench_peer.py),
+                 GEMMs over fp32 weights, fp32 dispatch and combine; bench/moe_layer_peer.py),
                  with the same weights, routing and tokens.
 
 One timed step: comm.barrier() on every rank, then perf_counter around
@@ -75,7 +75,7 @@ PEERS = ("torchtitan",)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m piper_moe.bench_layer", description=__doc__,
+    p = argparse.ArgumentParser(prog="python bench/moe_layer.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn-hidden", type=int, default=128)
@@ -285,14 +285,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def peer_layer(name: str, cfg, comm, seed: int):
-    """The --peer layer (piper_moe/bench_peer.py) with the global model of seed; starts
+    """The --peer layer (bench/moe_layer_peer.py) with the global model of seed; starts
     torch.distributed (gloo) over the job's ranks for its all-to-alls. Collective."""
     import warnings
 
     import torch.distributed as dist
+    from moe_layer_peer import torchtitan_layer  # beside this script, in bench/
 
     import piper_comm.torch  # noqa: F401  (under mpirun: RANK, MASTER_ADDR, ... from MPI)
-    from piper_moe.bench_peer import torchtitan_layer
     from piper_moe.layer.reference import ReferenceMoE
 
     # its router asks CPU autocast for float32, which CPU autocast refuses with a warning
@@ -329,8 +329,8 @@ def model_spec(a, cfg, ranks: int, dispatcher: str = "alltoall", chunks: int = 1
     groups of ``group`` ranks (tp = ep = group)."""
     import dataclasses
 
-    from piper_moe.model import Strategy, load_model
-    from piper_moe.model.spec import MoESpec
+    from piper_moe.resource_model import Strategy, load_model
+    from piper_moe.resource_model.spec import MoESpec
 
     moe = MoESpec(num_experts=cfg.num_experts, top_k=cfg.top_k, expert_ffn=cfg.ffn_hidden,
                   num_shared_experts=cfg.num_shared_experts,
@@ -349,12 +349,12 @@ def model_spec(a, cfg, ranks: int, dispatcher: str = "alltoall", chunks: int = 1
 
 def model_saved(a, layer, ranks: int) -> float | None:
     """The resource model's bytes saved for backward by one forward of ``layer`` (a
-    piper_moe.MoELayer after its timed forwards; piper_moe.model.memory.moe_layer_saved) at
+    piper_moe.MoELayer after its timed forwards; piper_moe.resource_model.memory.moe_layer_saved) at
     balanced routing: the all-to-all layer, the chunked one with the chunk count and
     chunk_memory it last used (device bytes: an offloaded host copy is not counted), PPMoE over
     its node group. None where the model has no such layer (the reference, node dedup) or
     dtype (float64)."""
-    from piper_moe.model.memory import moe_layer_saved
+    from piper_moe.resource_model.memory import moe_layer_saved
 
     if not hasattr(layer, "dispatcher") or getattr(layer, "dedup", False) or (
             a.dtype not in ("float32", "bfloat16")) or layer.precision != "fp32":
@@ -398,10 +398,10 @@ def model_comm(a, cfg, comm, dtype_bytes: int) -> dict:
     and with the inter-node link set to the intra-node one (as the emulated nodes are)."""
     from dataclasses import replace
 
-    from piper_moe.model import comm as comm_model
-    from piper_moe.model import load_platform
-    from piper_moe.model.estimate import _chunked_a2a
-    from piper_moe.model.ppmoe import a2a_bytes, a2a_time, ppmoe_bytes, ppmoe_time
+    from piper_moe.resource_model import comm as comm_model
+    from piper_moe.resource_model import load_platform
+    from piper_moe.resource_model.dispatch_cost import a2a_bytes, a2a_time, ppmoe_bytes, ppmoe_time
+    from piper_moe.resource_model.estimate import _chunked_a2a
 
     plat = load_platform(a.platform)
     P, g = comm.size, comm.local_size
@@ -497,7 +497,7 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
         ep_note += (f"; ppmoe: EP={g} (ranks per node), {cfg.num_experts // g} experts per rank, "
                     f"experts replicated on each of the {comm.num_nodes} node(s) "
                     f"(data parallel across nodes)")
-    print(f"# piper_moe.bench_layer: {' '.join(sys.argv)}")
+    print(f"# bench/moe_layer.py: {' '.join(sys.argv)}")
     print(f"# nranks {P}  local_size {comm.local_size}  nodes {comm.num_nodes}  {ep_note}")
     print(f"# shape: hidden {cfg.hidden} ffn_hidden {cfg.ffn_hidden} experts {cfg.num_experts} "
           f"top_k {cfg.top_k} shared {cfg.num_shared_experts} router {cfg.router} "
@@ -602,7 +602,7 @@ def report(a, cfg, comm, torch, all_med, all_times, all_diff, all_stats, piper_v
     for n in notes:
         print(f"# note: {n}")
     if a.json:
-        out = {"benchmark": "piper_moe.bench_layer", "argv": sys.argv,
+        out = {"benchmark": "bench/moe_layer.py", "argv": sys.argv,
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "nranks": P, "local_size": comm.local_size, "nodes": comm.num_nodes,
                "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
@@ -688,14 +688,16 @@ def report_dispatchers(a, cfg, comm, torch, worst, ref_t, memory, stats) -> dict
               f"{'-' if pred is None else f'{pred / 2**20:.2f}':>10} "
               f"{m.get('param_bytes_max_rank', 0) / 2**20:11.2f} "
               f"{'-' if exp is None else f'{exp / 2**20:.2f}':>12}")
-    print("#   model(MiB): piper_moe.model.memory.moe_layer_saved at balanced routing (measured: "
+    print("#   model(MiB): piper_moe.resource_model.memory.moe_layer_saved at balanced routing "
+          "(measured: "
           "the most loaded rank; an offloaded host copy counts in the measurement, not in the "
           "model's device bytes; '-': no such layer in the model: reference, node dedup)")
     rss = memory.get("peak_rss_bytes_per_rank", [])
     if rss:
         print(f"#   peak RSS per rank (MiB): {' '.join(f'{r / 2**20:.0f}' for r in rss)}")
     print("#")
-    print(f"# resource model ({model['platform']}; piper_moe.model.ppmoe a2a_time / ppmoe_time): "
+    print(f"# resource model ({model['platform']}; "
+          "piper_moe.resource_model.dispatch_cost a2a_time / ppmoe_time): "
           f"per-layer communication, forward x2 for fwd+bwd, {model['ranks']} ranks, "
           f"{model['per_node']} per node, {a.tokens} tokens/rank, imbalance 1")
     print(f"# {'dispatcher':>14} {'bytes/rank fwd':>15} {'measured':>11} "
