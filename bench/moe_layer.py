@@ -67,8 +67,11 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from piper_moe.common import DISPATCHERS as LAYER_DISPATCHERS
+
 VARIANTS = ("reference", "piper", "piper-nodedup")
-DISPATCHERS = ("alltoall", "halo", "ppmoe")
+# --dispatchers: the layer's dispatchers, "alltoall" also as "halo" (with node dedup)
+DISPATCHERS = ("alltoall", "halo", *LAYER_DISPATCHERS[1:])
 PRECISIONS = {"fp32": {}, "bf16-mixed": {"precision": "bf16-mixed"},
               "bf16-mixed+fp8": {"precision": "bf16-mixed", "fp8_dispatch": True}}
 PEERS = ("torchtitan",)

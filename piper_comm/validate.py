@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _C
+from . import _C, envs
 from . import arrays as A
 from .errors import PiperUsageError
 from .transport import Pending, Transport
@@ -30,7 +30,7 @@ SEQ, OP, ALGO, DTYPE, ROW_BYTES, TRAIL = (_F[k] for k in ("SEQ", "OP", "ALGO", "
 ERR, ERR_A, ERR_B, RECV_CAP, NFIXED = (_F[k] for k in ("ERR", "ERR_A", "ERR_B", "RECV_CAP",
                                                         "NFIXED"))
 OPS = {1: "all_to_all", 2: "all_to_all_v"}
-ALGO_IDS = {"auto": 0, "halo": 1, "flat": 2, "pairwise": 3}
+ALGO_IDS = {name: i for i, name in enumerate(envs.ALGORITHMS)}  # auto 0, halo 1, flat 2, pairwise 3
 ALGO_NAMES = {v: k for k, v in ALGO_IDS.items()}
 
 

@@ -42,10 +42,12 @@ import os
 
 import torch
 
+from ..common import CHUNK_MEMORY
+
 log = logging.getLogger("piper.moe")
 
-MODES = ("auto", "save", "offload", "recompute")
-NAMES = ("save", "offload", "recompute")          # by code: max over ranks wins
+NAMES = CHUNK_MEMORY                                # by code: max over ranks wins
+MODES = ("auto", *NAMES)
 CODES = {name: code for code, name in enumerate(NAMES)}
 
 

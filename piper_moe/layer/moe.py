@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..common import DISPATCHERS
 from .chunk_memory import ChunkMemory
 from .chunked import ChunkSchedule, chunked_forward
 from .config import MoEConfig
 from .dispatch import combine, combine_dedup, dispatch, dispatch_dedup, exchange_counts
 from .experts import Experts, SharedExpert
-from .ppmoe import DISPATCHERS, ppmoe_forward
+from .ppmoe import ppmoe_forward
 from .precision import check_precision, compute_dtype, fp8_row_bytes, param_dtype
 from .router import Router, balance_loss, capacity_keep
 

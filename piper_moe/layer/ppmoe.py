@@ -41,18 +41,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from ..common import even_split
 from .dispatch import exchange_counts, weighted_sum
 from .precision import dequantize_fp8, pack_fp8, quantize_fp8, unpack_fp8
 from .router import balance_loss, capacity_keep
-
-DISPATCHERS = ("alltoall", "ppmoe")
-
-
-def chunks(rows: int, size: int) -> list[int]:
-    """Contiguous row chunks of an all-reduce: rows // size each, the first rows % size get one
-    more."""
-    base, extra = divmod(rows, size)
-    return [base + (r < extra) for r in range(size)]
 
 
 def _reduce_scatter(x: torch.Tensor, counts: list[int], comm) -> torch.Tensor:
@@ -73,7 +65,7 @@ def _all_gather(x: torch.Tensor, counts: list[int], comm) -> torch.Tensor:
 
 def _all_reduce(x: torch.Tensor, comm) -> torch.Tensor:
     """Sum over ranks of x [T, *] (same T everywhere): reduce-scatter then all-gather."""
-    counts = chunks(x.shape[0], comm.size)
+    counts = even_split(x.shape[0], comm.size)
     return _all_gather(_reduce_scatter(x, counts, comm), counts, comm)
 
 
@@ -207,7 +199,7 @@ def ppmoe_forward(layer, x: torch.Tensor) -> torch.Tensor:
     # Sum the partials over the group: everywhere (replicated) or each rank its rows (sharded)
     if shard is None:
         y = ReduceFromGroup.apply(partial_TD, comm)
-        sent = _peer_rows(chunks(T, n), me)
+        sent = _peer_rows(even_split(T, n), me)
         gathered = [0] * n
     else:
         y = ScatterToGroup.apply(partial_TD, shard, comm)

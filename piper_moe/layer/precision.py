@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common import PRECISIONS
 from .config import FP8_BLOCK, FP8_SCALE_BYTES, fp8_blocks, fp8_row_bytes
 
 __all__ = [
@@ -72,7 +73,6 @@ __all__ = [
     "unpack_fp8",
 ]
 
-PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 

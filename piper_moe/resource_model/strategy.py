@@ -10,23 +10,12 @@ folding"). Rank order, innermost first: tp, dp, pp (experts: etp, ep, edp).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
+from ..common import CHUNK_MEMORY, DISPATCHERS, PRECISIONS, SCHEDULES, even_split
 from .spec import ModelSpec
 
 RECOMPUTE = ("none", "selective", "full")
-SCHEDULES = ("1f1b", "interleaved", "zb-h1", "gpipe")
 A2A = ("flat", "halo")
-DISPATCHERS = ("alltoall", "ppmoe")
-CHUNK_MEMORY = ("save", "offload", "recompute")
-PRECISIONS = ("bf16", "bf16-mixed", "fp32")
-
-
-@lru_cache(maxsize=1024)
-def _even_split(num_layers: int, pp: int) -> tuple[int, ...]:
-    """``num_layers`` over ``pp`` stages as evenly as possible, extra layers first."""
-    base, extra = divmod(num_layers, pp)
-    return tuple(base + (1 if s < extra else 0) for s in range(pp))
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -181,7 +170,7 @@ class Strategy:
                     f"{sum(self.layers_per_stage)}, the model has {num_layers} layers"
                 )
             return self.layers_per_stage
-        return _even_split(num_layers, self.pp)
+        return tuple(even_split(num_layers, self.pp))
 
     def check(self, model: ModelSpec) -> None:
         """Raise ValueError if this strategy cannot run ``model``."""

@@ -47,6 +47,8 @@ from typing import Any
 
 import yaml
 
+from ..common import PRECISIONS
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
 
 DEFAULTS: dict[str, Any] = {
@@ -72,7 +74,7 @@ DEFAULTS: dict[str, Any] = {
     "precision": "auto",
     "device": "cpu",
 }
-PRECISION_CHOICES = ("auto", "fp32", "bf16-mixed", "bf16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 FREE_FORM = {"moe", "data"}  # passed through to MoEConfig / data.make_source (they validate)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..common import even_split
 from ..layer.precision import param_dtype
 from ..resource_model import load_model
 from ..runtime.engine import PipelineEngine
@@ -42,10 +43,8 @@ def layer_ranges(num_layers: int, num_stages: int) -> list[range]:
     if num_stages > num_layers:
         raise ValueError(f"{num_stages} pipeline stages for {num_layers} layers: each stage "
                          f"needs at least one layer")
-    base, extra = divmod(num_layers, num_stages)
     out, lo = [], 0
-    for s in range(num_stages):
-        n = base + (1 if s < extra else 0)
+    for n in even_split(num_layers, num_stages):
         out.append(range(lo, lo + n))
         lo += n
     return out

@@ -3,7 +3,7 @@
 import pytest
 
 from piper_moe import MoEConfig, MoELayer
-from piper_moe.layer.ppmoe import chunks
+from piper_moe.common import even_split as chunks
 from tests.launch import run_mpi
 
 CFG = MoEConfig(hidden=8, ffn_hidden=16, num_experts=8, top_k=2)
