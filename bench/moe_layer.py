@@ -295,11 +295,12 @@ def peer_layer(name: str, cfg, comm, seed: int):
     import torch.distributed as dist
     from moe_layer_peer import torchtitan_layer  # beside this script, in bench/
 
-    import piper_comm.torch  # noqa: F401  (under mpirun: RANK, MASTER_ADDR, ... from MPI)
+    import piper_comm.torch
     from piper_moe.layer.reference import ReferenceMoE
 
     # its router asks CPU autocast for float32, which CPU autocast refuses with a warning
     warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype")
+    piper_comm.torch.fill_from_mpi()  # under mpirun: MASTER_ADDR, ... from MPI (collective)
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=comm.rank, world_size=comm.size)
     mesh = None
@@ -316,12 +317,11 @@ def node_communicator(comm):
     (collective over comm: MPI split by node, then a bootstrap on the split)."""
     from mpi4py import MPI
 
-    from piper_comm.bootstrap import connect
-    from piper_comm.transport import MpiTransport
+    import piper_comm as pc
 
     sub = MPI.COMM_WORLD.Split(color=comm.node, key=comm.rank)
-    node_comm = connect(MpiTransport(sub, comm.timeout), node_ids=[0] * sub.Get_size())
-    sub.Free()  # MpiTransport works on its own duplicate
+    node_comm = pc.init("mpi", group=sub, node_ids=[0] * sub.Get_size(), timeout=comm.timeout)
+    sub.Free()  # Piper works on its own duplicate
     return node_comm
 
 

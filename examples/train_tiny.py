@@ -7,7 +7,8 @@
 Each rank owns one "expert" (a linear layer). Tokens are routed by a fixed rule with uneven
 split sizes, exchanged with dist.all_to_all_single (differentiable through
 torch.distributed.nn.functional), processed, sent back, and the loss is averaged with
-dist.all_reduce. The only Piper line is `import piper_comm.torch` (registers "piper").
+dist.all_reduce. The Piper lines: `import piper_comm.torch` (registers "piper") and, for
+mpirun, `piper_comm.torch.fill_from_mpi()` (torch's RANK, WORLD_SIZE, ... from MPI).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dnn
 
-import piper_comm.torch  # noqa: F401  (registers backend "piper"; reads MPI's rank/size)
+import piper_comm.torch  # registers backend "piper"
 
 # torch 2.13 marks torch.distributed.nn.functional deprecated in favour of functional
 # collectives, which do not accept Python process groups yet; this API is what code uses today.
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the losses here (rank 0)")
     args = ap.parse_args()
 
+    piper_comm.torch.fill_from_mpi()  # under mpirun: RANK, WORLD_SIZE, ... from MPI
     dist.init_process_group(args.backend)
     rank, size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(1234)                      # same model everywhere, then per-rank data

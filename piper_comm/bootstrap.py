@@ -1,6 +1,6 @@
 """pc.init(): finds the launcher, builds the transport, the topology and the node segments.
 
-mpirun / mpiexec / srun (PMI)  -> mpi4py on COMM_WORLD
+mpirun / mpiexec / srun (PMI)  -> mpi4py on COMM_WORLD (or a given mpi4py communicator)
 torchrun (or an initialised torch.distributed) -> torch.distributed (gloo on CPU)
 nothing                         -> a single process
 """
@@ -15,6 +15,7 @@ import secrets
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,11 +49,11 @@ def _detect() -> str:
     return "single"
 
 
-def _transport(backend: str, timeout: float) -> Transport:
+def _transport(backend: str, timeout: float, group: Any = None) -> Transport:
     if backend == "mpi":
         from mpi4py import MPI
 
-        return MpiTransport(MPI.COMM_WORLD, timeout)
+        return MpiTransport(MPI.COMM_WORLD if group is None else group, timeout)
     if backend == "torch":
         from datetime import timedelta
 
@@ -60,7 +61,9 @@ def _transport(backend: str, timeout: float) -> Transport:
 
         if not dist.is_initialized():
             dist.init_process_group("gloo", timeout=timedelta(seconds=envs.timeout()))
-        return TorchTransport()
+        return TorchTransport(group)
+    if group is not None:
+        raise PiperUsageError("piper: init: group needs backend \"mpi\" or \"torch\"")
     return SingleTransport()
 
 
@@ -101,24 +104,30 @@ def sweep_stale_segments() -> list[str]:
     return removed
 
 
-def init(backend: str | None = None, *, local_size: int | None = None,
+def init(backend: str | None = None, *, group: Any = None, local_size: int | None = None,
          node_ids: list[int] | None = None, timeout: float | None = None) -> Communicator:
-    """Creates the communicator of this process.
+    """Creates a communicator: over the whole job by default, or over `group`.
 
     Arguments:
         backend: "mpi" | "torch" | "single"; default: detected from the launcher
             (PIPER_BACKEND overrides detection).
+        group: the ranks to span, as the backend names them: an mpi4py Intracomm for "mpi"
+            (default COMM_WORLD; Piper works on its own duplicate, so the caller may free
+            it afterwards), a torch ProcessGroup for "torch" (default: the default group).
+            Ranks of the result are the group's ranks.
         local_size: ranks per (emulated) node; default PIPER_LOCAL_SIZE, else host names.
-        node_ids: explicit node index of every rank (tests, unusual layouts); overrides both.
+        node_ids: explicit node index of every rank of the group (sub-groups that keep the
+            job's node split, tests, unusual layouts); overrides both.
         timeout: seconds for every blocking wait; default PIPER_TIMEOUT (300).
-    Every rank of the job must call init() (it is collective).
+    Collective: every rank of the group calls init() (a few small all-gathers over the
+    backend, then the node segments are mapped).
     """
     backend = backend or envs.backend() or _detect()
     if backend not in ("mpi", "torch", "single"):
         raise PiperUsageError(f"piper: init: unknown backend {backend!r}")
     timeout = timeout if timeout is not None else envs.timeout()
-    return connect(_transport(backend, timeout), local_size=local_size, node_ids=node_ids,
-                   timeout=timeout)
+    return connect(_transport(backend, timeout, group), local_size=local_size,
+                   node_ids=node_ids, timeout=timeout)
 
 
 def connect(transport: Transport, *, local_size: int | None = None,

@@ -93,6 +93,12 @@ class Communicator:
         self._executor.set_links(links.coefficients)
 
     @property
+    def node_of(self) -> tuple[int, ...]:
+        """The node index of every rank, by rank: node_of[r] == node on rank r (nodes are
+        numbered 0 .. num_nodes - 1; a node's ranks need not be contiguous)."""
+        return tuple(int(n) for n in self._node_of)
+
+    @property
     def check_counts(self) -> dict[str, int]:
         """How this communicator's calls were checked across ranks so far (PIPER_CHECK):
         {"header_rounds": header rounds before the data, "in_band": calls whose signature
@@ -207,7 +213,8 @@ class Communicator:
 
     def all_to_all_v(self, send: Any, send_counts: Sequence[int], recv: Any = None,
                      recv_counts: Sequence[int] | None = None,
-                     algorithm: str = "auto", async_op: bool = False) -> tuple[Any, list[int]]:
+                     algorithm: str = "auto", async_op: bool = False, *,
+                     exact_recv: bool = False) -> tuple[Any, list[int]]:
         """All-to-all with per-rank counts: MPI_Alltoallv semantics on rows (dim 0).
 
         Arguments:
@@ -219,12 +226,14 @@ class Communicator:
                 None. When given they must match what the peers send (checked, PIPER_CHECK).
             async_op: return a Work at once (as all_to_all); the counts are read when the
                 call runs, so they too must stay unchanged until wait() returns.
+            exact_recv: recv must have exactly sum(recv_counts) rows, not at least
+                (torch.distributed's rule; the torch functions use it).
         Returns:
             (recv rows ordered by source rank, recv_counts as a list of ints), or a Work whose
             wait() returns that tuple.
         """
         return self._run(2, "all_to_all_v", send, send_counts, recv, recv_counts, algorithm,
-                         async_op=async_op)
+                         exact_recv=exact_recv, async_op=async_op)
 
     # -- implementation
     def _guard(self, fn, *args, **kwargs):

@@ -5,11 +5,14 @@ Two ways in:
     import piper_comm.torch as pt                 # 1. call Piper directly
     out = pt.all_to_all_single(out, x, out_splits, in_splits)   # differentiable
 
-    import piper_comm.torch                       # 2. an unchanged torch.distributed script
-    dist.init_process_group("piper")              #    (torchrun or mpirun)
+    import piper_comm.torch                       # 2. a torch.distributed script
+    piper_comm.torch.fill_from_mpi()              #    under mpirun/srun: RANK etc. from MPI
+    dist.init_process_group("piper")              #    (torchrun sets them itself)
 
-Importing this module registers the "piper" backend and, under mpirun/srun without RANK set,
-fills torch's env:// variables from MPI (collective: every rank must import it).
+Importing this module registers the "piper" backend with torch.distributed and does nothing
+else: no communication, no environment variables. fill_from_mpi() is the one collective step a
+script launched by mpirun/srun adds before init_process_group (a no-op under torchrun or when
+RANK is already set).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from .groups import resolve
 from .mpi_env import fill_from_mpi
 
 __all__ = ["AllToAll", "PiperProcessGroup", "all_to_all", "all_to_all_single", "all_to_all_v",
-           "resolve"]
+           "fill_from_mpi", "resolve"]
 
 register()
-fill_from_mpi()

@@ -28,12 +28,12 @@ def _single(comm: Communicator, output: torch.Tensor, input: torch.Tensor,
     send = list(input_split_sizes) if input_split_sizes else [rows_in // P] * P
     recv = list(output_split_sizes) if output_split_sizes else [rows_out // P] * P
     try:
-        comm._run(2, name, input, send, output, recv, "auto", exact_recv=True)
+        comm.all_to_all_v(input, send, output, recv, exact_recv=True)
     except PiperUsageError as e:  # name the arguments as torch's signature does
         if not (input_split_sizes or output_split_sizes) and rows_in % P:
             raise PiperUsageError(f"piper: {name}: input has {rows_in} rows, not divisible "
                                   f"by the {P} ranks of the group (equal split)") from None
-        raise PiperUsageError(_torch_words(str(e))) from None
+        raise PiperUsageError(_torch_words(str(e), name)) from None
 
 
 _WORDS = (("send_counts", "input_split_sizes"), ("recv_counts", "output_split_sizes"),
@@ -41,7 +41,9 @@ _WORDS = (("send_counts", "input_split_sizes"), ("recv_counts", "output_split_si
           ("recv is", "output is"), ("recv's", "output's"), ("send's", "input's"))
 
 
-def _torch_words(msg: str) -> str:
+def _torch_words(msg: str, name: str) -> str:
+    """A PiperUsageError's words with torch's names: the function and its arguments."""
+    msg = msg.replace("all_to_all_v #", f"{name} #", 1)
     for a, b in _WORDS:
         msg = msg.replace(a, b)
     return msg
@@ -56,10 +58,11 @@ def _list(comm: Communicator, outputs: list[torch.Tensor], inputs: list[torch.Te
     recv = torch.empty(sum(o.numel() for o in outputs), dtype=outputs[0].dtype if outputs
                        else dtype)
     try:  # list lengths are checked with the counts, so a wrong length fails on every rank
-        comm._run(2, "all_to_all", send, [t.numel() for t in inputs], recv,
-                  [o.numel() for o in outputs], "auto", exact_recv=True)
+        comm.all_to_all_v(send, [t.numel() for t in inputs], recv,
+                          [o.numel() for o in outputs], exact_recv=True)
     except PiperUsageError as e:
-        raise PiperUsageError(_torch_words(str(e)).replace("_split_sizes", "_tensor_list")
+        raise PiperUsageError(_torch_words(str(e), "all_to_all").replace("_split_sizes",
+                                                                         "_tensor_list")
                               .replace("entries", "tensors")) from None
     for o, part in zip(outputs, torch.split(recv, [o.numel() for o in outputs])):
         o.copy_(part.view(o.shape))

@@ -16,8 +16,13 @@ from ..bootstrap import _detect
 
 
 def fill_from_mpi() -> bool:
-    """Fills the variables when launched by MPI and RANK is unset. Collective over
-    COMM_WORLD (every rank imports piper_comm.torch). Returns whether it did anything."""
+    """Fills the variables when launched by MPI and RANK is unset; returns whether it did.
+
+    Call it on every rank before dist.init_process_group() in a job that mpirun/srun
+    started: it is collective over MPI's COMM_WORLD (one all-gather of each rank's host name,
+    through a transport it closes again). Costs one MPI start-up if mpi4py was not yet
+    initialised, plus that all-gather. Under torchrun, or with RANK set, it returns False
+    at once without communicating."""
     if "RANK" in os.environ or _detect() != "mpi":
         return False
     from mpi4py import MPI

@@ -66,7 +66,7 @@ def exchange(x: torch.Tensor, send: list[int], recv: list[int], comm) -> torch.T
     """Differentiable all-to-all-v of rows (identity without a communicator)."""
     if comm is None:
         return x
-    from piper_comm.torch import AllToAll as RowsAllToAll  # imported by MoELayer.__init__
+    from piper_comm.torch import AllToAll as RowsAllToAll  # piper_comm.torch, on first use
 
     return RowsAllToAll.apply(x.contiguous(), send, recv, comm)
 
@@ -198,7 +198,7 @@ class DedupHandle:
 def gateways(comm) -> np.ndarray:
     """int64 [max node id + 1]: the rank of each node that receives this rank's rows for it,
     ranks of a node taken in rank order and matched by local rank (a rail, as in HALO)."""
-    node_of = np.asarray(comm._node_of)
+    node_of = np.asarray(comm.node_of)
     gw = np.full(int(node_of.max()) + 1, -1, dtype=np.int64)
     for n in np.unique(node_of):
         ranks = np.flatnonzero(node_of == n)
@@ -226,7 +226,7 @@ def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     """
     ep, T = comm.size, experts.shape[0]
     e_local = num_experts // ep
-    node_of = torch.from_numpy(np.asarray(comm._node_of, dtype=np.int64)).to(x.device)
+    node_of = torch.from_numpy(np.asarray(comm.node_of, dtype=np.int64)).to(x.device)
     slots = experts if slot_of is None else slot_of[experts]
     pair_node = node_of[slots // e_local]
     valid = torch.ones_like(experts, dtype=torch.bool) if keep is None else keep

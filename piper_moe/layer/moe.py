@@ -130,8 +130,6 @@ class MoELayer(nn.Module):
         if cfg.num_experts % ep:
             raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the "
                              f"expert-parallel size EP={ep} (comm.size)")
-        if comm is not None:
-            import piper_comm.torch  # noqa: F401  (collective on first import under MPI)
         self.cfg, self.comm, self.ep, self.stats_comm = cfg, comm, ep, stats_comm
         # On one node dedup has nothing to save and only adds a hop through the gateway.
         self.dedup = (dedup and comm is not None and comm.num_nodes > 1
@@ -275,7 +273,7 @@ class MoELayer(nn.Module):
                 d = sum(h.send_splits[r] for h in handles) * row_bytes[0]
                 c = sum(h.recv_splits[r] for h in handles) * row_bytes[1]
                 sent_dispatch, sent_combine = sent_dispatch + d, sent_combine + c
-                if self.comm._node_of[r] == self.comm.node:
+                if self.comm.node_of[r] == self.comm.node:
                     intra += d + c
                 else:
                     inter += d + c

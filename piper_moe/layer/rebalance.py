@@ -4,7 +4,7 @@
     tracker.add(layer.stats["tokens_per_expert"])            # after every training forward
     if tracker.imbalance(layer.slot_of, layer.e_local, layer.ep) > 1.2:
         swaps = plan_swaps(tracker.load, layer.slot_of, layer.e_local, layer.ep,
-                           layer.comm._node_of)
+                           layer.comm.node_of)
         migrate(layer, swaps, optimizer)                     # collective over layer.comm
 
 The plan is a pure function of the global load (tokens_per_expert is summed over the
@@ -113,7 +113,7 @@ def plan_swaps(load, slot_of, e_local: int, ep: int, node_of_rank=None, threshol
     Arguments:
         load: int [num_experts], rows per logical expert (LoadTracker.load).
         slot_of: int [num_experts], the current placement; e_local, ep: slots per rank, ranks.
-        node_of_rank: int [ep], the node of each rank (comm._node_of); None: one node.
+        node_of_rank: int [ep], the node of each rank (comm.node_of); None: one node.
         threshold: stop once the predicted max / mean rank load is <= threshold.
         max_swaps: at most this many swaps (None: ep).
     Returns:

@@ -139,7 +139,7 @@ def build_mesh(pp: int, dp: int, ep: int, order: str = "ep,edp,pp") -> Mesh:
 
     world, rank = dist.get_world_size(), dist.get_rank()
     world_comm = resolve(None)
-    node_of = [int(n) for n in world_comm._node_of]
+    node_of = list(world_comm.node_of)
     mesh = Mesh(pp, dp, ep, rank=rank, world=world, node_of=node_of,
                 world_group=dist.group.WORLD, order=order)
 
@@ -180,11 +180,10 @@ def close_all() -> None:
 
 def _communicator(ranks: list[int], group: Any, node_of: list[int]):
     """A piper_comm Communicator over `ranks` (a torch group), keeping the world's node ids."""
-    from piper_comm.bootstrap import connect
-    from piper_comm.transport import TorchTransport
+    import piper_comm as pc
 
     first: dict[int, int] = {}
     ids = [first.setdefault(node_of[r], len(first)) for r in ranks]  # renumbered 0, 1, ...
-    comm = connect(TorchTransport(group), node_ids=ids)
+    comm = pc.init("torch", group=group, node_ids=ids)
     _built.append(comm)
     return comm

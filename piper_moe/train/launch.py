@@ -25,7 +25,9 @@ def launch() -> tuple[int, int]:
                                         "SLURM_NTASKS"))
     if "WORLD_SIZE" not in os.environ and not mpi:
         return 0, 1
-    import piper_comm.torch  # noqa: F401  (registers "piper"; under MPI fills RANK etc.)
+    import piper_comm.torch  # registers the "piper" backend
+
+    piper_comm.torch.fill_from_mpi()  # under mpirun/srun: RANK, MASTER_ADDR, ... (collective)
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1

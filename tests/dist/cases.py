@@ -14,6 +14,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
 
 def _setup():
     if not dist.is_initialized():
+        pt.fill_from_mpi()
         dist.init_process_group("piper")
     return dist.get_rank(), dist.get_world_size()
 

@@ -24,8 +24,9 @@ def run(only: str = "", skip: str = "\0") -> dict:
     {name: "ok" | "skip: why" | the error}."""
     import torch.distributed as dist
 
-    import piper_comm.torch  # noqa: F401  (registers the "piper" backend)
+    import piper_comm.torch  # registers the "piper" backend
 
+    piper_comm.torch.fill_from_mpi()
     dist.init_process_group("piper")
     os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
     from torch.testing._internal.common_utils import TestCase
