@@ -1,4 +1,4 @@
-"""All-to-all time: calibrated resource model vs ``piper_comm.bench`` (issue 6, point 7).
+"""All-to-all time: calibrated resource model vs ``piper_comm.bench``.
 
 For each (N ranks, k ranks per emulated node), on the same host:
 

@@ -1,4 +1,4 @@
-"""Validate the resource model (issue 6, point 7) and write bench/results/model_validation.md.
+"""Validate the resource model and write bench/results/model_validation.md.
 
 1. Closed forms: parameter counts of the shipped models against the publishers' numbers.
 2. Peak memory of real training steps of the runtime (``piper_moe.train.trainer.Trainer``: the
@@ -373,7 +373,7 @@ def write_md(path: Path, params: list[dict], mem_rows: list[dict], a2a_summary: 
               "`weight_grad_inputs`, +5.5 MiB "
               "on the pp2 case's last stage, which the model missed by 19% before).",
               "",
-              "**The multi-rank data-parallel cases (fixed in the runtime, session 4).** They "
+              "**The multi-rank data-parallel cases (fixed in the runtime).** They "
               "used to miss 5% in some runs (-7.8% to -12.3% for dp2 ep2, -4.8% to -9.5% for "
               "pp2 dp2 ep2, run-to-run spread up to 10%): a rank intermittently entered a step "
               "with 1.92 MiB more live than weights + gradients + optimizer states. Listing "

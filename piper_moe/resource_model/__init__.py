@@ -1,5 +1,5 @@
 """Resource model and planner for MoE training: memory, compute and communication of a parallel
-strategy on a platform (issue 6).
+strategy on a platform. The formulas: docs/resource_model.md.
 
     from piper_moe.resource_model import load_model, load_platform, Strategy, estimate, plan
     m = load_model("deepseek-v3"); p = load_platform("dgx-h100")

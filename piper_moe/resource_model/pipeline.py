@@ -18,7 +18,7 @@ micro-batch on the slowest stage and t_w the weight-gradient part of t_b:
 - zb-h1: (P - 1) * (t_f + t_b - t_w): the runtime's ZB-H1 (runtime/schedules.py) takes W off
   the critical path, two thirds of 1F1B's bubble at F = B = W. The ZB paper's ZB-H1 (arXiv
   2401.10241: (p-1)(T_F+T_B-T_W) with T_B the input-gradient part, a third) lets later stages
-  defer more W passes than Piper's memory bound allows (measured: schedules.py).
+  defer more W passes than Piper's memory bound allows (docs/performance.md, "Pipeline schedules").
 """
 
 from __future__ import annotations

@@ -85,13 +85,9 @@ def _zb_h1_all(pp: int, M: int) -> list[list[Action]]:
     a unit-cost list-scheduling pass over all ranks at once (the zero-bubble papers' greedy
     heuristic, Qi et al. 2024). Rank r never holds more than pp - r micro-batches whose W is
     not done, which is 1F1B's activation memory: the H1 ("same memory") variant. Under unit
-    costs (F = B = W) a step takes 3 M + 2 (pp - 1), two thirds of 1F1B's bubble. Bounding
-    every rank by pp instead (1F1B's rank-0 count) gives the paper's 3 M + (pp - 1), but a
-    micro-batch between B and W holds more than its activations here (torch's split backward
-    keeps every weight's output gradient: model/memory.py weight_grad_inputs): measured on 2
-    ranks (bench/zb_h1_bound.py, bench/results/zb_h1_bound.txt) the last stage then peaks at
-    49.7 MiB, against 31.0 MiB with this bound and 25.0 MiB under 1F1B, above the 29.6 MiB
-    device peak of 1F1B (stage 0): not the same memory, so not used."""
+    costs (F = B = W) a step takes 3 M + 2 (pp - 1), two thirds of 1F1B's bubble. Returns one
+    action list per rank. Why not the paper's looser bound (pp for every rank):
+    docs/performance.md, "Pipeline schedules"."""
     queues = [_one_f_one_b(r, pp, M) for r in range(pp)]
     acts: list[list[Action]] = [[] for _ in range(pp)]
     done: dict[tuple[str, int, int], int] = {}

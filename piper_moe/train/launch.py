@@ -59,18 +59,14 @@ def _shutdown() -> None:
 
 
 def finish(code: int = 0) -> None:
-    """Ends a training process: tears down the groups and MPI explicitly, then leaves through
-    C's exit() without Python's finalisation.
+    """Ends a training process with exit status `code`; does not return. Call it last, on
+    every rank.
 
-    History. Session 3 saw about one 4-rank run in ten abort at exit ("terminate called without
-    an active exception": a C++ thread of the torch/gloo stack destroyed while joinable) and
-    added the explicit teardown below (process groups, Piper communicators and their progress
-    threads, MPI_Finalize) together with os._exit. os._exit skips the MPI library's exit
-    handlers, and MPICH 5.0.2's hydra then SIGKILLs the ranks that finalised but have not
-    exited yet as soon as one rank exits (bare mpi4py `MPI.Finalize(); os._exit(0)` on 4 ranks:
-    8 of 24 jobs lost a rank; training runs: ~1 in 40). C exit() runs those handlers (0 of 24)
-    and the C++ static destructors; with the explicit teardown first, 60 training launches and
-    3 full CI runs showed no abort (tests/train/test_exit.py guards the hydra case)."""
+    Collective: a barrier over the default group, then the process groups, the communicators
+    the meshes built (and their progress threads) and MPI are torn down, and the process
+    leaves through C's exit(): the C and C++ exit handlers run (MPI's among them), Python's
+    finalisation does not. Why neither a normal exit nor os._exit: docs/performance.md, "Exit
+    of a training job"."""
     sys.stdout.flush()
     sys.stderr.flush()
     _shutdown()
