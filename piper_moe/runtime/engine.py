@@ -37,8 +37,7 @@ from typing import Any
 
 import torch
 
-from piper_comm import envs
-from piper_comm.errors import PiperTimeoutError
+from piper_comm import PiperTimeoutError, envs
 
 from .schedules import Action, build
 
