@@ -1,8 +1,8 @@
 """Piper MoE runtime: MoE layer, pipeline runtime, resource model and planner."""
 
-from .layer import MoEConfig
+from .layer import MoEConfig, MoEOptions
 
-__all__ = ["MoEConfig", "MoELayer"]
+__all__ = ["MoEConfig", "MoELayer", "MoEOptions"]
 
 
 def __getattr__(name: str):

@@ -2,9 +2,10 @@
 (LoadTracker, plan_swaps, apply_swaps, migrate), imported on first use, so that importing
 piper_moe stays light and starts nothing distributed."""
 
-from .config import MoEConfig
+from .config import MoEConfig, MoEOptions
 
-__all__ = ["LoadTracker", "MoEConfig", "MoELayer", "apply_swaps", "migrate", "plan_swaps"]
+__all__ = ["LoadTracker", "MoEConfig", "MoELayer", "MoEOptions", "apply_swaps", "migrate",
+           "plan_swaps"]
 _REBALANCE = ("LoadTracker", "apply_swaps", "migrate", "plan_swaps")
 
 

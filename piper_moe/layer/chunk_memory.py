@@ -47,7 +47,7 @@ from ..common import CHUNK_MEMORY
 log = logging.getLogger("piper.moe")
 
 NAMES = CHUNK_MEMORY                                # by code: max over ranks wins
-MODES = ("auto", *NAMES)
+MODES = ("auto", *NAMES)  # MoEOptions.chunk_memory
 CODES = {name: code for code, name in enumerate(NAMES)}
 
 
@@ -78,7 +78,8 @@ def free_bytes(device: torch.device) -> int:
 class ChunkMemory:
     """The chunk_memory setting of one MoELayer and its last decision.
 
-    ChunkMemory(mode="auto", headroom=0.25): mode one of MODES; headroom in (0, 1].
+    ChunkMemory(mode="auto", headroom=0.25): mode one of MODES; headroom in (0, 1] (both
+    validated by MoEOptions, which the layer builds first).
     wish(rows, hidden, elem_bytes, device) -> int code: this rank's wish for one forward
         (local, no communication); rows = the rows it expects to keep, max(N, R').
     decide(codes, rank) -> str: the strategy from every rank's code (int array [EP]), the same
@@ -86,10 +87,6 @@ class ChunkMemory:
     """
 
     def __init__(self, mode: str = "auto", headroom: float = 0.25):
-        if mode not in MODES:
-            raise ValueError(f"chunk_memory must be one of {MODES}, got {mode!r}")
-        if not (isinstance(headroom, (int, float)) and 0 < headroom <= 1):
-            raise ValueError(f"chunk_memory_headroom must be in (0, 1], got {headroom!r}")
         self.mode, self.headroom = mode, float(headroom)
         self.last_wish: int | None = None
         self.last_rows = 0  # rows this rank's experts received in the previous forward (R)

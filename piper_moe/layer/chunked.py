@@ -454,11 +454,6 @@ class ChunkSchedule:
 
     def __init__(self, setting, comm, recheck_every: int = 50,
                  candidates: tuple[int, ...] = CANDIDATES, trials: int = 2):
-        if setting != "auto" and not (isinstance(setting, int) and not isinstance(setting, bool)
-                                      and setting >= 1):
-            raise ValueError(f"pipeline_chunks must be an int >= 1 or 'auto', got {setting!r}")
-        if not isinstance(recheck_every, int) or recheck_every < 1:
-            raise ValueError(f"pipeline_recheck must be an int >= 1, got {recheck_every!r}")
         self.setting, self.comm = setting, comm
         self.recheck_every, self.candidates, self.trials = recheck_every, candidates, trials
         self.choice: int | None = None if setting == "auto" else setting

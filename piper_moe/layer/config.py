@@ -1,8 +1,11 @@
-"""MoEConfig: the shape and routing policy of one MoE layer, validated on construction."""
+"""MoEConfig (what the layer computes: shape and routing) and MoEOptions (how it runs:
+dispatch, chunking, precision), both validated on construction; no torch needed."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..common import CHUNK_MEMORY, DISPATCHERS, PRECISIONS
 
 ROUTERS = ("softmax", "sigmoid")
 # FP8 dispatch wire format (layer/precision.py; here without torch, for the resource model):
@@ -84,3 +87,64 @@ class MoEConfig:
     @property
     def group_size(self) -> int:
         return self.num_experts // self.num_groups
+
+
+@dataclass(kw_only=True, frozen=True)
+class MoEOptions:
+    """How one MoELayer runs. Every choice computes the same function of the same weights (up
+    to summation order, and to the precision chosen), so a model moves between them freely.
+
+    dispatcher: "alltoall" (expert parallel over comm: padding-free all-to-all-v dispatch and
+        combine) or "ppmoe" (comm is a tensor-parallel group inside one node holding the same
+        tokens; each rank computes its own experts' pairs and an all-reduce sums them;
+        layer/ppmoe.py).
+    dedup: node-level dedup on the alltoall path: a token bound for several experts on one node
+        crosses to that node once and is replicated there, its partial outputs summed there
+        before crossing back. Only used when comm spans several nodes.
+    sequence_sharded: ppmoe only: each rank passes its shard of the group's tokens, all-gathered
+        first (reduce-scatter at the end instead of an all-reduce).
+    pipeline_chunks: 1, an int C > 1 or "auto": the alltoall path without dedup splits the
+        tokens into C chunks and overlaps each chunk's experts with the other chunks'
+        asynchronous all-to-alls (layer/chunked.py); "auto" times C in (1, 2, 4) and agrees
+        on one C on every rank, again every pipeline_recheck forwards.
+    chunk_memory: what a chunked forward keeps of its dispatched rows for backward: "save",
+        "offload" (to host), "recompute" (re-dispatch in backward) or "auto" (per forward, from
+        the free device memory: at most chunk_memory_headroom of it; layer/chunk_memory.py).
+    precision: "fp32" (parameters and compute in the layer's dtype), "bf16-mixed" (float32
+        parameters, bf16 GEMMs and exchanged rows) or "bf16" (layer/precision.py).
+    fp8_dispatch: the dispatch carries rows as float8 e4m3 with a float32 scale per 128
+        elements (half of bf16's bytes); needs a bf16 precision.
+    """
+
+    dispatcher: str = "alltoall"
+    dedup: bool = True
+    sequence_sharded: bool = False
+    pipeline_chunks: int | str = 1
+    pipeline_recheck: int = 50
+    chunk_memory: str = "auto"
+    chunk_memory_headroom: float = 0.25
+    precision: str = "fp32"
+    fp8_dispatch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dispatcher not in DISPATCHERS:
+            raise ValueError(f"dispatcher must be one of {DISPATCHERS}, got {self.dispatcher!r}")
+        if self.sequence_sharded and self.dispatcher != "ppmoe":
+            raise ValueError("sequence_sharded=True needs dispatcher='ppmoe'")
+        c = self.pipeline_chunks
+        if c != "auto" and not (isinstance(c, int) and not isinstance(c, bool) and c >= 1):
+            raise ValueError(f"pipeline_chunks must be an int >= 1 or 'auto', got {c!r}")
+        if not isinstance(self.pipeline_recheck, int) or self.pipeline_recheck < 1:
+            raise ValueError("pipeline_recheck must be an int >= 1, got "
+                             f"{self.pipeline_recheck!r}")
+        modes = ("auto", *CHUNK_MEMORY)
+        if self.chunk_memory not in modes:
+            raise ValueError(f"chunk_memory must be one of {modes}, got {self.chunk_memory!r}")
+        h = self.chunk_memory_headroom
+        if not (isinstance(h, (int, float)) and 0 < h <= 1):
+            raise ValueError(f"chunk_memory_headroom must be in (0, 1], got {h!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.fp8_dispatch and self.precision == "fp32":
+            raise ValueError("fp8_dispatch=True needs precision 'bf16-mixed' or 'bf16' (the "
+                             "expert input is dequantized to bfloat16), got 'fp32'")

@@ -2,144 +2,99 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..common import DISPATCHERS
 from .chunk_memory import ChunkMemory
 from .chunked import ChunkSchedule, chunked_forward
-from .config import MoEConfig
+from .config import MoEConfig, MoEOptions
 from .dispatch import combine, combine_dedup, dispatch, dispatch_dedup, exchange_counts
 from .experts import Experts, SharedExpert
 from .ppmoe import ppmoe_forward
-from .precision import check_precision, compute_dtype, fp8_row_bytes, param_dtype
+from .precision import compute_dtype, fp8_row_bytes, param_dtype
 from .router import Router, balance_loss, capacity_keep
 
 EXPERT_KEYS = ("experts.w1", "experts.w3", "experts.w2")
 
 
-def _check_dispatcher(dispatcher: str, comm, sequence_sharded: bool) -> None:
-    if dispatcher not in DISPATCHERS:
-        raise ValueError(f"dispatcher must be one of {DISPATCHERS}, got {dispatcher!r}")
+def _check_dispatcher(dispatcher: str, comm) -> None:
+    """What MoEOptions cannot check alone: the dispatcher against the communicator."""
     if dispatcher == "ppmoe" and comm is None:
         raise ValueError("dispatcher='ppmoe' needs comm (the tensor-parallel group)")
     if dispatcher == "ppmoe" and comm.num_nodes > 1:
         raise ValueError(f"dispatcher='ppmoe' needs comm inside one node (its all-reduce "
                          f"runs on the intra-node link), got {comm.num_nodes} nodes")
-    if sequence_sharded and dispatcher != "ppmoe":
-        raise ValueError("sequence_sharded=True needs dispatcher='ppmoe'")
 
 
 class MoELayer(nn.Module):
     """A DeepSeek-style MoE layer whose routed experts are spread over the ranks of `comm`.
 
-    MoELayer(cfg, comm=None, seed=0, dtype=torch.float32, device="cpu", dedup=True, *,
-             stats_comm=None, slot_of=None)
-        comm: a piper_comm.Communicator (EP = comm.size) or None (one process, EP = 1).
-        dedup: node-level dedup (dispatch_dedup): a token crosses to each node once and is
-            replicated there; its partial outputs are summed there before crossing back. Same
-            results as dedup=False (up to summation order); used when comm spans several
-            nodes.
-        stats_comm: the Communicator over which the routing load (the per-expert counts of
-            the balancing loss and of the bias update) is summed; None: comm. Give the
-            data-parallel group when it is larger than the EP group (e.g. EP = 1 on DP = 2
-            ranks): the balancing statistics are then those of the union of its ranks'
-            batches, as in one process running that whole batch. Its ranks must call forward
-            together, like comm's.
-        slot_of: the placement, int64 [num_experts], a permutation: logical expert e lives in
-            slot slot_of[e], slot s on rank s // E_local at local index s % E_local (E_local =
-            num_experts // EP); None: identity (expert e on rank e // E_local). Expert weights
-            (experts.w1/w3/w2, so also state_dict()) are stored by slot;
-            global_state_dict() is in logical order, the same under every placement. See
-            `slot_of` and rebalance.migrate.
+    MoELayer(cfg, comm=None, options=None, *, seed=0, dtype=torch.float32, device="cpu",
+             stats_comm=None, slot_of=None, **option_fields)
+        cfg: MoEConfig, what the layer computes. options: MoEOptions, how it runs (dispatcher,
+            dedup, chunking, precision); option_fields override single fields of it, e.g.
+            MoELayer(cfg, comm, dedup=False). Both are validated on construction.
+        comm: a piper_comm.Communicator (EP = comm.size; num_experts must divide by it) or
+            None (one process, EP = 1). For dispatcher "ppmoe": the node's group.
+        stats_comm: the Communicator over which the routing load (balancing loss, bias update)
+            is summed; None: comm. Give the data-parallel group when it is larger than the EP
+            group; its ranks call forward together.
+        slot_of: int64 [num_experts], a permutation: logical expert e lives in slot slot_of[e],
+            slot s on rank s // E_local (E_local = num_experts // EP); None: the identity.
+            Expert weights are stored by slot; global_state_dict() is in logical order.
         Weights depend on (seed, global expert id) only, so every EP layout and placement holds
-        the same global model. Construction is collective when comm is given (every rank
-        builds its layer).
+        the same global model. Construction is collective over comm.
 
-    y = layer(x): x [T, hidden], this rank's tokens (T may differ per rank, including 0);
-        returns [T, hidden]. Collective: every rank calls forward, and backward through y, in
-        the same order. After forward:
-        layer.aux_loss: 0-d tensor, this rank's share of the balancing loss (the shares of the
-            stats_comm ranks sum to the loss of their whole batch; add it to this rank's loss);
-        layer.stats: tokens_per_expert (summed over stats_comm, all experts, logical order),
-            bytes_sent_intra_node and bytes_sent_inter_node (hidden-state rows this rank sends
-            to other ranks in dispatch and combine, by whether the peer shares this rank's
-            node; the routing metadata of dedup, k ids and weights per row, is not counted),
-            bytes_saved_by_dedup (the inter-node bytes of this rank's tokens, there and back,
-            that dedup avoided).
+    y = layer(x): x [T, hidden], this rank's tokens (T may differ per rank, including 0) ->
+        [T, hidden] in x's dtype. Collective: every rank of comm calls forward, and backward
+        through y, in the same order. Cost per forward on the alltoall path: two all-to-all-v
+        of T * top_k rows (fewer across nodes with dedup) plus one small count exchange.
+        After forward:
+        layer.aux_loss: 0-d tensor, this rank's share of the balancing loss (add it to the
+            loss; the shares of the stats_comm ranks sum to the loss of their whole batch);
+        layer.stats: tokens_per_expert (over stats_comm, logical order), bytes_sent_intra_node,
+            bytes_sent_inter_node, bytes_saved_by_dedup, bytes_dispatch, bytes_combine (rows
+            this rank sends to other ranks, at the wire format; dedup's routing metadata not
+            counted), and for the chunked path chunks, comm_seconds_exposed,
+            comm_seconds_total and chunk_memory (None when not chunked).
         In training mode with bias_update_rate > 0 the router bias then moves toward balance.
-
-    dispatcher: "alltoall" (above) or "ppmoe" (layer/ppmoe.py): comm is then a tensor-parallel
-        group inside one node whose ranks hold the same tokens (x the same [T, hidden] on every
-        rank, or with sequence_sharded=True each rank's shard, all-gathered first); each rank
-        computes its own experts' pairs and an all-reduce (reduce-scatter when sharded) sums
-        them. Gradient, aux_loss and stats_comm conventions: the ppmoe module docstring.
-
-    pipeline_chunks: 1 (default: the path above), an int C > 1, or "auto": the alltoall
-        dispatcher without node dedup splits this rank's tokens into C chunks and overlaps
-        each chunk's experts with the other chunks' asynchronous all-to-alls (layer/chunked.py;
-        same results as C = 1, bitwise in float64). "auto" tries C in (1, 2, 4) on the first
-        forwards and again every pipeline_recheck forwards, and picks the same C on every rank
-        (logged on "piper.moe"). The dedup path and comm=None run C = 1 (dedup logs it once).
-        layer.stats then also has chunks, comm_seconds_exposed (forward seconds blocked on
-        communication) and comm_seconds_total (forward communication issue-to-completion
-        seconds); both None when C = 1 (synchronous, nothing hidden).
-    chunk_memory: what a chunked forward (C > 1) keeps for backward of the dispatched expert
-        input rows [R, hidden]: "save" (keep them), "offload" (to host, back in backward),
-        "recompute" (re-run the dispatch in backward; collective) or "auto" (default: per
-        forward from the device's free memory, with chunk_memory_headroom, default 0.25, the
-        share of the free bytes the rows may take; the same choice on every rank). All are
-        bitwise equal to C = 1; the rule and the trade-offs: layer/chunk_memory.py. Ignored at
-        C = 1 (the unchunked path keeps its own intermediates). layer.stats["chunk_memory"]: the
-        strategy this forward used (None when C = 1); layer.chunk_memory: the ChunkMemory.
-
-    precision: "fp32" (default: parameters and compute in dtype), "bf16-mixed" (parameters
-        in float32, whatever dtype says; expert and shared-expert GEMMs, dispatched and
-        combined rows in bfloat16; router, combine sum and aux_loss in float32) or "bf16"
-        (parameters in bfloat16 too). The output has x's dtype. What stays float32 and why:
-        layer/precision.py.
-    fp8_dispatch: the dispatch all-to-all (and dedup's inter-node stage, the chunked layer's
-        dispatches, PPMoE's sequence-sharded all-gather) carries rows as float8 e4m3 with a
-        power-of-two float32 scale per 128 hidden elements, dequantized to bf16 for the
-        experts; combine and every backward exchange stay bf16 (layer/precision.py). Needs
-        precision "bf16-mixed" or "bf16". layer.stats then counts the packed FP8 bytes.
-    layer.stats also has bytes_dispatch and bytes_combine: the bytes this rank sends to other
-        ranks in each direction (intra + inter node), at the wire format used.
 
     Replicated parameters (router, shared expert) get per-rank partial gradients: sum them
     over ranks (data-parallel all-reduce) to get the global-batch gradient.
     """
 
-    def __init__(self, cfg: MoEConfig, comm=None, seed: int = 0, dtype=torch.float32,
-                 device="cpu", dedup: bool = True, *, stats_comm=None, slot_of=None,
-                 dispatcher: str = "alltoall", sequence_sharded: bool = False,
-                 pipeline_chunks=1, pipeline_recheck: int = 50, chunk_memory: str = "auto",
-                 chunk_memory_headroom: float = 0.25, precision: str = "fp32",
-                 fp8_dispatch: bool = False):
+    def __init__(self, cfg: MoEConfig, comm=None, options: MoEOptions | None = None, *,
+                 seed: int = 0, dtype=torch.float32, device="cpu", stats_comm=None,
+                 slot_of=None, **option_fields):
         super().__init__()
-        _check_dispatcher(dispatcher, comm, sequence_sharded)
-        check_precision(precision, fp8_dispatch)
-        self.precision, self.fp8_dispatch = precision, bool(fp8_dispatch)
+        o = options or MoEOptions()
+        if option_fields:
+            o = dataclasses.replace(o, **option_fields)
+        self.options = o
+        dispatcher, precision = o.dispatcher, o.precision
+        _check_dispatcher(dispatcher, comm)
+        self.precision, self.fp8_dispatch = precision, bool(o.fp8_dispatch)
         self.compute_dtype = compute_dtype(precision, dtype)
         dtype = param_dtype(precision, dtype)
-        self.dispatcher, self.sequence_sharded = dispatcher, sequence_sharded
+        self.dispatcher, self.sequence_sharded = dispatcher, o.sequence_sharded
         ep = 1 if comm is None else comm.size
         if cfg.num_experts % ep:
             raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the "
                              f"expert-parallel size EP={ep} (comm.size)")
         self.cfg, self.comm, self.ep, self.stats_comm = cfg, comm, ep, stats_comm
         # On one node dedup has nothing to save and only adds a hop through the gateway.
-        self.dedup = (dedup and comm is not None and comm.num_nodes > 1
+        self.dedup = (o.dedup and comm is not None and comm.num_nodes > 1
                       and dispatcher == "alltoall")
         self.rank = 0 if comm is None else comm.rank
         self.e_local = cfg.num_experts // ep
         self.router = Router(cfg, seed, dtype, device)
         self.slot_of = np.arange(cfg.num_experts) if slot_of is None else slot_of
-        self.pipeline = ChunkSchedule(pipeline_chunks, comm, pipeline_recheck)
-        self.chunk_memory = ChunkMemory(chunk_memory, chunk_memory_headroom)
+        self.pipeline = ChunkSchedule(o.pipeline_chunks, comm, o.pipeline_recheck)
+        self.chunk_memory = ChunkMemory(o.chunk_memory, o.chunk_memory_headroom)
         self._pipeline_warned = False
         self.experts = Experts(cfg, self.rank * self.e_local, self.e_local, seed, dtype, device,
                                ids=self.local_experts.tolist())

@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 
 from ..common import PRECISIONS
-from .config import FP8_BLOCK, FP8_SCALE_BYTES, fp8_blocks, fp8_row_bytes
+from .config import FP8_BLOCK, FP8_SCALE_BYTES, MoEOptions, fp8_blocks, fp8_row_bytes
 
 __all__ = [
     "FP8_BLOCK",
@@ -80,12 +80,8 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 # -- policies
 def check_precision(precision: str, fp8_dispatch: bool = False) -> None:
     """ValueError unless precision is one of PRECISIONS and fp8_dispatch is used with a
-    bfloat16 compute precision."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if fp8_dispatch and precision == "fp32":
-        raise ValueError("fp8_dispatch=True needs precision 'bf16-mixed' or 'bf16' (the "
-                         "expert input is dequantized to bfloat16), got 'fp32'")
+    bfloat16 compute precision (MoEOptions' rule)."""
+    MoEOptions(precision=precision, fp8_dispatch=fp8_dispatch)
 
 
 def bf16_native(device) -> bool:
