@@ -42,12 +42,14 @@ job's world size (runtime limits: tp = 1, no recompute; see plan_for_world).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..common import PRECISIONS
+from ..layer.config import MoEOptions
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
 
@@ -57,9 +59,10 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "steps": 100,
     "moe": {},
-    "moe_layer": {"dispatcher": "alltoall", "pipeline_chunks": 1, "dedup": True,
-                  "pipeline_recheck": 50, "chunk_memory": "auto",
-                  "chunk_memory_headroom": 0.25, "fp8_dispatch": False},
+    # MoEOptions' fields and defaults, less precision (top level here) and sequence_sharded
+    # (the trainer decides it)
+    "moe_layer": {f.name: f.default for f in dataclasses.fields(MoEOptions)
+                  if f.name not in ("precision", "sequence_sharded")},
     "strategy": {"pp": 1, "dp": 1, "ep": 1, "schedule": "1f1b", "vpp": 1,
                  "order": "ep,edp,pp"},
     "batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 64},
@@ -123,6 +126,7 @@ def load(name_or_path: str | Path | None = None, overrides: dict | None = None) 
             raise ValueError(f"train config: batch.{k} must be a positive int, got {b[k]!r}")
     if not isinstance(cfg["steps"], int) or cfg["steps"] < 0:
         raise ValueError(f"train config: steps must be an int >= 0, got {cfg['steps']!r}")
+    MoEOptions(**cfg["moe_layer"])  # its values, checked now rather than at the first layer
     if cfg["precision"] not in PRECISION_CHOICES:
         raise ValueError(f"train config: precision must be one of {PRECISION_CHOICES}, got "
                          f"{cfg['precision']!r}")
