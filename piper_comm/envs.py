@@ -34,30 +34,28 @@ def is_set(name: str) -> bool:
     return _get(name) is not None
 
 
-def local_size() -> int | None:
-    value = _get("PIPER_LOCAL_SIZE")
+def _number(name: str, kind, noun: str, default, valid, rule: str):
+    """The variable parsed by kind (int, float), default when unset; PiperUsageError naming
+    the variable when it does not parse (noun: what it must be) or fails valid (rule)."""
+    value = _get(name)
     if value is None:
-        return None
+        return default
     try:
-        k = int(value)
+        x = kind(value)
     except ValueError:
-        raise PiperUsageError(f"PIPER_LOCAL_SIZE={value!r} is not an integer") from None
-    if k < 1:
-        raise PiperUsageError(f"PIPER_LOCAL_SIZE={k} must be >= 1")
-    return k
+        raise PiperUsageError(f"{name}={value!r} is not {noun}") from None
+    if not valid(x):
+        raise PiperUsageError(f"{name}={value!r} must be {rule}")
+    return x
+
+
+def local_size() -> int | None:
+    return _number("PIPER_LOCAL_SIZE", int, "an integer", None, lambda k: k >= 1, ">= 1")
 
 
 def timeout() -> float:
-    value = _get("PIPER_TIMEOUT")
-    if value is None:
-        return 300.0
-    try:
-        t = float(value)
-    except ValueError:
-        raise PiperUsageError(f"PIPER_TIMEOUT={value!r} is not a number of seconds") from None
-    if not t > 0:
-        raise PiperUsageError(f"PIPER_TIMEOUT={value!r} must be > 0 seconds")
-    return t
+    return _number("PIPER_TIMEOUT", float, "a number of seconds", 300.0, lambda t: t > 0,
+                   "> 0 seconds")
 
 
 def algorithm() -> str | None:
