@@ -188,6 +188,16 @@ def _expect_usage_error(comm, fn, must_contain: str) -> str:
     raise AssertionError(f"rank {comm.rank}: no PiperUsageError (expected {must_contain!r})")
 
 
+class FakeCudaArray:
+    """Exports __cuda_array_interface__ for host memory: what a CUDA array looks like to the
+    argument checks, without a device."""
+
+    def __init__(self, like: np.ndarray):
+        self.__cuda_array_interface__ = {
+            "shape": like.shape, "typestr": like.dtype.str, "strides": None, "version": 3,
+            "data": (like.ctypes.data, False)}
+
+
 def bad_input(local_size: int | None = None) -> dict:
     """Each bad call raises PiperUsageError on every rank, then a good call still works."""
     comm = pc.init(local_size=local_size)
@@ -195,6 +205,7 @@ def bad_input(local_size: int | None = None) -> dict:
     ok = np.arange(P * 2 * 3, dtype=np.float32).reshape(P * 2, 3)
     counts = [2] * P
     seen = {}
+    gpu = pc.build_info().get("cuda_devices", 0) > 0
 
     def good():
         out, _ = comm.all_to_all_v(ok, counts)
@@ -221,7 +232,13 @@ def bad_input(local_size: int | None = None) -> dict:
         "recv_dtype": (lambda: comm.all_to_all_v(ok, counts, recv=np.empty((2 * P, 3), np.int32)),
                        "dtype or trailing shape"),
         "not_array": (lambda: comm.all_to_all_v([1, 2] if me == 0 else ok, counts),
-                      "numpy array or a torch tensor"),
+                      "a numpy array, a torch tensor or a CUDA array"),
+        # A CUDA array where no device is (a GPU host finds its pointer is not device memory)
+        "cuda_array": (lambda: comm.all_to_all_v(FakeCudaArray(ok) if me == 0 else ok, counts),
+                       "device Piper does not move" if gpu else "a CUDA array was passed"),
+        "mixed_memory": (lambda: comm.all_to_all_v(
+            ok, counts, recv=FakeCudaArray(ok) if me == P - 1 else None),
+            "device Piper does not move" if gpu else "in host (CPU) memory but recv in CUDA"),
         "rows_div": (lambda: comm.all_to_all(ok[: 2 * P - 1] if me == 0 else ok[: 2 * P]),
                      "not divisible"),
         "algorithm": (lambda: comm.all_to_all(ok, algorithm="bogus" if me == 0 else "auto"),

@@ -21,7 +21,7 @@ def _mpich_segments() -> list[str]:
 def test_bad_input_raises_on_every_rank(nprocs, local_size):
     run = run_mpi(nprocs, "comm.cases:bad_input", {"local_size": local_size})
     cases = {r["result"]["cases"] for r in run.ranks}
-    assert cases == {7 if nprocs == 1 else 11}
+    assert cases == {9 if nprocs == 1 else 13}
 
 
 @pytest.mark.parametrize(("nprocs", "local_size", "algo", "check"),
