@@ -404,7 +404,7 @@ def model_comm(a, cfg, comm, dtype_bytes: int) -> dict:
     from piper_moe.resource_model import comm as comm_model
     from piper_moe.resource_model import load_platform
     from piper_moe.resource_model.dispatch_cost import a2a_bytes, a2a_time, ppmoe_bytes, ppmoe_time
-    from piper_moe.resource_model.estimate import _chunked_a2a
+    from piper_moe.resource_model.estimate import chunked_a2a
 
     plat = load_platform(a.platform)
     P, g = comm.size, comm.local_size
@@ -423,7 +423,7 @@ def model_comm(a, cfg, comm, dtype_bytes: int) -> dict:
         for c in chunk_counts:
             for mem in ("save", "recompute"):
                 model, st = model_spec(a, cfg, P, chunks=c, chunk_memory=mem)
-                fwd, bwd, rec = _chunked_a2a(model, pl, st, T * k * h * dtype_bytes,
+                fwd, bwd, rec = chunked_a2a(model, pl, st, T * k * h * dtype_bytes,
                                              comm_model.per_node(P, 1, g))
                 out[tag]["chunks"][f"{c}/{mem}"] = fwd + bwd + rec
     return out

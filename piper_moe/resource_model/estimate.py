@@ -14,7 +14,7 @@ Step time is assembled on the critical (slowest) pipeline stage, for m micro-bat
   compute of that layer and only the excess shows; with ``dispatcher`` "ppmoe" there is none:
   the MoE block's TP all-gather + reduce-scatter sums the experts' partial outputs
   (``dispatch_cost.ppmoe_time``, charged to tp_comm); with ``moe_chunks`` C > 1 (the chunked layer)
-  the forward exchanges overlap the experts chunk by chunk (``_chunked_a2a``) and the
+  the forward exchanges overlap the experts chunk by chunk (``chunked_a2a``) and the
   backward recomputes the experts (charged to recompute);
 - pp_comm: one activation send forward and one gradient send backward per micro-batch;
 - bubble: ``pipeline.bubble``;
@@ -60,7 +60,7 @@ class Estimate:
     details: dict[str, float] = field(default_factory=dict)
 
 
-def _chunked_a2a(model: ModelSpec, platform: PlatformSpec, s: Strategy, m_bytes: float,
+def chunked_a2a(model: ModelSpec, platform: PlatformSpec, s: Strategy, m_bytes: float,
                  g: int) -> tuple[float, float, float]:
     """(forward exposed, backward, recompute) seconds of one chunked MoE layer's all-to-alls
     (``s.moe_chunks`` = C > 1, ``layer/chunked.py``). Each exchange of m_bytes goes in C
@@ -112,7 +112,7 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
                 d_bytes = m_bytes / (model.hidden * e) * fp8_row_bytes(model.hidden)
                 a2a_fwd = (comm.all_to_all(d_bytes, s.ep, g, platform, s.a2a) + a2a / 2)
             if s.moe_chunks > 1:
-                a2a_fwd, a2a_bwd, chunk_re = _chunked_a2a(model, platform, s, m_bytes, g)
+                a2a_fwd, a2a_bwd, chunk_re = chunked_a2a(model, platform, s, m_bytes, g)
         if moe_layer and s.etp > 1:
             rows = sh.expert_rows * model.hidden * e
             tp_extra = 2 * comm.all_gather(rows, s.etp, comm.per_node(s.etp, 1, G), platform)
