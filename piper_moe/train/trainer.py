@@ -57,7 +57,7 @@ def _is_expert(name: str) -> bool:
 class Trainer:
     """Builds this rank's part of the run from a config dict (piper_moe.train.config.load)."""
 
-    def __init__(self, cfg: dict, out_dir: str | Path | None = None, progress: bool = True):
+    def __init__(self, cfg: dict, out_dir: str | Path | None = None, *, progress: bool = True):
         import torch.distributed as dist
 
         from ..data import make_source
