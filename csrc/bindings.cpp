@@ -16,6 +16,7 @@
 #include "runtime/executor.hpp"
 #include "runtime/header.hpp"
 #include "runtime/py_transport.hpp"
+#include "python/args.hpp"
 #include "python/call_queue.hpp"
 #ifdef PIPER_WITH_MPI
 #include "runtime/mpi_transport.hpp"
@@ -301,6 +302,9 @@ PYBIND11_MODULE(_C, m) {
   for (int64_t i = 0; i < piper::runtime::kNumLocalErrors; ++i)
     local_errors[piper::runtime::kLocalErrorNames[i]] = i;
   m.attr("LOCAL_ERRORS") = local_errors;
+  m.def("emulate_cuda_arrays", &piper::python::set_emulated_cuda, py::arg("on"),
+        "Tests only: __cuda_array_interface__ arrays count as host-addressable memory of CUDA\n"
+        "device 0 (see Executor.emulate_device_plane); process-wide, switch it off after.");
   m.def("header_tag", &piper::runtime::header_tag, py::arg("seq"),
         "The tag of call seq's header round (csrc/runtime/call.hpp), also the barrier's.");
   m.def(
@@ -346,6 +350,25 @@ PYBIND11_MODULE(_C, m) {
       .def("close_device", &Executor::close_device, py::arg("what"), py::arg("timeout_s"),
            py::call_guard<py::gil_scoped_release>(),
            "Releases the device plane collectively (no-op when no CUDA call ran).")
+      .def(
+          "emulate_device_plane",
+          [](Executor& ex, piper::host::NodeChannel* channel) {
+            const int64_t P = ex.topology().size();
+            ex.set_device_factory([channel, P](Executor& e, int device, const Deadline& d) {
+              const int64_t mine = device;  // a set-up round, as the real plane's
+              e.allgather(&mine, 1, piper::runtime::kDeviceTag, "emulated device plane", d);
+              piper::runtime::DevicePlane plane;
+              plane.context = std::make_unique<piper::runtime::HostContext>(channel, P);
+              plane.data = e.shared_transport();
+              plane.device = device;
+              return plane;
+            });
+          },
+          py::arg("channel").none(true), py::keep_alive<1, 2>(),
+          "Tests on hosts without a device: the device plane becomes a host context over the\n"
+          "host transport; with emulate_cuda_arrays(True) the device plane's plumbing (memory\n"
+          "kind in the header, set-up on the first call, one device per rank, close) runs on\n"
+          "host memory.")
       .def_property_readonly(
           "check_counts",
           [](const Executor& ex) {

@@ -17,7 +17,7 @@
 //                   then cudaStreamWaitEvent on every local peer's event. Two events per rank,
 //                   alternated by fence parity, so a rank one fence ahead never re-records the
 //                   event a slower peer has still to wait on.
-//   counts          host memory, as HostContext (the counts are host data in this slice).
+//   counts          host memory, as HostContext (counts are host data: the caller's lists).
 //   staging         private device memory, grown stream-ordered (cudaMallocAsync/FreeAsync).
 //
 // Why IPC events and not device-side flags: on one GPU shared by several processes (the test

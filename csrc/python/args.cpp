@@ -12,6 +12,8 @@ namespace piper::python {
 
 namespace {
 
+bool emulated_cuda = false;  // set_emulated_cuda
+
 // dtype object (numpy's or torch's) -> (DTYPE_NAMES id, itemsize), filled on first sight by
 // piper_comm.arrays.dtype_info; a dict lookup afterwards.
 struct DtypeInfo {
@@ -106,8 +108,9 @@ int64_t parse_cuda_interface(py::handle obj, runtime::ArrayArg& out) {
   const auto ptr = data[0].cast<uintptr_t>();
   out.kind = 3;
   out.mem = Memory::kCuda;  // without a usable device the caller refuses it (kErrNoCuda)
+  if (emulated_cuda) out.device = 0;
 #ifdef PIPER_WITH_CUDA
-  if (cuda_usable()) {
+  if (cuda_usable() && !emulated_cuda) {
     // An empty array may have no pointer: it is taken to be on the current device.
     out.device = ptr ? cuda::pointer_device(reinterpret_cast<const void*>(ptr), nullptr)
                      : cuda::current_device(nullptr);
@@ -123,7 +126,10 @@ int64_t parse_cuda_interface(py::handle obj, runtime::ArrayArg& out) {
 
 }  // namespace
 
+void set_emulated_cuda(bool on) { emulated_cuda = on; }
+
 int64_t no_cuda_reason() {
+  if (emulated_cuda) return -1;
 #ifdef PIPER_WITH_CUDA
   static const int devices = cuda::device_count(nullptr);
   return devices > 0 ? -1 : 1;

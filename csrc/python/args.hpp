@@ -22,6 +22,11 @@ namespace piper::python {
 /// Returns kErrNone or kErrType / kErrNonContig / kErrDevice / kErrNdim.
 int64_t parse_array(pybind11::handle obj, runtime::ArrayArg& out);
 
+/// Tests on hosts without a device: __cuda_array_interface__ arrays are taken as memory of
+/// CUDA device 0 that the host can address (with Executor.emulate_device_plane, the device
+/// plane's plumbing runs on host memory). Never set outside tests.
+void set_emulated_cuda(bool on);
+
 /// Why CUDA arrays cannot be moved here (the err_a of kErrNoCuda): 0 the extension was built
 /// without CUDA, 1 this process sees no CUDA device; -1 when they can.
 int64_t no_cuda_reason();

@@ -109,6 +109,7 @@ class Executor {
   const CheckCounts& check_counts() const { return check_counts_; }
 
   Transport& transport() { return *transport_; }
+  std::shared_ptr<Transport> shared_transport() const { return transport_; }
   const plan::Topology& topology() const { return topology_; }
 
  private:

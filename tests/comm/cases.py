@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 import piper_comm as pc
+from piper_comm import _C
 
 NUMPY_DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
                 "uint64", "float16", "float32", "float64", "complex64", "complex128"]
@@ -384,3 +385,52 @@ def envs_check() -> int:
     from piper_comm import envs
 
     return envs.check()
+
+
+def emulated_device(local_size: int | None = None) -> dict:
+    """The device plane's plumbing on a host without a device (Executor.emulate_device_plane:
+    CUDA-interface arrays are taken as device 0 memory the host addresses): the first CUDA
+    call builds the plane collectively, every algorithm gives the host result, host calls in
+    between still run on the host plane, a rank passing host memory while the others pass
+    CUDA memory gets the same error everywhere, and close() releases the plane."""
+    comm = pc.init(local_size=local_size)
+    comm._executor.emulate_device_plane(comm._segment if comm.local_size > 1 else None)
+    _C.emulate_cuda_arrays(True)
+    try:
+        return _emulated_device(comm)
+    finally:
+        _C.emulate_cuda_arrays(False)
+
+
+def _emulated_device(comm) -> dict:
+    P, me = comm.size, comm.rank
+    rng = np.random.default_rng(5)
+    assert comm.device is None and comm.device_transport is None
+    checked = 0
+    for algo in ("halo", "flat", "pairwise", "auto"):
+        for _ in range(2):
+            S = rng.integers(0, 6, size=(P, P))
+            S[:, P - 1] += 3 * (checked % 2)  # one rank receiving more
+            x = np.random.default_rng(me + 10 * checked).standard_normal(
+                (int(S[me].sum()), 3)).astype(np.float32)
+            ref, rc = comm.all_to_all_v(x, S[me].tolist(), algorithm=algo)
+            recv = np.full_like(ref, np.nan)
+            given = FakeCudaArray(recv)
+            out, rc2 = comm.all_to_all_v(FakeCudaArray(x), S[me].tolist(), recv=given,
+                                         algorithm=algo)
+            assert out is given and rc2 == rc
+            assert np.array_equal(recv.view(np.uint32), ref.view(np.uint32))
+            checked += 1
+        eq = np.arange(P * 4 * 2, dtype=np.int64).reshape(P * 4, 2) + 1000 * me
+        got = np.zeros_like(eq)
+        comm.all_to_all(FakeCudaArray(eq), recv=FakeCudaArray(got), algorithm=algo)
+        assert np.array_equal(got, comm.all_to_all(eq, algorithm=algo))
+    assert comm.device == 0 and comm.device_transport == comm.transport
+    words = ""
+    if P > 1:
+        words = _expect_usage_error(comm, lambda: comm.all_to_all(
+            eq if me == P - 1 else FakeCudaArray(eq),
+            recv=None if me == P - 1 else FakeCudaArray(got)), "different memory")
+        words = words.split(": ", 2)[2]  # without "piper: all_to_all #n"
+    comm.close()
+    return {"checked": checked, "error": words}

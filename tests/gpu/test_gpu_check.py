@@ -14,8 +14,9 @@ from piper_comm import _C
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 STEPS = ["build", "nvidia-smi", "build_info", "pytest_gpu", "memcheck", "racecheck",
-         "memcheck_context", "memcheck_collective", "bench_nccl", "bench_pack"]
-TODO = ["moe_layer_cuda", "train_cuda"]
+         "memcheck_context", "memcheck_collective", "moe_layer_cuda", "moe_layer_cuda_one_node",
+         "train_cuda", "bench_nccl", "bench_pack"]
+TODO: list[str] = []
 GPU_TOOLS = ["nvidia-smi", "compute-sanitizer", "nvcc", "mpirun", "python3", "git"]
 
 
