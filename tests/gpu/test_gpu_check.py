@@ -3,8 +3,8 @@ compiles the CUDA backend for sm_80 and sm_90 whenever nvcc is found."""
 
 import os
 import shutil
-import sys
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
