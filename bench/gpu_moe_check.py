@@ -45,14 +45,16 @@ def _rel(a, b) -> float:
     return float((a - b).abs().max()) / largest if largest else float((a - b).abs().max())
 
 
-def layer_check() -> int:
+def layer_check(device: str) -> int:
+    """device: "cuda", or "cpu" to check this script where no GPU is (CPU against CPU)."""
     import torch
 
     import piper_comm as pc
     from piper_moe import MoEConfig, MoELayer
 
     comm = pc.init()
-    torch.cuda.set_device(comm.local_rank % torch.cuda.device_count())
+    if device == "cuda":
+        torch.cuda.set_device(comm.local_rank % torch.cuda.device_count())
     P, me = comm.size, comm.rank
     cfg = MoEConfig(hidden=256, ffn_hidden=64, num_experts=8, top_k=2, num_shared_experts=1,
                     aux_loss_coef=0.01)
@@ -71,13 +73,13 @@ def layer_check() -> int:
         # ppmoe on the whole batch (replicated), the all-to-all path on this rank's slice
         lo, hi = (0, total) if dispatcher == "ppmoe" else (me * 24, (me + 1) * 24)
         results = {}
-        for device in ("cpu", "cuda"):
-            layer = MoELayer(cfg, comm, seed=5, device=device, dispatcher=dispatcher,
+        for side, dev in (("cpu", "cpu"), ("cuda", device)):
+            layer = MoELayer(cfg, comm, seed=5, device=dev, dispatcher=dispatcher,
                              precision=precision, fp8_dispatch=fp8, **opts)
-            x = X[lo:hi].to(device).requires_grad_()
+            x = X[lo:hi].to(dev).requires_grad_()
             y = layer(x)
-            ((y * G[lo:hi].to(device)).sum() + layer.aux_loss).backward()
-            results[device] = {"output": y, "input grad": x.grad,
+            ((y * G[lo:hi].to(dev)).sum() + layer.aux_loss).backward()
+            results[side] = {"output": y, "input grad": x.grad,
                                **{n: p.grad for n, p in layer.named_parameters()
                                   if p.grad is not None}}
         tol = TOL[precision]
@@ -99,22 +101,22 @@ def _sum_over_ranks(comm, value: int) -> int:
     return int(comm.all_to_all(np.full(comm.size, value, dtype=np.int64)).sum())
 
 
-def train_check(steps: int, ranks: int) -> int:
+def train_check(steps: int, ranks: int, device: str) -> int:
     py = sys.executable
     mpirun = str(Path(py).parent / "mpirun") if (Path(py).parent / "mpirun").exists() \
         else "mpirun"
     losses = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for device in ("cpu", "cuda"):
-            out = Path(tmp) / device
+        for side, dev in (("cpu", "cpu"), ("cuda", device)):
+            out = Path(tmp) / side
             cmd = [mpirun, "-genv", "PIPER_LOCAL_SIZE", "2", "-genv", "OMP_NUM_THREADS", "1",
                    "-n", str(ranks), py, "-m", "piper_moe.train", "--config", "tiny",
-                   "--precision", "fp32", "--device", device, "--steps", str(steps),
+                   "--precision", "fp32", "--device", dev, "--steps", str(steps),
                    "--out", str(out), "--quiet"]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ})
             result = json.loads((out / "metrics.json").read_text())
-            losses[device] = [h["loss"] for h in result["history"]]
+            losses[side] = [h["loss"] for h in result["history"]]
     cpu, cuda = losses["cpu"], losses["cuda"]
     worst = max(abs(a - b) / abs(b) for a, b in zip(cuda, cpu)) if cpu else float("inf")
     ok = len(cpu) == len(cuda) > 0 and worst <= 5e-3
@@ -129,8 +131,11 @@ def main() -> int:
     ap.add_argument("what", choices=("layer", "train"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="the side compared with CPU (cpu: checks this script without a GPU)")
     a = ap.parse_args()
-    return layer_check() if a.what == "layer" else train_check(a.steps, a.ranks)
+    return (layer_check(a.device) if a.what == "layer"
+            else train_check(a.steps, a.ranks, a.device))
 
 
 if __name__ == "__main__":
