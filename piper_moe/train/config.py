@@ -34,7 +34,9 @@
     checkpoint: {dir: runs/tiny, every: 50, keep: 2}          # dir null: no checkpoints
     log_every: 10
 
-Unknown keys are errors (a typo must not silently fall back to a default). With
+Unknown keys are errors (a typo must not silently fall back to a default). The same as types:
+TrainConfig (keyword-only, frozen, validated) with its sections Batch, Optim, Rebalance and
+Checkpoint; the defaults are TrainConfig's (DEFAULTS is its dict), and Trainer takes either. With
 ``strategy: auto`` the resource model's planner picks pp, dp, ep and the schedule for the
 job's world size (runtime limits: tp = 1, no recompute; see plan_for_world).
 """
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,31 +56,137 @@ from ..layer.config import MoEOptions
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "train"
 
-DEFAULTS: dict[str, Any] = {
-    "model": "tiny-moe",
-    "platform": "cpu-host",
-    "seed": 0,
-    "steps": 100,
-    "moe": {},
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+
+
+def _positive_ints(obj, where: str, names: tuple[str, ...], least: int = 1) -> None:
+    for k in names:
+        v = getattr(obj, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < least:
+            raise ValueError(f"train config: {where}.{k} must be an int >= {least}, got {v!r}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class Batch:
+    """Sequences: micro_batch per data-parallel replica and micro-batch, global_batch per step
+    over all replicas (a multiple of micro_batch * dp), seq_len tokens each."""
+
+    micro_batch: int = 2
+    global_batch: int = 8
+    seq_len: int = 64
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "batch", ("micro_batch", "global_batch", "seq_len"))
+
+
+@dataclass(kw_only=True, frozen=True)
+class Optim:
+    """AdamW with linear warm-up (steps) to lr, then cosine decay to min_lr; clip: the global
+    gradient norm (0: none)."""
+
+    lr: float = 3.0e-3
+    min_lr: float = 3.0e-4
+    warmup: int = 10
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "optim", ("warmup",), least=0)
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr and self.eps > 0
+                and self.clip >= 0 and self.weight_decay >= 0 and len(self.betas) == 2):
+            raise ValueError(f"train config: optim out of range: {self}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class Rebalance:
+    """Expert migration: when the rank imbalance (max / mean tokens) stays above threshold for
+    patience steps of a window-step average, up to max_swaps expert swaps."""
+
+    enabled: bool = False
+    threshold: float = 1.3
+    patience: int = 3
+    max_swaps: int = 2
+    window: int = 5
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "rebalance", ("patience", "max_swaps", "window"))
+        if not self.threshold >= 1:
+            raise ValueError(f"train config: rebalance.threshold must be >= 1, got "
+                             f"{self.threshold!r}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class Checkpoint:
+    """A checkpoint every `every` steps into dir (None: none), the last `keep` kept."""
+
+    dir: str | None = None
+    every: int = 50
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "checkpoint", ("every", "keep"))
+
+
+def _moe_layer_defaults() -> dict:
     # MoEOptions' fields and defaults, less precision (top level here) and sequence_sharded
     # (the trainer decides it)
-    "moe_layer": {f.name: f.default for f in dataclasses.fields(MoEOptions)
-                  if f.name not in ("precision", "sequence_sharded")},
-    "strategy": {"pp": 1, "dp": 1, "ep": 1, "schedule": "1f1b", "vpp": 1,
-                 "order": "ep,edp,pp"},
-    "batch": {"micro_batch": 2, "global_batch": 8, "seq_len": 64},
-    "optim": {"lr": 3.0e-3, "min_lr": 3.0e-4, "warmup": 10, "weight_decay": 0.0,
-              "betas": [0.9, 0.95], "eps": 1.0e-8, "clip": 1.0},
-    "data": {"kind": "markov", "seed": 0, "branching": 8},
-    "rebalance": {"enabled": False, "threshold": 1.3, "patience": 3, "max_swaps": 2,
-                  "window": 5},
-    "checkpoint": {"dir": None, "every": 50, "keep": 2},
-    "log_every": 10,
-    "dtype": "float32",
-    "precision": "auto",
-    "device": "cpu",
-}
-PRECISION_CHOICES = ("auto", *PRECISIONS)
+    return {f.name: f.default for f in dataclasses.fields(MoEOptions)
+            if f.name not in ("precision", "sequence_sharded")}
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """One training job, validated on construction (the YAML keys of the module docstring).
+    Trainer takes it or the equivalent dict (load()); to_dict() / from_dict() convert."""
+
+    model: str = "tiny-moe"
+    platform: str = "cpu-host"
+    seed: int = 0
+    steps: int = 100
+    moe: dict = dataclasses.field(default_factory=dict)
+    moe_layer: dict = dataclasses.field(default_factory=_moe_layer_defaults)
+    strategy: dict | str = dataclasses.field(default_factory=lambda: {
+        "pp": 1, "dp": 1, "ep": 1, "schedule": "1f1b", "vpp": 1, "order": "ep,edp,pp"})
+    batch: Batch = dataclasses.field(default_factory=Batch)
+    optim: Optim = dataclasses.field(default_factory=Optim)
+    data: dict = dataclasses.field(
+        default_factory=lambda: {"kind": "markov", "seed": 0, "branching": 8})
+    rebalance: Rebalance = dataclasses.field(default_factory=Rebalance)
+    checkpoint: Checkpoint = dataclasses.field(default_factory=Checkpoint)
+    log_every: int = 10
+    dtype: str = "float32"
+    precision: str = "auto"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "", ("steps",), least=0)
+        # its values, checked now rather than at the first layer; fp8_dispatch against the
+        # precision once that is resolved (auto), by the layer
+        MoEOptions(**{**self.moe_layer, "fp8_dispatch": False})
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"train config: precision must be one of {PRECISION_CHOICES}, "
+                             f"got {self.precision!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """From a complete config mapping (as load() returns), sections included."""
+        sections = {"batch": Batch, "optim": Optim, "rebalance": Rebalance,
+                    "checkpoint": Checkpoint}
+        kw = {k: (sections[k](**{**v, **({"betas": tuple(v["betas"])} if k == "optim"
+                                          else {})}) if k in sections else v)
+              for k, v in d.items()}
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        return d
+
+
+DEFAULTS: dict[str, Any] = TrainConfig().to_dict()
+
 FREE_FORM = {"moe", "data"}  # passed through to MoEConfig / data.make_source (they validate)
 
 
@@ -120,16 +229,7 @@ def load(name_or_path: str | Path | None = None, overrides: dict | None = None) 
     cfg = _merge(DEFAULTS, data, "")
     if overrides:
         cfg = _merge(cfg, overrides, "")
-    b = cfg["batch"]
-    for k in ("micro_batch", "global_batch", "seq_len"):
-        if not isinstance(b[k], int) or b[k] < 1:
-            raise ValueError(f"train config: batch.{k} must be a positive int, got {b[k]!r}")
-    if not isinstance(cfg["steps"], int) or cfg["steps"] < 0:
-        raise ValueError(f"train config: steps must be an int >= 0, got {cfg['steps']!r}")
-    MoEOptions(**cfg["moe_layer"])  # its values, checked now rather than at the first layer
-    if cfg["precision"] not in PRECISION_CHOICES:
-        raise ValueError(f"train config: precision must be one of {PRECISION_CHOICES}, got "
-                         f"{cfg['precision']!r}")
+    TrainConfig.from_dict(cfg)  # validates every section
     return cfg
 
 

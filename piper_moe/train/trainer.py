@@ -55,14 +55,22 @@ def _is_expert(name: str) -> bool:
 
 
 class Trainer:
-    """Builds this rank's part of the run from a config dict (piper_moe.train.config.load)."""
+    """Builds this rank's part of the run from a TrainConfig (piper_moe.train.config)."""
 
-    def __init__(self, cfg: dict, out_dir: str | Path | None = None, *, progress: bool = True):
+    def __init__(self, cfg: C.TrainConfig | dict, out_dir: str | Path | None = None, *,
+                 progress: bool = True):
+        """cfg: a TrainConfig, or the same as a dict (config.load's result), validated here;
+        with strategy "auto" the dict given is updated with the strategy chosen. Collective
+        over the job's ranks."""
         import torch.distributed as dist
 
         from ..data import make_source
         from ..transformer import Stage
 
+        if isinstance(cfg, C.TrainConfig):
+            cfg = cfg.to_dict()
+        else:
+            C.TrainConfig.from_dict(cfg)
         self.cfg = cfg
         self.dist = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if self.dist else 1
