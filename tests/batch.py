@@ -12,9 +12,10 @@ cases that share a launch shape run one after another in one job:
    share a job (`Job`), in collection order, at most MAX_CASES per job. A call stays in a job
    of its own (the code path tests/launch.py always had) when the test expects ranks to fail
    (expect_ok=False: killed or hung ranks, hard exits), passes launcher options, sets
-   PIPER_TIMEOUT (its peers wait for timeouts and leave broken state), or is marked own_job
+   PIPER_TIMEOUT (its peers wait for timeouts and leave broken state), is marked own_job
    (its assertions are about the job itself: /dev/shm before and after, exit statuses,
-   elapsed time).
+   elapsed time), or its case module sets BATCH = False (its cases set up and destroy
+   process-wide state, such as torch.distributed's default group).
 3. Run: just before the first test of a job runs (outside that test's pytest-timeout), the
    job runs all its cases (tests/worker.py --batch); each case has its own timeout, counted
    from the end of the previous case, and a hang is killed with every stuck rank's stacks.
@@ -67,6 +68,8 @@ class Call:
                     expect_ok)
 
     def own_job_reason(self) -> str | None:
+        if _module_attr(self.func.split(":")[0], "BATCH", True) is False:
+            return "its case module says BATCH = False"
         if not self.expect_ok:
             return "expects failing ranks"
         if self.mpi_args:
@@ -81,16 +84,18 @@ class Call:
         itself."""
         module = self.func.split(":")[0]
         return (self.launcher, self.nprocs, self.env,
-                module if _has_finish(module) else None)
+                module if _module_attr(module, "finish", True) else None)
 
 
-def _has_finish(module: str) -> bool:
+def _module_attr(module: str, name: str, unimportable):
+    """An attribute of a case module (None if absent); `unimportable` if the module does
+    not import here (e.g. it needs a GPU module)."""
     import importlib
 
     try:
-        return hasattr(importlib.import_module(f"tests.{module}"), "finish")
-    except Exception:  # not importable here (e.g. needs a GPU module): its own shape anyway
-        return True
+        return getattr(importlib.import_module(f"tests.{module}"), name, None)
+    except Exception:
+        return unimportable
 
 
 # -- probing -------------------------------------------------------------------------------

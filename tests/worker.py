@@ -10,7 +10,8 @@ Many cases:  python -m tests.worker --batch outdir
     outdir/c<k>-rank<r>.json (as above) and its output (fds 1 and 2, C++ and MPI included) goes
     to outdir/c<k>-rank<r>.log. Between cases the ranks agree through those files: every rank
     waits until all ranks wrote case k's result, and goes on only if every rank's case ended ok;
-    otherwise (or after a hard exit) the job ends and the cases left run in jobs of their own.
+    otherwise the job ends (a rank whose case failed leaves at once, as with one case, and so
+    does a hard exit) and tests/batch.py starts the cases left in a new job.
 """
 
 import ctypes
@@ -143,8 +144,10 @@ def batch(outdir: str) -> None:
             modules.append(module)
         _write(os.path.join(outdir, f"c{k}-rank{rank}.json"), out)
         _hard_exit(out, outdir, prefix=f"c{k}-")
+        if out["status"] != "ok":  # leaves at once, as with one case: the launcher then ends
+            ok = False  # the peers that may wait for this rank inside the case
+            break
         if not _agree(outdir, k):
-            ok = out["status"] == "ok"
             break
     _flush_all()
     _finish(modules, ok)
