@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check of the GPU path, for the lent GPU machine (one H100/H200, no network, ~15 minutes):
-# builds the extension, names the device, runs the GPU tests (the pack kernels; the CUDA
-# execution context over CUDA IPC and HALO over it, 2 and 4 ranks of one node on the device),
-# compute-sanitizer on the kernels and on the context's IPC round trip, and times copy_blocks and
-# pack/unpack against a plain device-to-device copy at 16/64/256 MiB. Steps whose code does not
-# exist yet (all_to_all on CUDA tensors, the MoE layer and training on CUDA, the NCCL baseline)
-# are listed and recorded as "not implemented yet (see docs/gpu.md)", never as passed. Everything goes to
+# The GPU check of the GPU path, for the lent GPU machine (one H100/H200, no network, ~15 minutes;
+# this script aims at 8): builds the extension, names the device, runs the GPU tests (the pack
+# kernels; the CUDA execution context over CUDA IPC; comm.all_to_all(_v) on CUDA tensors under
+# every algorithm, 4 ranks on the one device as 2 emulated nodes of 2 and as 1 node of 4, over
+# NCCL and host-staged, every dtype, CuPy, CUDA-graph capture, bad input, the torch backend),
+# compute-sanitizer on the kernels, the context's IPC round trip and one small collective, the
+# benchmark against torch's NCCL all_to_all_single, and copy_blocks and pack/unpack against a
+# plain device-to-device copy at 16/64/256 MiB. Steps whose code does not exist yet are listed
+# and recorded as "not implemented yet (see docs/gpu.md)", never as passed. Everything goes to
 # bench/results/gpu_<date>.txt, headed by the device's name. A failing step is recorded and the
 # next runs.
 #
@@ -25,6 +27,7 @@ STAMP=$(date -u +%Y%m%d_%H%M%S)
 OUT="bench/results/gpu_${STAMP}.txt"
 STATUS=0
 TODO=0
+export NCCL_MULTI_RANK_GPU_ENABLE=1  # several ranks on the one GPU (NCCL >= 2.30, experimental)
 if [ $DRY -eq 1 ]; then
   OUT=/dev/null
   DRIVER=/tmp/piper_gpu_driver.XXXXXX.py
@@ -165,9 +168,11 @@ step build 300 "$PY" -m pip install --no-build-isolation --no-deps -e .
 step nvidia-smi 30 nvidia-smi
 step build_info 60 "$PY" -c "import piper_comm, torch; print(piper_comm.build_info()); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 
-# 3. GPU tests: pack kernels; CUDA context over IPC, 2 and 4 ranks on the one device (1 node).
-step pytest_gpu 240 "$PY" -m pytest -ra -m gpu tests/gpu
-todo all_to_all_cuda "exactness of halo/flat/pairwise on CUDA tensors against the CPU result (4 ranks as 2 nodes of 2 and 1 node of 4; uneven counts, every dtype, CuPy, CUDA-graph capture, bad input): comm.all_to_all does not accept CUDA tensors and there is no NCCL transport"
+# 3. GPU tests: pack kernels; CUDA context over IPC, 2 and 4 ranks on the one device (1 node);
+#    all_to_all(_v) on CUDA tensors (tests/gpu/test_comm_cuda.py: 4 ranks as 2 nodes of 2 and
+#    1 node of 4, every algorithm and dtype against the host result, NCCL and host-staged,
+#    CuPy, CUDA-graph capture, bad input, the torch backend).
+step pytest_gpu 300 "$PY" -m pytest -ra -m gpu tests/gpu
 
 # 4. compute-sanitizer: the kernels' driver, and the context's IPC round trip on 2 ranks.
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -180,12 +185,14 @@ else
   echo "### compute-sanitizer not found: memcheck/racecheck NOT run" | tee -a "$OUT"
   STATUS=1
 fi
-todo memcheck_collective "compute-sanitizer on one small comm.all_to_all of CUDA tensors (needs the CUDA call path)"
+if [ -n "$SAN" ]; then
+  step memcheck_collective 120 "$MPIRUN" -n 2 "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "from tests.gpu.comm_cases import small; print(small(local_size=2))"
+fi
 
 # 5. Everything above the collective on CUDA.
 todo moe_layer_cuda "MoE layer forward/backward on CUDA against the CPU reference (piper_moe runs on CPU only)"
 todo train_cuda "20 training steps of python -m piper_moe.train with device: cuda against the same steps on CPU"
-todo bench_nccl "python -m piper_comm.bench --algos halo,flat,nccl on 4 ranks of the one GPU (NCCL_MULTI_RANK_GPU_ENABLE=1)"
+step bench_nccl 180 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --local-size 2 --algos halo,flat,nccl -b 1K -e 64M -f 4 -n 10 -w 3
 
 # 6. Timing of the kernels against the copy ceiling.
 step bench_pack 180 "$PY" "$DRIVER" bench

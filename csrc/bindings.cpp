@@ -16,12 +16,14 @@
 #include "runtime/executor.hpp"
 #include "runtime/header.hpp"
 #include "runtime/py_transport.hpp"
+#include "python/args.hpp"
 #include "python/call_queue.hpp"
 #ifdef PIPER_WITH_MPI
 #include "runtime/mpi_transport.hpp"
 #endif
 #ifdef PIPER_WITH_CUDA
 #include "cuda/api.hpp"
+#include "cuda/device_plane.hpp"
 #endif
 
 namespace py = pybind11;
@@ -65,6 +67,12 @@ py::dict build_info() {
   info["cuda"] = false;
   info["cuda_archs"] = "";
 #endif
+#ifdef PIPER_WITH_NCCL
+  info["nccl_header"] = true;
+  info["nccl_build_library"] = PIPER_NCCL_BUILD_LIBRARY;
+#else
+  info["nccl_header"] = false;
+#endif
 #ifdef PIPER_WITH_MPI
   info["mpi_linked"] = piper::runtime::MpiTransport::library_version();
 #else
@@ -73,18 +81,40 @@ py::dict build_info() {
   return info;
 }
 
+// How CUDA calls of an executor get their device plane (csrc/cuda/device_plane.hpp); a build
+// without CUDA sets none (CUDA arrays are then refused by the argument checks).
+void set_device_plane(piper::runtime::Executor& ex,
+                      std::shared_ptr<piper::runtime::Transport> transport,
+                      piper::host::NodeChannel* channel, const std::string& inter,
+                      const std::string& nccl_library) {
+#ifdef PIPER_WITH_CUDA
+  piper::cuda::DeviceOptions opt;
+  opt.inter = inter;
+  opt.nccl_library = nccl_library;
+  opt.channel = channel;
+  opt.host = std::move(transport);
+  ex.set_device_factory(piper::cuda::device_plane_factory(std::move(opt)));
+#else
+  (void)ex, (void)transport, (void)channel, (void)inter, (void)nccl_library;
+#endif
+}
+
 // An executor over MPI called from C++ (the handle of an mpi4py communicator).
 std::unique_ptr<piper::runtime::Executor> executor_over_mpi(
     const Topology& topology, uint64_t mpi_handle, piper::host::NodeChannel* channel,
-    std::vector<int64_t> pids, std::vector<uint8_t> same_host) {
+    std::vector<int64_t> pids, std::vector<uint8_t> same_host, const std::string& inter,
+    const std::string& nccl_library) {
 #ifdef PIPER_WITH_MPI
   auto transport = std::make_shared<piper::runtime::MpiTransport>(mpi_handle);
   if (channel != nullptr) channel->set_progress([transport] { transport->progress(); });
   auto context = std::make_unique<piper::runtime::HostContext>(channel, topology.size());
-  return std::make_unique<piper::runtime::Executor>(topology, transport, std::move(context),
-                                                    std::move(pids), std::move(same_host));
+  auto ex = std::make_unique<piper::runtime::Executor>(topology, transport, std::move(context),
+                                                       std::move(pids), std::move(same_host));
+  set_device_plane(*ex, transport, channel, inter, nccl_library);
+  return ex;
 #else
-  (void)topology, (void)mpi_handle, (void)channel, (void)pids, (void)same_host;
+  (void)topology, (void)mpi_handle, (void)channel, (void)pids, (void)same_host, (void)inter,
+      (void)nccl_library;
   throw piper::Error(piper::ErrorCode::kUsage,
                      "piper: Executor.over_mpi: piper_comm._C was built without MPI");
 #endif
@@ -122,11 +152,14 @@ void cuda_alltoallv(bool pack, uintptr_t src, uintptr_t dst, uintptr_t counts, i
 // An executor over a Python transport object (piper_comm/transport.py).
 std::unique_ptr<piper::runtime::Executor> executor_over_python(
     const Topology& topology, py::object transport, piper::host::NodeChannel* channel,
-    std::vector<int64_t> pids, std::vector<uint8_t> same_host) {
+    std::vector<int64_t> pids, std::vector<uint8_t> same_host, const std::string& inter,
+    const std::string& nccl_library) {
   auto tr = std::make_shared<piper::runtime::PyTransport>(std::move(transport));
   auto context = std::make_unique<piper::runtime::HostContext>(channel, topology.size());
-  return std::make_unique<piper::runtime::Executor>(topology, tr, std::move(context),
-                                                    std::move(pids), std::move(same_host));
+  auto ex = std::make_unique<piper::runtime::Executor>(topology, tr, std::move(context),
+                                                       std::move(pids), std::move(same_host));
+  set_device_plane(*ex, tr, channel, inter, nccl_library);
+  return ex;
 }
 
 }  // namespace
@@ -260,7 +293,7 @@ PYBIND11_MODULE(_C, m) {
   py::dict fields;
   for (auto [name, index] : {std::pair{"SEQ", hdr::kSeq}, {"OP", hdr::kOp}, {"ALGO", hdr::kAlgo},
                              {"DTYPE", hdr::kDtype}, {"ROW_BYTES", hdr::kRowBytes},
-                             {"TRAIL", hdr::kTrail}, {"ERR", hdr::kErr}, {"ERR_A", hdr::kErrA},
+                             {"TRAIL", hdr::kTrail}, {"MEM", hdr::kMem}, {"ERR", hdr::kErr}, {"ERR_A", hdr::kErrA},
                              {"ERR_B", hdr::kErrB}, {"RECV_CAP", hdr::kRecvCap},
                              {"NFIXED", hdr::kFixed}})
     fields[name] = static_cast<int64_t>(index);
@@ -269,6 +302,9 @@ PYBIND11_MODULE(_C, m) {
   for (int64_t i = 0; i < piper::runtime::kNumLocalErrors; ++i)
     local_errors[piper::runtime::kLocalErrorNames[i]] = i;
   m.attr("LOCAL_ERRORS") = local_errors;
+  m.def("emulate_cuda_arrays", &piper::python::set_emulated_cuda, py::arg("on"),
+        "Tests only: __cuda_array_interface__ arrays count as host-addressable memory of CUDA\n"
+        "device 0 (see Executor.emulate_device_plane); process-wide, switch it off after.");
   m.def("header_tag", &piper::runtime::header_tag, py::arg("seq"),
         "The tag of call seq's header round (csrc/runtime/call.hpp), also the barrier's.");
   m.def(
@@ -293,16 +329,46 @@ PYBIND11_MODULE(_C, m) {
                        "(csrc/runtime/executor.hpp); every call runs with the GIL released.")
       .def_static("over_mpi", &executor_over_mpi, py::arg("topology"), py::arg("mpi_handle"),
                   py::arg("channel").none(true), py::arg("pids"), py::arg("same_host"),
+                  py::arg("inter") = "auto", py::arg("nccl_library") = "",
                   py::keep_alive<0, 3>(),
                   "mpi_handle: mpi4py Comm.handle (MPI_ERRORS_RETURN set). channel: the node's\n"
-                  "NodeChannel, or None on a node of one rank. pids, same_host: per rank.")
+                  "NodeChannel, or None on a node of one rank. pids, same_host: per rank.\n"
+                  "inter: PIPER_INTER (auto | nccl | mpi), the transport of CUDA calls'\n"
+                  "messages; nccl_library: libnccl.so.2 to load ('' the loader's search).")
       .def_static("over_python", &executor_over_python, py::arg("topology"),
                   py::arg("transport"), py::arg("channel").none(true), py::arg("pids"),
-                  py::arg("same_host"), py::keep_alive<0, 3>(),
+                  py::arg("same_host"), py::arg("inter") = "auto", py::arg("nccl_library") = "",
+                  py::keep_alive<0, 3>(),
                   "transport: a piper_comm.transport.Transport (torch/gloo, mpi4py, single);\n"
                   "the executor calls it with the GIL held. Other arguments as over_mpi.")
       .def_property_readonly("transport_name",
                              [](Executor& ex) { return ex.transport().name(); })
+      .def_property_readonly("device", &Executor::device,
+                             "The CUDA device of this rank's calls (-1 before the first one).")
+      .def_property_readonly("device_transport", &Executor::device_transport_name,
+                             "The transport of CUDA calls' messages ('' before the first one).")
+      .def("close_device", &Executor::close_device, py::arg("what"), py::arg("timeout_s"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Releases the device plane collectively (no-op when no CUDA call ran).")
+      .def(
+          "emulate_device_plane",
+          [](Executor& ex, piper::host::NodeChannel* channel) {
+            const int64_t P = ex.topology().size();
+            ex.set_device_factory([channel, P](Executor& e, int device, const Deadline& d) {
+              const int64_t mine = device;  // a set-up round, as the real plane's
+              e.allgather(&mine, 1, piper::runtime::kDeviceTag, "emulated device plane", d);
+              piper::runtime::DevicePlane plane;
+              plane.context = std::make_unique<piper::runtime::HostContext>(channel, P);
+              plane.data = e.shared_transport();
+              plane.device = device;
+              return plane;
+            });
+          },
+          py::arg("channel").none(true), py::keep_alive<1, 2>(),
+          "Tests on hosts without a device: the device plane becomes a host context over the\n"
+          "host transport; with emulate_cuda_arrays(True) the device plane's plumbing (memory\n"
+          "kind in the header, set-up on the first call, one device per rank, close) runs on\n"
+          "host memory.")
       .def_property_readonly(
           "check_counts",
           [](const Executor& ex) {

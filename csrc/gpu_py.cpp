@@ -79,8 +79,8 @@ py::dict decode_record(const py::bytes& area, int64_t rank, const std::string& w
   return d;
 }
 
-// The transport of a one-node CUDA executor: HALO on one node sends no message; anything else
-// needs the NCCL transport, which does not exist yet.
+// The transport of CudaNodeExecutor: HALO on one node sends no message, and nothing else runs
+// there (the communicator's device plane has the NCCL and staged transports).
 class NoInterNodeTransport final : public piper::runtime::Transport {
  public:
   NoInterNodeTransport(int64_t rank, int64_t size) : rank_(rank), size_(size) {}
@@ -98,15 +98,14 @@ class NoInterNodeTransport final : public piper::runtime::Transport {
   [[noreturn]] void refuse(int64_t bytes, int64_t peer) const {
     throw piper::Error(piper::ErrorCode::kUsage,
                        piper::fmt("piper: rank ", rank_, ": a message of ", bytes, " B to or from ",
-                                  "rank ", peer, " on device memory needs the NCCL transport ",
-                                  "(not implemented yet, see docs/gpu.md); only HALO on one node "
-                                  "runs"));
+                                  "rank ", peer, ": CudaNodeExecutor has no transport; only ",
+                                  "HALO on one node runs (comm.all_to_all has the others)"));
   }
   int64_t rank_, size_;
 };
 
-// HALO over a CudaContext on a topology of one node (every rank a process on this host): the
-// GPU tests' way to run the real executor on device memory before the CUDA call path exists.
+// HALO over a CudaContext on a topology of one node (every rank a process on this host), without
+// a communicator: the GPU tests' way to check the context apart from the call path.
 class CudaNodeExecutor {
  public:
   CudaNodeExecutor(piper::host::NodeChannel* channel, int64_t world_size, int64_t rank,

@@ -1,4 +1,5 @@
-"""The array kinds Piper moves (numpy arrays and torch CPU tensors) as the C++ core sees them.
+"""The array kinds Piper moves (numpy arrays, torch tensors, CUDA arrays) as the C++ core sees
+them.
 
 An array is seen as `rows` rows of `row_bytes` bytes each: dim 0 is split between ranks, any
 trailing shape is carried along. csrc/python/args.cpp reads arrays without copying; this module
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import _C
+from .errors import PiperUsageError
 
 # Stable ids for the per-call header; names are numpy's and torch's common spellings.
 DTYPE_NAMES = (
@@ -51,10 +53,20 @@ def dtype_info(dtype: Any) -> tuple[int, int]:
 
 
 def new_rows(like: Any, rows: int) -> Any:
-    """A new uninitialised array of `rows` rows with like's dtype, trailing shape and kind
-    (numpy array or torch CPU tensor)."""
+    """A new uninitialised array of `rows` rows with like's dtype, trailing shape, kind and
+    device (numpy array, torch tensor on CPU or CUDA, CuPy array). Called by the C++ call path
+    when no recv was given; the allocation is ordered on the current stream (torch's caching
+    allocator, CuPy's pool)."""
     shape = (rows, *like.shape[1:])
     torch = _torch()
     if torch is not None and isinstance(like, torch.Tensor):
-        return torch.empty(shape, dtype=like.dtype, device="cpu")
+        return like.new_empty(shape)
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(like, cupy.ndarray):
+        with like.device:
+            return cupy.empty(shape, dtype=like.dtype)
+    if hasattr(like, "__cuda_array_interface__"):
+        raise PiperUsageError("piper: pass recv for CUDA arrays other than torch tensors and "
+                              f"CuPy arrays (got {type(like).__name__}): Piper cannot allocate "
+                              "one like it")
     return np.empty(shape, dtype=like.dtype)

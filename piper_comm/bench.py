@@ -1,7 +1,9 @@
-"""nccl-tests-style collective benchmark: Piper's all-to-all against MPI and torch gloo.
+"""nccl-tests-style collective benchmark: Piper's all-to-all against MPI and torch gloo (CPU)
+or torch NCCL (CUDA).
 
     mpirun -n 8 python -m piper_comm.bench --op alltoall -b 8 -e 64M -f 2 \\
         --algos halo,flat,mpi,gloo --local-size 4 --json r.json --plot r.png
+    mpirun -n 4 python -m piper_comm.bench --device cuda --algos halo,flat,nccl --local-size 2
 
 Definitions (nccl-tests doc/PERFORMANCE.md):
   size   bytes one rank sends in total (all n blocks); count = size / itemsize elements.
@@ -16,8 +18,12 @@ Definitions (nccl-tests doc/PERFORMANCE.md):
          first filled with a sentinel).
 Algorithms: halo | flat | pairwise | auto: Piper `comm.all_to_all(send, recv=recv, algorithm=)`;
 mpi: mpi4py `COMM_WORLD.Alltoall` (MPI.BYTE) on the same buffers; gloo: torch.distributed
-`all_to_all_single` on tensors sharing those buffers. SUMMARY ratios are time(baseline) /
-time(piper): > 1 means Piper is faster. The exit code is 1 when any #wrong > 0.
+`all_to_all_single` on tensors sharing those buffers; nccl (--device cuda): torch.distributed's
+NCCL `all_to_all_single` on the same device tensors. With --device cuda every rank uses CUDA
+device local_rank % device_count, the data is made on the host and copied over once per size,
+and a timed loop ends with torch.cuda.synchronize() (the calls only enqueue work). SUMMARY
+ratios are time(baseline) / time(piper): > 1 means Piper is faster. The exit code is 1 when
+any #wrong > 0.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ from mpi4py import MPI
 import piper_comm as pc
 
 PIPER_ALGOS = ("halo", "flat", "pairwise", "auto")
-ALL_ALGOS = (*PIPER_ALGOS, "mpi", "gloo")
+ALL_ALGOS = (*PIPER_ALGOS, "mpi", "gloo", "nccl")
+HOST_ONLY, DEVICE_ONLY = ("mpi", "gloo"), ("nccl",)
 DTYPES = ("float32", "float64", "float16", "int32", "int64", "int8", "uint8")
 _K = 2654435761  # odd multiplier: idx -> idx * _K is a bijection mod 2**bits
 
@@ -105,11 +112,15 @@ class Ctx:
     world: MPI.Intracomm
     torch: object = None
     dist: object = None
+    device: str = "cpu"  # "cpu", or "cuda:<i>": the runners get device tensors
 
 
-def a2a_runner(ctx: Ctx, algo: str, send: np.ndarray, recv: np.ndarray) -> Callable[[], None]:
+def a2a_runner(ctx: Ctx, algo: str, send, recv) -> Callable[[], None]:
+    """send, recv: numpy arrays (CPU) or torch device tensors (--device cuda)."""
     if algo in PIPER_ALGOS:
         return lambda: ctx.comm.all_to_all(send, recv=recv, algorithm=algo)
+    if algo == "nccl":
+        return lambda: ctx.dist.all_to_all_single(recv, send)
     if algo == "mpi":
         sb, rb = [send.view(np.uint8), MPI.BYTE], [recv.view(np.uint8), MPI.BYTE]
         return lambda: ctx.world.Alltoall(sb, rb)
@@ -157,9 +168,33 @@ def init_gloo(ctx: Ctx, timeout: float) -> str | None:
     """Starts a gloo group on the MPI ranks; returns the reason when it cannot."""
     try:
         import torch
-        import torch.distributed as dist
     except ImportError as e:
         return f"torch missing ({e})"
+    torch.set_num_threads(1)
+    init_group(ctx, "gloo", timeout)
+    return None
+
+
+def init_cuda(ctx: Ctx, algos: list[str], timeout: float) -> None:
+    """Picks this rank's device (local rank modulo the devices) and, for the nccl baseline,
+    starts torch.distributed's NCCL group on the MPI ranks."""
+    import torch
+
+    ctx.torch = torch
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    dev = ctx.comm.local_rank % torch.cuda.device_count()
+    torch.cuda.set_device(dev)
+    ctx.device = f"cuda:{dev}"
+    if "nccl" in algos:
+        init_group(ctx, "nccl", timeout)
+
+
+def init_group(ctx: Ctx, backend: str, timeout: float) -> None:
+    """A torch.distributed group of `backend` on the MPI ranks (rendezvous on rank 0's host)."""
+    import torch
+    import torch.distributed as dist
+
     w = ctx.world
     port = 0
     if w.rank == 0:
@@ -174,20 +209,22 @@ def init_gloo(ctx: Ctx, timeout: float) -> str | None:
     else:
         os.environ.update(MASTER_ADDR=hosts[0])
     os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method="env://", rank=w.rank, world_size=w.size,
-                            timeout=datetime.timedelta(seconds=timeout))
+    kwargs = {"device_id": torch.device(ctx.device)} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method="env://", rank=w.rank, world_size=w.size,
+                            timeout=datetime.timedelta(seconds=timeout), **kwargs)
     ctx.torch, ctx.dist = torch, dist
-    return None
 
 
-def measure(run: Callable[[], None], world: MPI.Intracomm, warmup: int, iters: int) -> float:
+def measure(run: Callable[[], None], world: MPI.Intracomm, warmup: int, iters: int,
+            sync: Callable[[], None] = lambda: None) -> float:
     for _ in range(warmup):
         run()
+    sync()
     world.Barrier()
     t0 = time.perf_counter()
     for _ in range(iters):
         run()
+    sync()
     mine = (time.perf_counter() - t0) / iters
     return world.allreduce(mine, op=MPI.MAX)
 
@@ -204,7 +241,8 @@ def crossover(sizes: list[int], wins: list[bool]) -> str:
 def summary(rows: list[dict], algos: list[str]) -> tuple[list[str], dict]:
     t = {(r["algo"], r["size"]): r["time_us"] for r in rows}
     sizes = sorted({r["size"] for r in rows})
-    pairs = [(p, b) for p in ("halo", "flat") for b in ("mpi", "gloo") if {p, b} <= set(algos)]
+    pairs = [(p, b) for p in ("halo", "flat") for b in ("mpi", "gloo", "nccl")
+             if {p, b} <= set(algos)]
     out = ["#", "# SUMMARY: time(baseline) / time(piper); > 1 = Piper faster",
            "# " + f"{'size':>10}" + "".join(f"{p + ' vs ' + b:>15}" for p, b in pairs)]
     ratios = {f"{p}_vs_{b}": [t[b, s] / t[p, s] for s in sizes] for p, b in pairs}
@@ -214,7 +252,8 @@ def summary(rows: list[dict], algos: list[str]) -> tuple[list[str], dict]:
     geo = {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in ratios.items() if v}
     out.append("# " + f"{'geomean':>10}" + "".join(f"{geo[k]:>15.3f}" for k in geo))
     cross = {}
-    for p, b in (("halo", "flat"), ("halo", "mpi"), ("halo", "gloo"), ("flat", "mpi")):
+    for p, b in (("halo", "flat"), ("halo", "mpi"), ("halo", "gloo"), ("flat", "mpi"),
+                 ("halo", "nccl"), ("flat", "nccl")):
         if {p, b} <= set(algos) and sizes:
             cross[f"{p}<{b}"] = crossover(sizes, [t[p, s] < t[b, s] for s in sizes])
             out.append(f"# crossover {p} beats {b}: {cross[f'{p}<{b}']}")
@@ -228,17 +267,18 @@ def plot(path: str, rows: list[dict], algos: list[str], title: str) -> None:
 
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 8), sharex=True)
     t = {(r["algo"], r["size"]): r for r in rows}
+    base = "nccl" if "nccl" in algos else "mpi"
     for k, algo in enumerate(algos):
         pts = sorted((r["size"], r["busbw"]) for r in rows if r["algo"] == algo)
         a1.plot(*zip(*pts), marker="o", ms=3, label=algo, color=f"C{k}")
-        if "mpi" in algos and algo != "mpi":
-            a2.plot([s for s, _ in pts], [t["mpi", s]["time_us"] / t[algo, s]["time_us"]
+        if base in algos and algo != base:
+            a2.plot([s for s, _ in pts], [t[base, s]["time_us"] / t[algo, s]["time_us"]
                                           for s, _ in pts], marker="o", ms=3, label=algo,
                     color=f"C{k}")
     a1.set(xscale="log", yscale="log", ylabel="busbw (GB/s)", title=title)
     a2.axhline(1.0, color="gray", lw=0.8, ls="--")
     a2.set(xscale="log", yscale="log", xlabel="bytes a rank sends",
-           ylabel="time(mpi) / time(algo)  (>1 = faster than MPI)")
+           ylabel=f"time({base}) / time(algo)  (>1 = faster than {base})")
     for a in (a1, a2):
         a.set_xscale("log", base=2)
         a.grid(True, which="both", alpha=0.3)
@@ -260,6 +300,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local-size", default=None, type=int,
                    help="ranks per emulated node (default PIPER_LOCAL_SIZE, else host names)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the buffers live (cuda: torch tensors on local_rank's device)")
     p.add_argument("-c", "--check", default=1, type=int, help="1: verify every size")
     p.add_argument("-J", "--json", default=None)
     p.add_argument("--plot", default=None)
@@ -270,6 +312,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bad = [x for x in a.algos if x not in ALL_ALGOS]
     if bad or not a.algos or a.stepfactor < 2 or a.iters < 1 or a.minbytes > a.maxbytes:
         p.error(f"bad arguments (unknown algos {bad}; need -f >= 2, -n >= 1, -b <= -e)")
+    wrong_place = [x for x in a.algos if x in (HOST_ONLY if a.device == "cuda" else DEVICE_ONLY)]
+    if wrong_place:
+        p.error(f"--algos {','.join(wrong_place)} cannot run with --device {a.device} "
+                f"(host baselines: {', '.join(HOST_ONLY)}; CUDA baseline: nccl)")
     return a
 
 
@@ -288,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGALRM, alarm)
 
     algos, notes = list(dict.fromkeys(a.algos)), []
+    if a.device == "cuda":
+        init_cuda(ctx, algos, a.timeout or 300.0)
+    sync = ctx.torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     if "gloo" in algos:
         why = init_gloo(ctx, a.timeout or 300.0)
         if why:
@@ -302,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             "ranks": n, "nodes": comm.num_nodes, "node_sizes": [s for _, s in node_sizes],
             "host": socket.gethostname(), "cpu": cpu_model(), "mpi": info["mpi"],
             "piper_version": info["version"], "git": git_commit(), "dtype": a.dtype,
-            "iters": a.iters, "warmup": a.warmup, "algos": algos,
+            "iters": a.iters, "warmup": a.warmup, "algos": algos, "device": ctx.device,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     sizes_ = [s for _, s in node_sizes]
     split = (f"{comm.num_nodes} x {sizes_[0]}" if len(set(sizes_)) == 1
@@ -311,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     P(f"# piper_comm.bench {a.op}: {meta['command']}")
     P(f"# nranks {n}  nodes {split}  host {meta['host']} ({meta['cpu']})")
     P(f"# MPI: {meta['mpi']}")
+    if a.device == "cuda":
+        meta["gpu"] = ctx.torch.cuda.get_device_name()
+        P(f"# device: {meta['gpu']} (rank 0 on {ctx.device}); Piper's device transport is "
+          "chosen at the first call (PIPER_INTER)")
     P(f"# piper {meta['piper_version']}  git {meta['git']}  date {meta['date']}")
     P(f"# minBytes {a.minbytes} maxBytes {a.maxbytes} step: {a.stepfactor}(factor) "
       f"warmup iters: {a.warmup} iters: {a.iters} dtype: {a.dtype} validation: {a.check} "
@@ -334,17 +387,26 @@ def main(argv: list[str] | None = None) -> int:
         recv = np.empty(op.recv_count(count, n), dtype)
         seed = 33 * i
         op.fill(send, seed, me, n)
+        bufs = (send, recv)
+        if a.device == "cuda":  # the same bits on the device; recv comes back to check it
+            torch = ctx.torch
+            bufs = (torch.from_numpy(send).to(ctx.device),
+                    torch.from_numpy(recv).to(ctx.device))
         progress = []
         for algo in algos:
             if a.timeout > 0:
                 signal.alarm(max(1, math.ceil(a.timeout)))
-            run = op.runner(ctx, algo, send, recv)
-            sec = measure(run, world, a.warmup, a.iters)
+            run = op.runner(ctx, algo, *bufs)
+            sec = measure(run, world, a.warmup, a.iters, sync)
             chosen = comm.last_algorithm if algo in PIPER_ALGOS else algo
             wrong = 0
             if a.check:
                 _uview(recv).fill(np.iinfo(_uview(recv).dtype).max)
+                if a.device == "cuda":
+                    bufs[1].copy_(ctx.torch.from_numpy(recv))
                 run()
+                if a.device == "cuda":
+                    recv[...] = bufs[1].cpu().numpy()
                 wrong = world.allreduce(op.wrong(recv, seed, me, n), op=MPI.SUM)
             signal.alarm(0)
             b = count * dtype.itemsize

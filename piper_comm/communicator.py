@@ -28,17 +28,19 @@ def _executor(transport: Transport, topology, segment):
     else the Python transport object called from C++ (torch.distributed/gloo, one process)."""
     channel = segment if isinstance(segment, _C.NodeChannel) else None
     same_host = [int(h) for h in transport.same_host]
+    device = {"inter": envs.inter(), "nccl_library": envs.nccl_library()}  # for CUDA calls
     linked = _C.build_info().get("mpi_linked")
     if transport.name == "mpi" and linked and envs.mpi_calls() == "cpp":
         loaded = transport.MPI.Get_library_version()
         if loaded.strip() == linked.strip():
             return _C.Executor.over_mpi(topology, transport.comm.handle, channel, transport.pids,
-                                        same_host)
+                                        same_host, **device)
         log.warning("piper: rank %d: mpi4py loaded another MPI (%s) than the one piper_comm._C "
                     "was built against (%s); MPI is called through mpi4py instead (rebuild Piper "
                     "in this environment)", transport.rank, loaded.splitlines()[0],
                     linked.splitlines()[0])
-    return _C.Executor.over_python(topology, transport, channel, transport.pids, same_host)
+    return _C.Executor.over_python(topology, transport, channel, transport.pids, same_host,
+                                   **device)
 
 
 class Communicator:
@@ -101,6 +103,19 @@ class Communicator:
         return self._executor.check_counts
 
     @property
+    def device(self) -> int | None:
+        """The CUDA device this rank's CUDA calls run on, fixed by the first one (None before;
+        a later call on another device is a PiperUsageError)."""
+        d = self._executor.device if self._executor is not None else -1
+        return d if d >= 0 else None
+
+    @property
+    def device_transport(self) -> str | None:
+        """What CUDA calls' messages go through: "nccl 2.x.y" or "host-staged over mpi"
+        (PIPER_INTER), None before the first CUDA call."""
+        return (self._executor.device_transport or None) if self._executor is not None else None
+
+    @property
     def transport(self) -> str:
         """What the executor sends through: "mpi" (MPI called from C++), or "python:mpi",
         "python:torch", "python:single" (a Python transport called from the C++ executor)."""
@@ -122,6 +137,10 @@ class Communicator:
             log.warning("piper: close on rank %d: an async call is still running; the "
                         "segment and transport are left open", self.rank)
             return
+        try:  # collective when a CUDA call ran: the node's IPC mappings, NCCL's communicator
+            self._executor.close_device(f"close on rank {self.rank}", self.timeout)
+        except PiperError as e:
+            log.warning("piper: %s (the device plane is left to process exit)", e)
         self._calls = self._executor = None  # before the segment they point into is unmapped
         self._segment.close()
         self._transport.close()

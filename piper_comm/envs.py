@@ -14,11 +14,18 @@ PIPER_BACKEND     str    mpi | torch | single: overrides launcher detection in p
 PIPER_MPI_CALLS   str    cpp | mpi4py: who calls MPI under the C++ executor (default cpp when
                          the extension was built against mpi4py's MPI; mpi4py: through the
                          Python transport, for comparison)
+PIPER_INTER       str    nccl | mpi: the transport of CUDA calls' messages (default: NCCL when
+                         it loads, else mpi: staged through pinned host memory over the host
+                         transport; csrc/cuda/device_plane.hpp)
+PIPER_NCCL_LIBRARY path  libnccl.so.2 to load (default: the one the process loaded already, as
+                         torch's, else the nvidia-nccl wheel's, else the loader's search path)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 from .errors import PiperUsageError
 
@@ -95,3 +102,28 @@ def mpi_calls() -> str:
     if value not in ("cpp", "mpi4py"):
         raise PiperUsageError(f"PIPER_MPI_CALLS={value!r}: expected cpp or mpi4py")
     return value
+
+
+def inter() -> str:
+    value = _get("PIPER_INTER") or "auto"
+    if value not in ("auto", "nccl", "mpi"):
+        raise PiperUsageError(f"PIPER_INTER={value!r}: expected nccl or mpi")
+    return value
+
+
+def nccl_library() -> str:
+    """The libnccl.so.2 a CUDA communicator loads when the process has none loaded yet: the
+    nvidia-nccl wheel's beside this Python (where torch finds it), else "" (the loader's search
+    path); PIPER_NCCL_LIBRARY overrides. Looked up without importing anything."""
+    value = _get("PIPER_NCCL_LIBRARY")
+    if value is not None:
+        return value
+    try:
+        spec = importlib.util.find_spec("nvidia.nccl")
+    except (ImportError, ValueError):
+        spec = None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        lib = Path(root) / "lib" / "libnccl.so.2"
+        if lib.exists():
+            return str(lib)
+    return ""

@@ -25,8 +25,9 @@ from .transport import Pending, Transport
 # Header fields (then send_counts[P], recv_counts[P]; counts in rows, -1 = not given): the
 # layout is csrc/runtime/header.hpp's.
 _F = _C.HEADER_FIELDS
-SEQ, OP, ALGO, DTYPE, ROW_BYTES, TRAIL = (_F[k] for k in ("SEQ", "OP", "ALGO", "DTYPE",
-                                                           "ROW_BYTES", "TRAIL"))
+SEQ, OP, ALGO, DTYPE, ROW_BYTES, TRAIL, MEM = (_F[k] for k in ("SEQ", "OP", "ALGO", "DTYPE",
+                                                                "ROW_BYTES", "TRAIL", "MEM"))
+MEMORY_NAMES = {0: "host (CPU) memory", 1: "CUDA device memory"}
 ERR, ERR_A, ERR_B, RECV_CAP, NFIXED = (_F[k] for k in ("ERR", "ERR_A", "ERR_B", "RECV_CAP",
                                                         "NFIXED"))
 OPS = {1: "all_to_all", 2: "all_to_all_v"}
@@ -59,9 +60,10 @@ def raise_local(what: str, rank: int, code: int, a: int, b: int) -> None:
 def _local_message(code: int, a: int, b: int) -> str:
     arg = "recv" if a == 1 else "send"
     return {
-        A.E_TYPE: f"{arg} must be a numpy array or a torch tensor",
+        A.E_TYPE: f"{arg} must be a numpy array, a torch tensor or a CUDA array "
+                  "(__cuda_array_interface__: CuPy, Numba)",
         A.E_NONCONTIG: "send is not contiguous (call .contiguous() / np.ascontiguousarray)",
-        A.E_DEVICE: f"{arg} is a GPU array, but this call path handles CPU arrays only",
+        A.E_DEVICE: f"{arg} lives on a device Piper does not move (CPU and CUDA only)",
         A.E_NDIM: f"{arg} must have at least one dimension (rows are split along dim 0)",
         A.E_RECV_TYPE: "recv must be the same kind of array as send (numpy or torch)",
         A.E_RECV_NONCONTIG: "recv is not contiguous",
@@ -76,10 +78,18 @@ def _local_message(code: int, a: int, b: int) -> str:
         A.E_COUNTS_TYPE: f"{'recv_counts' if a == 1 else 'send_counts'} must be a 1-D sequence "
                          "of integers",
         A.E_RECV_ROWS: f"output has {a} rows but the split sizes add up to {b} rows",
+        A.E_MIXED_MEMORY: f"send is in {MEMORY_NAMES.get(a, a)} but recv in "
+                          f"{MEMORY_NAMES.get(b, b)}: pass both on the same device",
+        A.E_OTHER_DEVICE: f"an array is on CUDA device {a}, but this call's send or this "
+                          f"rank's earlier calls use device {b} (one device per rank: send, "
+                          "recv and every call on the same one)",
+        A.E_NO_CUDA: "a CUDA array was passed, but " + (
+            "piper_comm._C was built without CUDA (rebuild where nvcc is found)" if a == 0
+            else "this process sees no CUDA device"),
     }.get(code, f"error {code}")
 
 
-_AGREE = [SEQ, OP, ALGO, DTYPE, ROW_BYTES, TRAIL]  # columns every rank must share
+_AGREE = [SEQ, OP, ALGO, DTYPE, ROW_BYTES, TRAIL, MEM]  # columns every rank must share
 
 
 def verdict(table: np.ndarray, what: str) -> np.ndarray:
@@ -134,7 +144,12 @@ def _mismatch(table: np.ndarray, fail) -> None:
     if bad.size:
         r = int(bad[0])
         fail(f"rank {r}: " + _local_message(*(int(x) for x in table[r, ERR:ERR_B + 1])))
-    # 3. Same algorithm request, dtype and row shape everywhere.
+    # 3. Same memory kind, algorithm request, dtype and row shape everywhere.
+    if np.any(table[:, MEM] != table[0, MEM]):
+        r = int(np.argmax(table[:, MEM] != table[0, MEM]))
+        fail(f"ranks pass arrays in different memory: rank 0 in "
+             f"{MEMORY_NAMES.get(int(table[0, MEM]))}, rank {r} in "
+             f"{MEMORY_NAMES.get(int(table[r, MEM]))}")
     if np.any(table[:, ALGO] != table[0, ALGO]):
         r = int(np.argmax(table[:, ALGO] != table[0, ALGO]))
         fail(f"ranks asked for different algorithms: rank 0 "

@@ -11,6 +11,11 @@ namespace piper::cuda {
 int runtime_version();
 /// Number of visible devices; on failure returns -1 and sets `error` (e.g. no driver).
 int device_count(std::string* error);
+/// The device ordinal of a device (or managed) pointer; -1 for host memory or an unknown
+/// pointer, with `error` set when the runtime failed.
+int pointer_device(const void* ptr, std::string* error);
+/// The calling thread's current device (cudaGetDevice); -1 and `error` set on failure.
+int current_device(std::string* error);
 
 // Block copies on the device (csrc/cuda/pack.cu). Every pointer is a device address; `stream` is
 // a cudaStream_t as an integer (0: the legacy default stream). One kernel launch per call, ordered

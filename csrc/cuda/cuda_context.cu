@@ -57,6 +57,7 @@ class IpcCudaContext final : public CudaContext {
 
   void set_stream(uintptr_t stream) override { stream_ = reinterpret_cast<cudaStream_t>(stream); }
   uintptr_t stream() const override { return reinterpret_cast<uintptr_t>(stream_); }
+  bool capturing() const override;
   void close(const std::string& what, double timeout_s) override;
 
  private:
@@ -83,6 +84,7 @@ class IpcCudaContext final : public CudaContext {
   uint8_t* staging_ = nullptr;
   int64_t staging_bytes_ = 0;
   std::vector<TableSlot> tables_;
+  std::vector<TableSlot> captured_;  // tables read by captured graphs: kept until release
   bool closed_ = false;
 };
 
@@ -169,12 +171,14 @@ void IpcCudaContext::release_local() {
       if (e != nullptr) cudaEventDestroy(e), e = nullptr;
   for (auto& e : events_)
     if (e != nullptr) cudaEventDestroy(e), e = nullptr;
-  for (auto& t : tables_) {
-    if (t.done) cudaEventDestroy(t.done);
-    if (t.host) cudaFreeHost(t.host);
-    if (t.device) cudaFree(t.device);
+  for (auto* list : {&tables_, &captured_}) {
+    for (auto& t : *list) {
+      if (t.done) cudaEventDestroy(t.done);
+      if (t.host) cudaFreeHost(t.host);
+      if (t.device) cudaFree(t.device);
+    }
+    list->clear();
   }
-  tables_.clear();
   // cudaFree, not cudaFreeAsync: the caller's stream may no longer exist here.
   if (staging_ != nullptr) cudaFree(staging_), staging_ = nullptr;
   staging_bytes_ = 0;
@@ -241,6 +245,13 @@ TableSlot& IpcCudaContext::free_slot(int64_t entries) {
   return *slot;
 }
 
+bool IpcCudaContext::capturing() const {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  PIPER_CHECK_CUDA(cudaStreamIsCapturing(stream_, &status),
+                   fmt("cudaStreamIsCapturing on rank ", rank_));
+  return status == cudaStreamCaptureStatusActive;
+}
+
 void IpcCudaContext::copy(const uint8_t* src, int64_t src_bytes, uint8_t* dst, int64_t dst_bytes,
                           const plan::CopyList& blocks) {
   const std::string what = fmt("cuda copy on rank ", rank_);
@@ -249,6 +260,26 @@ void IpcCudaContext::copy(const uint8_t* src, int64_t src_bytes, uint8_t* dst, i
   if (n == 0) return;
   check_open(what);
   use_device();
+  if (capturing()) {
+    // A graph replays the upload from this table: it gets its own, kept until close, and no
+    // event (an event recorded during capture cannot be queried outside the graph).
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;  // allocations are legal now
+    PIPER_CHECK_CUDA(cudaThreadExchangeStreamCaptureMode(&mode), what + ": capture mode");
+    TableSlot slot;
+    const cudaError_t a = cudaMallocHost(&slot.host, table.size() * sizeof(int64_t));
+    const cudaError_t b = a == cudaSuccess
+                              ? cudaMalloc(&slot.device, table.size() * sizeof(int64_t))
+                              : a;
+    PIPER_CHECK_CUDA(cudaThreadExchangeStreamCaptureMode(&mode), what + ": capture mode");
+    if (slot.host != nullptr || slot.device != nullptr) captured_.push_back(slot);
+    PIPER_CHECK_CUDA(b, fmt(what, ": a ", table.size() * 8, " B copy table for a CUDA graph"));
+    std::memcpy(slot.host, table.data(), table.size() * sizeof(int64_t));
+    PIPER_CHECK_CUDA(cudaMemcpyAsync(slot.device, slot.host, table.size() * sizeof(int64_t),
+                                     cudaMemcpyHostToDevice, stream_),
+                     what + ": cudaMemcpyAsync of the copy table (captured)");
+    copy_blocks(src, dst, slot.device, n, reinterpret_cast<uintptr_t>(stream_));
+    return;
+  }
   TableSlot& slot = free_slot(3 * n);
   std::memcpy(slot.host, table.data(), table.size() * sizeof(int64_t));
   PIPER_CHECK_CUDA(cudaMemcpyAsync(slot.device, slot.host, table.size() * sizeof(int64_t),

@@ -17,7 +17,7 @@
 //                   then cudaStreamWaitEvent on every local peer's event. Two events per rank,
 //                   alternated by fence parity, so a rank one fence ahead never re-records the
 //                   event a slower peer has still to wait on.
-//   counts          host memory, as HostContext (the counts are host data in this slice).
+//   counts          host memory, as HostContext (counts are host data: the caller's lists).
 //   staging         private device memory, grown stream-ordered (cudaMallocAsync/FreeAsync).
 //
 // Why IPC events and not device-side flags: on one GPU shared by several processes (the test
@@ -58,8 +58,11 @@ class CudaContext : public runtime::ExecContext {
 
   /// The stream every later call orders its work on (a cudaStream_t as an integer; 0: the
   /// legacy default stream). The caller's stream: torch.cuda.current_stream().cuda_stream.
-  virtual void set_stream(uintptr_t stream) = 0;
+  void set_stream(uintptr_t stream) override = 0;
   virtual uintptr_t stream() const = 0;
+  /// cudaStreamIsCapturing on the stream: a copy made while capturing keeps its copy table for
+  /// the graph's life instead of recycling it.
+  bool capturing() const override = 0;
 
   /// Releases what the node shares, collective over the node: importers close the segment and
   /// the peers' events, then a barrier, then the owner frees the segment (cudaFree of an
@@ -69,7 +72,7 @@ class CudaContext : public runtime::ExecContext {
   /// frees at process exit, and the error is raised. Idempotent. Without it the destructor
   /// releases only this rank's own resources and, on the owner, leaves the segment to process
   /// exit for the same reason.
-  virtual void close(const std::string& what, double timeout_s) = 0;
+  void close(const std::string& what, double timeout_s) override = 0;
 };
 
 }  // namespace piper::cuda

@@ -2,11 +2,17 @@
 
 #include <pybind11/numpy.h>
 
+#ifdef PIPER_WITH_CUDA
+#include "cuda/api.hpp"
+#endif
+
 namespace py = pybind11;
 
 namespace piper::python {
 
 namespace {
+
+bool emulated_cuda = false;  // set_emulated_cuda
 
 // dtype object (numpy's or torch's) -> (DTYPE_NAMES id, itemsize), filled on first sight by
 // piper_comm.arrays.dtype_info; a dict lookup afterwards.
@@ -39,6 +45,39 @@ PyObject* torch_tensor_type() {
   return type;
 }
 
+// A module the program imported (never imports one).
+PyObject* imported(const char* name) {
+  return PyDict_GetItemString(PyImport_GetModuleDict(), name);
+}
+
+// torch.cuda.current_stream(device).cuda_stream: the stream torch orders its work on.
+uintptr_t torch_stream(int device) {
+  static py::object current_stream;  // torch.cuda.current_stream, kept for the interpreter's life
+  if (!current_stream) {
+    auto cuda = py::reinterpret_borrow<py::object>(imported("torch")).attr("cuda");
+    current_stream = cuda.attr("current_stream");
+    current_stream.inc_ref();  // never released: no destructor runs after the interpreter
+  }
+  return current_stream(device).attr("cuda_stream").cast<uintptr_t>();
+}
+
+// The stream of a __cuda_array_interface__ array: CuPy's current stream for a CuPy array, else
+// the interface's "stream" entry (version 3; 1 and 2 are the legacy and per-thread default
+// streams, valid cudaStream_t values), else the legacy default stream.
+uintptr_t interface_stream(py::handle obj, const py::dict& cai) {
+  if (PyObject* cupy = imported("cupy")) {
+    auto ndarray = py::reinterpret_borrow<py::object>(cupy).attr("ndarray");
+    if (py::isinstance(obj, ndarray))
+      return py::reinterpret_borrow<py::object>(cupy)
+          .attr("cuda").attr("get_current_stream")().attr("ptr").cast<uintptr_t>();
+  }
+  if (cai.contains("stream") && !cai["stream"].is_none()) return cai["stream"].cast<uintptr_t>();
+  return 0;
+}
+
+// Whether this build and process can move CUDA memory (see no_cuda_reason).
+bool cuda_usable() { return no_cuda_reason() < 0; }
+
 void set_shape(runtime::ArrayArg& out, const std::vector<int64_t>& shape, int64_t itemsize) {
   out.rows = shape[0];
   int64_t row = itemsize;
@@ -47,7 +86,57 @@ void set_shape(runtime::ArrayArg& out, const std::vector<int64_t>& shape, int64_
   out.trail = runtime::trailing_hash(shape.data() + 1, static_cast<int64_t>(shape.size()) - 1);
 }
 
+// An array exporting __cuda_array_interface__ (CuPy, Numba, ...): C-contiguous device memory.
+int64_t parse_cuda_interface(py::handle obj, runtime::ArrayArg& out) {
+  using namespace runtime;
+  const py::dict cai = obj.attr("__cuda_array_interface__");
+  const py::tuple dims = cai["shape"];
+  std::vector<int64_t> shape(dims.size());
+  for (size_t i = 0; i < shape.size(); ++i) shape[i] = dims[i].cast<int64_t>();
+  if (shape.empty()) return kErrNdim;
+  const py::dtype dtype(cai["typestr"].cast<std::string>());
+  const int64_t itemsize = dtype.itemsize();
+  if (cai.contains("strides") && !cai["strides"].is_none()) {  // None means C-contiguous
+    const py::tuple strides = cai["strides"];
+    int64_t expect = itemsize;
+    for (int64_t i = static_cast<int64_t>(shape.size()) - 1; i >= 0; --i) {
+      if (shape[i] != 1 && strides[i].cast<int64_t>() != expect) return kErrNonContig;
+      expect *= shape[i];
+    }
+  }
+  const py::tuple data = cai["data"];
+  const auto ptr = data[0].cast<uintptr_t>();
+  out.kind = 3;
+  out.mem = Memory::kCuda;  // without a usable device the caller refuses it (kErrNoCuda)
+  if (emulated_cuda) out.device = 0;
+#ifdef PIPER_WITH_CUDA
+  if (cuda_usable() && !emulated_cuda) {
+    // An empty array may have no pointer: it is taken to be on the current device.
+    out.device = ptr ? cuda::pointer_device(reinterpret_cast<const void*>(ptr), nullptr)
+                     : cuda::current_device(nullptr);
+    if (out.device < 0) return kErrDevice;
+    out.stream = interface_stream(obj, cai);
+  }
+#endif
+  out.data = reinterpret_cast<uint8_t*>(ptr);
+  out.dtype = dtype_info(dtype).id;
+  set_shape(out, shape, itemsize);
+  return kErrNone;
+}
+
 }  // namespace
+
+void set_emulated_cuda(bool on) { emulated_cuda = on; }
+
+int64_t no_cuda_reason() {
+  if (emulated_cuda) return -1;
+#ifdef PIPER_WITH_CUDA
+  static const int devices = cuda::device_count(nullptr);
+  return devices > 0 ? -1 : 1;
+#else
+  return 0;
+#endif
+}
 
 int64_t parse_array(py::handle obj, runtime::ArrayArg& out) {
   using namespace runtime;
@@ -65,7 +154,15 @@ int64_t parse_array(py::handle obj, runtime::ArrayArg& out) {
   }
   PyObject* tensor = torch_tensor_type();
   if (tensor != nullptr && PyObject_IsInstance(obj.ptr(), tensor) == 1) {
-    if (!obj.attr("is_cpu").cast<bool>()) return kErrDevice;
+    const bool cpu = obj.attr("is_cpu").cast<bool>();
+    if (!cpu && !obj.attr("is_cuda").cast<bool>()) return kErrDevice;
+    if (!cpu) {  // without a usable device the caller refuses it (kErrNoCuda)
+      out.mem = Memory::kCuda;
+      if (cuda_usable()) {
+        out.device = obj.attr("get_device")().cast<int>();
+        out.stream = torch_stream(out.device);
+      }
+    }
     const py::tuple dims = obj.attr("shape");  // torch.Size, a tuple
     std::vector<int64_t> shape(dims.size());
     for (size_t i = 0; i < shape.size(); ++i) shape[i] = dims[i].cast<int64_t>();
@@ -78,7 +175,7 @@ int64_t parse_array(py::handle obj, runtime::ArrayArg& out) {
     set_shape(out, shape, d.itemsize);
     return kErrNone;
   }
-  if (py::hasattr(obj, "__cuda_array_interface__")) return kErrDevice;
+  if (py::hasattr(obj, "__cuda_array_interface__")) return parse_cuda_interface(obj, out);
   return kErrType;
 }
 

@@ -56,12 +56,17 @@ std::shared_ptr<CallState> prepare(runtime::Executor& ex, int op, py::handle sen
       c.fail(e == kErrNonContig ? kErrRecvNonContig : e, 1);
     }
   }
+  // One device per rank: the first CUDA call fixes it (the executor's device plane).
+  if (c.send.mem == Memory::kCuda && ex.device() >= 0 && c.send.device != ex.device())
+    c.fail(kErrOtherDevice, c.send.device, ex.device());
   if (opt.request < 0) c.fail(kErrAlgorithm);
   if (c.op == Op::kV) {
     parse_counts(send_counts, P, 0, c.send_counts, c);
     if (!recv_counts.is_none()) parse_counts(recv_counts, P, 1, c.recv_counts, c);
   }
   c.check_local(P);
+  if (c.send.mem == Memory::kCuda || c.recv.mem == Memory::kCuda)
+    if (const int64_t why = no_cuda_reason(); why >= 0) c.fail(kErrNoCuda, why);
   return st;
 }
 

@@ -112,7 +112,8 @@ Agreement Executor::agree(const Call& call, CheckMode mode, const Deadline& dead
       ag.algo = choose(call, nullptr);
     return ag;
   }
-  if (P > 1 && mode == CheckMode::kInBand && call.op == Op::kEqual && in_band_usable()) {
+  if (P > 1 && mode == CheckMode::kInBand && call.op == Op::kEqual && in_band_usable() &&
+      call.send.mem == Memory::kHost) {
     const Algorithm algo = choose(call, nullptr);
     if (algo != Algorithm::kHalo || topology_.num_nodes() == P) {
       ag.algo = algo;
@@ -176,7 +177,7 @@ bool Executor::flat_in_band(const Call& call, const Agreement& ag, const Deadlin
   return same;
 }
 
-std::vector<int64_t> Executor::exchange(const Call& call, const Agreement& ag,
+std::vector<int64_t> Executor::exchange(const Call& call, Agreement& ag,
                                         const Deadline& deadline) {
   const int64_t P = topology_.size();
   if (ag.in_band) {
@@ -188,6 +189,11 @@ std::vector<int64_t> Executor::exchange(const Call& call, const Agreement& ag,
     send_bytes[p] = call.send_counts[p] * call.send.row_bytes;
     recv_bytes[p] = ag.recv_counts[p] * call.send.row_bytes;
   }
+  struct HostPlaneAfter {  // whatever happens, later calls start on the host plane
+    Executor* ex;
+    ~HostPlaneAfter() { ex->use_host_plane(); }
+  } restore{this};
+  ag.algo = use_plane(call, ag.algo, deadline);
   alltoallv(call.send.data, call.send.nbytes(), call.recv.data, call.recv.nbytes(), send_bytes,
             recv_bytes, ag.algo, call.seq, data_tag(call.seq), call.what, deadline);
   return {};

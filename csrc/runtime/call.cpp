@@ -8,7 +8,7 @@ const char* const kLocalErrorNames[kNumLocalErrors] = {
     "NONE",       "TYPE",        "NONCONTIG",   "DEVICE",         "NDIM",
     "RECV_TYPE",  "RECV_NONCONTIG", "RECV_DTYPE", "COUNTS_LEN",   "COUNTS_NEG",
     "COUNTS_SUM", "ROWS_DIV",    "RCOUNTS_LEN", "RCOUNTS_NEG",    "ALGORITHM",
-    "COUNTS_TYPE", "RECV_ROWS"};
+    "COUNTS_TYPE", "RECV_ROWS",  "MIXED_MEMORY", "OTHER_DEVICE",   "NO_CUDA"};
 
 const char* algorithm_name(Algorithm a) {
   switch (a) {
@@ -36,7 +36,11 @@ void Call::fail(int64_t code, int64_t a, int64_t b) {
 
 void Call::check_local(int64_t P) {
   if (recv.kind && err == kErrNone) {
-    if (recv.kind != send.kind)
+    if (recv.mem != send.mem)
+      fail(kErrMixedMemory, static_cast<int64_t>(send.mem), static_cast<int64_t>(recv.mem));
+    else if (recv.mem == Memory::kCuda && recv.device != send.device)
+      fail(kErrOtherDevice, recv.device, send.device);
+    else if (recv.kind != send.kind)
       fail(kErrRecvType);
     else if (recv.dtype != send.dtype || recv.row_bytes != send.row_bytes ||
              recv.trail != send.trail)

@@ -34,18 +34,27 @@ enum class CheckMode { kTrust = 0, kInBand = 1, kFull = 2 };
 enum LocalError : int64_t {
   kErrNone, kErrType, kErrNonContig, kErrDevice, kErrNdim, kErrRecvType, kErrRecvNonContig,
   kErrRecvDtype, kErrCountsLen, kErrCountsNeg, kErrCountsSum, kErrRowsDiv, kErrRecvCountsLen,
-  kErrRecvCountsNeg, kErrAlgorithm, kErrCountsType, kErrRecvRows, kNumLocalErrors
+  kErrRecvCountsNeg, kErrAlgorithm, kErrCountsType, kErrRecvRows, kErrMixedMemory,
+  kErrOtherDevice, kErrNoCuda, kNumLocalErrors
 };
 extern const char* const kLocalErrorNames[kNumLocalErrors];
 
-/// A caller's array: `rows` rows of `row_bytes` bytes at `data` (kind 0: no array).
+/// Where an array's memory lives (the header's MEM field: every rank must pass the same).
+enum class Memory : int64_t { kHost = 0, kCuda = 1 };
+
+/// A caller's array: `rows` rows of `row_bytes` bytes at `data` (kind 0: no array). CUDA
+/// arrays also carry their device ordinal and the stream the call orders its work on (the
+/// caller's current stream, a cudaStream_t as an integer; 0 the legacy default stream).
 struct ArrayArg {
   uint8_t* data = nullptr;
   int64_t rows = 0;
   int64_t row_bytes = 0;
   int64_t dtype = 0;  // piper_comm.arrays.DTYPE_NAMES index + 1 (0: unknown)
   int64_t trail = 0;  // trailing_hash of shape[1:]
-  int kind = 0;       // 0 absent, 1 numpy, 2 torch
+  int kind = 0;       // 0 absent, 1 numpy, 2 torch, 3 __cuda_array_interface__ (CuPy, ...)
+  Memory mem = Memory::kHost;
+  int device = -1;        // CUDA device ordinal (kCuda only)
+  uintptr_t stream = 0;   // kCuda only
   int64_t nbytes() const { return rows * row_bytes; }
 };
 
@@ -94,6 +103,7 @@ constexpr int kTagCalls = 16000;
 constexpr int header_tag(int64_t seq) { return static_cast<int>(2 * (seq % kTagCalls)); }
 constexpr int data_tag(int64_t seq) { return header_tag(seq) + 1; }
 constexpr int kAgreeTag = 2 * kTagCalls + 1;
+constexpr int kDeviceTag = kAgreeTag + 1;  // the collective set-up of the device plane
 constexpr int kInBandTagBase = 32768;
 
 }  // namespace piper::runtime

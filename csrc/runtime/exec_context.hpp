@@ -36,6 +36,12 @@ class ExecContext {
   /// This rank's private staging buffer of at least `bytes` bytes (kept between calls).
   virtual uint8_t* staging(int64_t bytes) = 0;
   virtual int64_t local_size() const = 0;
+  /// The stream later work is ordered on (a cudaStream_t as an integer; host: ignored).
+  virtual void set_stream(uintptr_t stream) { (void)stream; }
+  /// Whether the stream is being captured into a CUDA graph (host: never).
+  virtual bool capturing() const { return false; }
+  /// Releases what the node shares, collectively (host: the channel's owner does it).
+  virtual void close(const std::string& what, double timeout_s) { (void)what, (void)timeout_s; }
 };
 
 /// Host memory. channel: the node's shared memory, or nullptr on a node of one rank (then

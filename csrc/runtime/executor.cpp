@@ -58,7 +58,7 @@ Executor::Executor(plan::Topology topology, std::shared_ptr<Transport> transport
                    std::vector<uint8_t> same_host)
     : topology_(std::move(topology)), transport_(std::move(transport)),
       context_(std::move(context)), pids_(std::move(pids)), same_host_(std::move(same_host)),
-      me_(transport_->rank()) {
+      ctx_(context_.get()), data_(transport_.get()), me_(transport_->rank()) {
   PIPER_HOST_ASSERT(topology_.size() == transport_->size());
   PIPER_HOST_ASSERT(pids_.empty() || static_cast<int64_t>(pids_.size()) == topology_.size());
 }
@@ -73,8 +73,7 @@ std::vector<int64_t> Executor::dead_peers(const std::vector<Message>& pending) c
   return dead;
 }
 
-void Executor::wait_all(const std::string& what, const Deadline& deadline) {
-  Transport& tr = *transport_;
+void Executor::wait_all(Transport& tr, const std::string& what, const Deadline& deadline) {
   // A transport's error (a truncated message, MPI's report of a dead peer) gets the operation
   // and what was still pending.
   auto test_all = [&] {
@@ -149,8 +148,8 @@ void Executor::flat(const uint8_t* send, int64_t send_n, uint8_t* recv, int64_t 
                     const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes,
                     bool pairwise, int tag, const std::string& what, const Deadline& deadline) {
   const plan::FlatPlan plan = plan::plan_flat(me_, send_bytes, recv_bytes);
-  context_->copy(send, send_n, recv, recv_n, plan.self);
-  Transport& tr = *transport_;
+  ctx_->copy(send, send_n, recv, recv_n, plan.self);
+  Transport& tr = *data_;
   auto check = [&](const plan::MessageList& l, size_t i, int64_t cap) {
     if (l.off[i] + l.len[i] > cap)
       throw Error(ErrorCode::kInternal, fmt("piper internal error: ", what, ": message of ",
@@ -166,7 +165,7 @@ void Executor::flat(const uint8_t* send, int64_t send_n, uint8_t* recv, int64_t 
       check(plan.sends, i, send_n);
       tr.post_send(send + plan.sends.off[i], plan.sends.len[i], plan.sends.peer[i], tag);
     }
-    wait_all(what + " (flat exchange)", deadline);
+    wait_all(tr, what + " (flat exchange)", deadline);
     return;
   }
   // Pairwise: step k receives from me-k and sends to me+k (the plan lists peers in that
@@ -185,15 +184,15 @@ void Executor::flat(const uint8_t* send, int64_t send_n, uint8_t* recv, int64_t 
       tr.post_send(send + plan.sends.off[si], plan.sends.len[si], dst, tag);
       ++si;
     }
-    wait_all(fmt(what, " (pairwise step ", k, ")"), deadline);
+    wait_all(tr, fmt(what, " (pairwise step ", k, ")"), deadline);
   }
 }
 
 void Executor::halo(const uint8_t* send, int64_t send_n, uint8_t* recv, int64_t recv_n,
                     const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes,
                     int64_t seq, int tag, const std::string& what, const Deadline& deadline) {
-  ExecContext& ctx = *context_;
-  Transport& tr = *transport_;
+  ExecContext& ctx = *ctx_;
+  Transport& tr = *data_;
   // A fence names its operation, this rank and the local peers it waits for; add the bytes.
   auto fence = [&](const char* step) {
     try {
@@ -229,8 +228,51 @@ void Executor::halo(const uint8_t* send, int64_t send_n, uint8_t* recv, int64_t 
   }
   // 3. Blocks of this node's ranks come out of the segment; the rest arrive in place.
   ctx.copy(seg, seg_n, recv, recv_n, plan.local);
-  wait_all(what + " (halo inter-node stage)", deadline);
+  wait_all(tr, what + " (halo inter-node stage)", deadline);
   if (!plan.unpack.len.empty()) ctx.copy(staging, plan.staging_bytes, recv, recv_n, plan.unpack);
+}
+
+Algorithm Executor::use_plane(const Call& call, Algorithm algo, const Deadline& deadline) {
+  use_host_plane();
+  if (call.send.mem != Memory::kCuda) return algo;
+  if (!device_.context) {
+    if (!device_factory_)
+      throw Error(ErrorCode::kUsage, fmt("piper: ", call.what, ": rank ", me_, ": this ",
+                                         "communicator cannot move CUDA memory (no device plane)"));
+    device_ = device_factory_(*this, call.send.device, deadline);
+  }
+  ctx_ = device_.context.get();
+  data_ = device_.data.get();
+  ctx_->set_stream(call.send.stream);
+  data_->set_stream(call.send.stream);
+  // A graph replays only device work: HALO's node fences pass a host barrier, which a replay
+  // would skip, so captured calls run flat (NCCL only: the staged transport syncs the host).
+  const bool halo = algo == Algorithm::kHalo && topology_.num_nodes() < topology_.size();
+  if (halo && ctx_->capturing()) {
+    if (call.request == Request::kHalo)
+      throw Error(ErrorCode::kUsage,
+                  fmt("piper: ", call.what, ": rank ", me_, ": HALO cannot be captured in a ",
+                      "CUDA graph (its node fences pass a host barrier that a replay skips); ",
+                      "use algorithm='flat' or 'auto' while capturing"));
+    return Algorithm::kFlat;
+  }
+  return algo;
+}
+
+void Executor::close_device(const std::string& what, double timeout_s) {
+  if (!device_.context) return;
+  use_host_plane();
+  std::exception_ptr first;
+  for (auto step : {0, 1}) {
+    try {
+      if (step == 0) device_.data->close(what, timeout_s);
+      else device_.context->close(what, timeout_s);
+    } catch (...) {
+      if (!first) first = std::current_exception();
+    }
+  }
+  device_ = DevicePlane{};
+  if (first) std::rethrow_exception(first);
 }
 
 }  // namespace piper::runtime

@@ -8,6 +8,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,6 +29,23 @@ struct Deadline {
   double left_s() const;
 };
 
+class Executor;
+
+/// Where the data of CUDA calls moves: a CUDA execution context (csrc/cuda/cuda_context.hpp)
+/// and the transport of device messages (NCCL, or host-staged over the host transport).
+/// Headers and agreement always go over the executor's host transport.
+struct DevicePlane {
+  std::unique_ptr<ExecContext> context;
+  std::shared_ptr<Transport> data;
+  int device = -1;
+};
+
+/// Builds the device plane collectively on the first CUDA call (every rank is in that call:
+/// the header round or the in-band check agreed on the memory kind first). May use the
+/// executor's allgather (tag kDeviceTag) to share set-up data such as NCCL's unique id.
+using DevicePlaneFactory =
+    std::function<DevicePlane(Executor& ex, int device, const Deadline& deadline)>;
+
 class Executor {
  public:
   /// pids, same_host: every rank's process id and whether it runs on this host (liveness).
@@ -43,14 +61,25 @@ class Executor {
   Agreement agree(const Call& call, CheckMode mode, const Deadline& deadline);
 
   /// Step 2: moves the data of an agreed call into call.recv (set, and large enough unless
-  /// the in-band check will find it is not). Returns the gathered headers (P x W) when the
+  /// the in-band check will find it is not); agreement.algo becomes the algorithm that ran
+  /// (flat instead of HALO while a CUDA graph is captured). Returns the gathered headers (P x W) when the
   /// in-band check found a mismatch (every rank then has them; recv's content is undefined),
   /// else an empty vector.
-  std::vector<int64_t> exchange(const Call& call, const Agreement& agreement,
+  std::vector<int64_t> exchange(const Call& call, Agreement& agreement,
                                 const Deadline& deadline);
 
   /// Seconds per unit of each traffic term (piper_comm.cost.Links.coefficients), for auto.
   void set_links(const std::vector<double>& coefficients);
+
+  /// How the device plane is built (the bindings set it; without one CUDA calls raise kUsage).
+  void set_device_factory(DevicePlaneFactory factory) { device_factory_ = std::move(factory); }
+  /// The CUDA device of this rank's calls, -1 before the first CUDA call.
+  int device() const { return device_.device; }
+  /// The device plane's data transport ("nccl", "mpi-staged", ...), "" before the first CUDA call.
+  std::string device_transport_name() const { return device_.data ? device_.data->name() : ""; }
+  /// Releases the device plane collectively (CUDA IPC mappings, the NCCL communicator);
+  /// nothing to do when no CUDA call ran. Every rank must call it (Communicator.close does).
+  void close_device(const std::string& what, double timeout_s);
 
   /// All-to-all(v) of raw bytes: send holds send_bytes[p] bytes for every rank p back to back,
   /// recv receives recv_bytes[p] from every rank p back to back. The counts must agree between
@@ -66,8 +95,10 @@ class Executor {
   std::vector<int64_t> allgather(const int64_t* mine, int64_t words, int tag,
                                  const std::string& what, const Deadline& deadline);
 
-  /// Completes the transport's batch or throws (kTimeout / kPeer) before the deadline.
-  void wait_all(const std::string& what, const Deadline& deadline);
+  /// Completes the host transport's batch or throws (kTimeout / kPeer) before the deadline.
+  void wait_all(const std::string& what, const Deadline& deadline) {
+    wait_all(*transport_, what, deadline);
+  }
 
   /// How this executor's calls were checked so far (P > 1 calls only).
   struct CheckCounts {
@@ -78,6 +109,7 @@ class Executor {
   const CheckCounts& check_counts() const { return check_counts_; }
 
   Transport& transport() { return *transport_; }
+  std::shared_ptr<Transport> shared_transport() const { return transport_; }
   const plan::Topology& topology() const { return topology_; }
 
  private:
@@ -88,6 +120,11 @@ class Executor {
             const std::vector<int64_t>& send_bytes, const std::vector<int64_t>& recv_bytes,
             int64_t seq, int tag, const std::string& what, const Deadline& deadline);
   std::vector<int64_t> dead_peers(const std::vector<Message>& pending) const;
+  void wait_all(Transport& tr, const std::string& what, const Deadline& deadline);
+  /// Points ctx_ / data_ at the plane of the call's memory (building the device plane on the
+  /// first CUDA call) and sets the call's stream; returns the algorithm that can run there.
+  Algorithm use_plane(const Call& call, Algorithm algo, const Deadline& deadline);
+  void use_host_plane() { ctx_ = context_.get(), data_ = transport_.get(); }
   // agree.cpp
   Algorithm choose(const Call& call, const std::vector<int64_t>* S);
   bool gather(const std::vector<int64_t>& row, int tag, bool any, const std::string& what,
@@ -101,6 +138,10 @@ class Executor {
   std::unique_ptr<ExecContext> context_;
   std::vector<int64_t> pids_;
   std::vector<uint8_t> same_host_;
+  DevicePlaneFactory device_factory_;
+  DevicePlane device_;
+  ExecContext* ctx_;  // the plane of the call being exchanged: context_ or device_.context
+  Transport* data_;   // its data transport: transport_ or device_.data
   int64_t me_;
   CheckCounts check_counts_;
   std::vector<double> links_;                            // per traffic term, for choose()

@@ -10,7 +10,7 @@ bool agree(const int64_t* table, int64_t P, int64_t W, std::vector<int64_t>& S) 
   PIPER_HOST_ASSERT(W == kFixed + 2 * P);
   auto at = [&](int64_t r, int64_t c) { return table[r * W + c]; };
   for (int64_t r = 0; r < P; ++r) {
-    for (int64_t c : {kSeq, kOp, kAlgo, kDtype, kRowBytes, kTrail})
+    for (int64_t c : {kSeq, kOp, kAlgo, kDtype, kRowBytes, kTrail, kMem})
       if (at(r, c) != at(0, c)) return false;
     if (at(r, kErr) != 0) return false;
   }
@@ -38,6 +38,7 @@ std::vector<int64_t> row(const Call& call, int64_t P) {
   h[kDtype] = call.send.kind ? call.send.dtype : 0;
   h[kRowBytes] = call.send.kind ? call.send.row_bytes : 0;
   h[kTrail] = call.send.kind ? call.send.trail : 0;
+  h[kMem] = static_cast<int64_t>(call.send.mem);
   h[kErr] = call.err;
   h[kErrA] = call.err_a;
   h[kErrB] = call.err_b;

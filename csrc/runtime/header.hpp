@@ -14,11 +14,11 @@
 namespace piper::runtime::header {
 
 enum Field : int64_t {
-  kSeq, kOp, kAlgo, kDtype, kRowBytes, kTrail, kErr, kErrA, kErrB, kRecvCap, kFixed
+  kSeq, kOp, kAlgo, kDtype, kRowBytes, kTrail, kMem, kErr, kErrA, kErrB, kRecvCap, kFixed
 };
 
 /// The fast verdict: true, with S (P x P, row = source, in rows) filled, when every rank is in
-/// the same call with the same op, algorithm request, dtype and row shape, no rank reported a
+/// the same call with the same op, algorithm request, dtype, row shape and memory kind, no rank reported a
 /// local error, every given recv count matches what its source sends, and every given recv
 /// buffer is large enough. False otherwise: the caller then names the first problem (the slow
 /// path of validate.py, the one place where messages are written).

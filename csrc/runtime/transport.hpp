@@ -75,6 +75,12 @@ class Transport {
     (void)what, (void)deadline_monotonic_s, (void)timeout_s;
     return false;
   }
+  /// Device transports (NCCL, host-staged): the stream the batch is ordered on; a device
+  /// transport's test_all() returns true once the batch is enqueued on it (stream order then
+  /// completes it), so the executor's wait does not synchronise with the device.
+  virtual void set_stream(uintptr_t stream) { (void)stream; }
+  /// Releases the transport's resources (collective for NCCL); later posts raise kUsage.
+  virtual void close(const std::string& what, double timeout_s) { (void)what, (void)timeout_s; }
 };
 
 }  // namespace piper::runtime

@@ -1,12 +1,14 @@
 """The "piper" torch.distributed backend: `dist.init_process_group("piper")`.
 
 A Python ProcessGroup whose all_to_all_single / all_to_all run on Piper (HALO or flat, chosen
-per call) for CPU tensors; every other collective (all_reduce, broadcast, all_gather,
+per call) for CPU and CUDA tensors; every other collective (all_reduce, broadcast, all_gather,
 reduce_scatter, barrier, send/recv, ...) is delegated to a gloo backend (CPU tensors) or an
-nccl backend (CUDA tensors) built on the same store. CUDA all-to-all is delegated to nccl
-until Piper's GPU path lands (issue 4).
+nccl backend (CUDA tensors) built on the same store.
 
-Piper's collectives run when called: `async_op=True` returns a Work that is already complete.
+Piper's collectives run when called: `async_op=True` returns a Work that is already complete
+on the host side. For CUDA tensors the data moves in order on the caller's current stream
+(torch.cuda.current_stream()), so later work on that stream sees the result, as after
+work.wait() on nccl's Work; another stream must wait on it (stream.wait_stream).
 """
 
 from __future__ import annotations
@@ -100,9 +102,6 @@ class PiperProcessGroup(dist.ProcessGroup):
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,
                       output_split_sizes: list[int], input_split_sizes: list[int],
                       opts: Any = None) -> dist.Work:
-        if output.is_cuda or input.is_cuda:
-            return self.nccl.alltoall_base(output, input, output_split_sizes,
-                                           input_split_sizes, opts)
         from .functional import _single
 
         try:
@@ -121,8 +120,6 @@ class PiperProcessGroup(dist.ProcessGroup):
 
     def alltoall(self, output_tensors: list[torch.Tensor], input_tensors: list[torch.Tensor],
                  opts: Any = None) -> dist.Work:
-        if any(t.is_cuda for t in (*output_tensors, *input_tensors)):
-            return self.nccl.alltoall(output_tensors, input_tensors, opts)
         from .functional import _list
 
         try:

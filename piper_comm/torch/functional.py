@@ -51,10 +51,10 @@ def _list(comm: Communicator, outputs: list[torch.Tensor], inputs: list[torch.Te
     """all_to_all with lists: inputs[j] goes to rank j, outputs[i] comes from rank i (shapes
     free, numel must match what the peer sends; one dtype). Sent as one flat all-to-all-v of
     elements, so any mismatch is named on every rank."""
-    dtype = inputs[0].dtype if inputs else outputs[0].dtype if outputs else torch.float32
-    send = torch.cat([t.reshape(-1) for t in inputs]) if inputs else torch.empty(0, dtype=dtype)
-    recv = torch.empty(sum(o.numel() for o in outputs), dtype=outputs[0].dtype if outputs
-                       else dtype)
+    first = inputs[0] if inputs else outputs[0] if outputs else torch.empty(0)
+    send = (torch.cat([t.reshape(-1) for t in inputs]) if inputs
+            else first.new_empty(0))
+    recv = (outputs[0] if outputs else first).new_empty(sum(o.numel() for o in outputs))
     try:  # list lengths are checked with the counts, so a wrong length fails on every rank
         comm._run(2, "all_to_all", send, [t.numel() for t in inputs], recv,
                   [o.numel() for o in outputs], "auto", exact_recv=True)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 import piper_comm as pc
+from piper_comm import _C
 
 NUMPY_DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
                 "uint64", "float16", "float32", "float64", "complex64", "complex128"]
@@ -188,6 +189,16 @@ def _expect_usage_error(comm, fn, must_contain: str) -> str:
     raise AssertionError(f"rank {comm.rank}: no PiperUsageError (expected {must_contain!r})")
 
 
+class FakeCudaArray:
+    """Exports __cuda_array_interface__ for host memory: what a CUDA array looks like to the
+    argument checks, without a device."""
+
+    def __init__(self, like: np.ndarray):
+        self.__cuda_array_interface__ = {
+            "shape": like.shape, "typestr": like.dtype.str, "strides": None, "version": 3,
+            "data": (like.ctypes.data, False)}
+
+
 def bad_input(local_size: int | None = None) -> dict:
     """Each bad call raises PiperUsageError on every rank, then a good call still works."""
     comm = pc.init(local_size=local_size)
@@ -195,6 +206,7 @@ def bad_input(local_size: int | None = None) -> dict:
     ok = np.arange(P * 2 * 3, dtype=np.float32).reshape(P * 2, 3)
     counts = [2] * P
     seen = {}
+    gpu = pc.build_info().get("cuda_devices", 0) > 0
 
     def good():
         out, _ = comm.all_to_all_v(ok, counts)
@@ -221,7 +233,13 @@ def bad_input(local_size: int | None = None) -> dict:
         "recv_dtype": (lambda: comm.all_to_all_v(ok, counts, recv=np.empty((2 * P, 3), np.int32)),
                        "dtype or trailing shape"),
         "not_array": (lambda: comm.all_to_all_v([1, 2] if me == 0 else ok, counts),
-                      "numpy array or a torch tensor"),
+                      "a numpy array, a torch tensor or a CUDA array"),
+        # A CUDA array where no device is (a GPU host finds its pointer is not device memory)
+        "cuda_array": (lambda: comm.all_to_all_v(FakeCudaArray(ok) if me == 0 else ok, counts),
+                       "device Piper does not move" if gpu else "a CUDA array was passed"),
+        "mixed_memory": (lambda: comm.all_to_all_v(
+            ok, counts, recv=FakeCudaArray(ok) if me == P - 1 else None),
+            "device Piper does not move" if gpu else "in host (CPU) memory but recv in CUDA"),
         "rows_div": (lambda: comm.all_to_all(ok[: 2 * P - 1] if me == 0 else ok[: 2 * P]),
                      "not divisible"),
         "algorithm": (lambda: comm.all_to_all(ok, algorithm="bogus" if me == 0 else "auto"),
@@ -367,3 +385,52 @@ def envs_check() -> int:
     from piper_comm import envs
 
     return envs.check()
+
+
+def emulated_device(local_size: int | None = None) -> dict:
+    """The device plane's plumbing on a host without a device (Executor.emulate_device_plane:
+    CUDA-interface arrays are taken as device 0 memory the host addresses): the first CUDA
+    call builds the plane collectively, every algorithm gives the host result, host calls in
+    between still run on the host plane, a rank passing host memory while the others pass
+    CUDA memory gets the same error everywhere, and close() releases the plane."""
+    comm = pc.init(local_size=local_size)
+    comm._executor.emulate_device_plane(comm._segment if comm.local_size > 1 else None)
+    _C.emulate_cuda_arrays(True)
+    try:
+        return _emulated_device(comm)
+    finally:
+        _C.emulate_cuda_arrays(False)
+
+
+def _emulated_device(comm) -> dict:
+    P, me = comm.size, comm.rank
+    rng = np.random.default_rng(5)
+    assert comm.device is None and comm.device_transport is None
+    checked = 0
+    for algo in ("halo", "flat", "pairwise", "auto"):
+        for _ in range(2):
+            S = rng.integers(0, 6, size=(P, P))
+            S[:, P - 1] += 3 * (checked % 2)  # one rank receiving more
+            x = np.random.default_rng(me + 10 * checked).standard_normal(
+                (int(S[me].sum()), 3)).astype(np.float32)
+            ref, rc = comm.all_to_all_v(x, S[me].tolist(), algorithm=algo)
+            recv = np.full_like(ref, np.nan)
+            given = FakeCudaArray(recv)
+            out, rc2 = comm.all_to_all_v(FakeCudaArray(x), S[me].tolist(), recv=given,
+                                         algorithm=algo)
+            assert out is given and rc2 == rc
+            assert np.array_equal(recv.view(np.uint32), ref.view(np.uint32))
+            checked += 1
+        eq = np.arange(P * 4 * 2, dtype=np.int64).reshape(P * 4, 2) + 1000 * me
+        got = np.zeros_like(eq)
+        comm.all_to_all(FakeCudaArray(eq), recv=FakeCudaArray(got), algorithm=algo)
+        assert np.array_equal(got, comm.all_to_all(eq, algorithm=algo))
+    assert comm.device == 0 and comm.device_transport == comm.transport
+    words = ""
+    if P > 1:
+        words = _expect_usage_error(comm, lambda: comm.all_to_all(
+            eq if me == P - 1 else FakeCudaArray(eq),
+            recv=None if me == P - 1 else FakeCudaArray(got)), "different memory")
+        words = words.split(": ", 2)[2]  # without "piper: all_to_all #n"
+    comm.close()
+    return {"checked": checked, "error": words}

@@ -21,7 +21,7 @@ def _mpich_segments() -> list[str]:
 def test_bad_input_raises_on_every_rank(nprocs, local_size):
     run = run_mpi(nprocs, "comm.cases:bad_input", {"local_size": local_size})
     cases = {r["result"]["cases"] for r in run.ranks}
-    assert cases == {7 if nprocs == 1 else 11}
+    assert cases == {9 if nprocs == 1 else 13}
 
 
 @pytest.mark.parametrize(("nprocs", "local_size", "algo", "check"),
@@ -92,3 +92,14 @@ def test_unchecked_count_mismatch_is_a_truncation_error_not_corruption():
     run = run_mpi(3, "comm.cases:truncated_message", {"local_size": 1},
                   env={"PIPER_CHECK": "0"}, timeout=120, expect_ok=False)
     assert run.ranks[0] is not None and run.ranks[0]["result"]["raised"] is True, run.report()
+
+
+@pytest.mark.parametrize(("nprocs", "local_size"), [(1, None), (3, None), (4, 2), (5, 3)])
+def test_device_plane_plumbing_on_emulated_device_memory(nprocs, local_size):
+    """The device plane's plumbing without a device (tests/comm/cases.py:emulated_device):
+    every algorithm equals the host result, and a rank passing host memory while the others
+    pass CUDA memory gets the same error on every rank."""
+    run = run_mpi(nprocs, "comm.cases:emulated_device", {"local_size": local_size})
+    res = [r["result"] for r in run.ranks]
+    assert all(r["checked"] == 8 for r in res), run.report()
+    assert len({r["error"] for r in res}) == 1, res

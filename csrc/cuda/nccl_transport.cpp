@@ -1,0 +1,267 @@
+#include "cuda/nccl_transport.hpp"
+
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#include "common/error.hpp"
+#include "cuda/check.hpp"
+
+namespace piper::cuda {
+
+static_assert(sizeof(ncclUniqueId) == kNcclIdBytes, "ncclUniqueId size");
+
+namespace {
+
+constexpr auto kPoll = std::chrono::microseconds(100);  // bounded polls of NCCL's state
+
+// NCCL's entry points, resolved from the library loaded at run time.
+struct Api {
+  decltype(&ncclGetVersion) get_version;
+  decltype(&ncclGetUniqueId) get_unique_id;
+  decltype(&ncclCommInitRankConfig) init_rank_config;
+  decltype(&ncclCommGetAsyncError) get_async_error;
+  decltype(&ncclCommFinalize) finalize;
+  decltype(&ncclCommDestroy) destroy;
+  decltype(&ncclCommAbort) abort;
+  decltype(&ncclGroupStart) group_start;
+  decltype(&ncclGroupEnd) group_end;
+  decltype(&ncclSend) send;
+  decltype(&ncclRecv) recv;
+  decltype(&ncclGetErrorString) error_string;
+  decltype(&ncclGetLastError) last_error;
+  int version = 0;
+};
+
+Api api;
+std::mutex load_mutex;
+
+std::string describe(ncclResult_t r, ncclComm_t comm = nullptr) {
+  std::string s = api.error_string ? api.error_string(r) : fmt("ncclResult ", static_cast<int>(r));
+  if (api.last_error != nullptr) {
+    const char* last = api.last_error(comm);
+    if (last != nullptr && *last) s += fmt(" (", last, ")");
+  }
+  return s;
+}
+
+template <typename F>
+void resolve(void* lib, const char* name, F& fn) {
+  fn = reinterpret_cast<F>(dlsym(lib, name));
+  if (fn == nullptr)
+    throw Error(ErrorCode::kUsage, fmt("piper: the NCCL library loaded lacks ", name,
+                                       " (NCCL >= 2.18 is needed)"));
+}
+
+void* open_library(const std::string& library) {
+  // The NCCL the process already loaded (torch's), by soname, first: one NCCL per process.
+  if (void* lib = dlopen("libnccl.so.2", RTLD_NOW | RTLD_NOLOAD)) return lib;
+  std::string tried;
+  for (const std::string& name : {library, std::string("libnccl.so.2")}) {
+    if (name.empty()) continue;
+    if (void* lib = dlopen(name.c_str(), RTLD_NOW | RTLD_GLOBAL)) return lib;
+    tried += fmt(tried.empty() ? "" : "; ", name, ": ", dlerror());
+  }
+  throw Error(ErrorCode::kUsage,
+              fmt("piper: NCCL could not be loaded (", tried, "). Install the nvidia-nccl-cu13 ",
+                  "(or -cu12) wheel, set PIPER_NCCL_LIBRARY to libnccl.so.2, or set ",
+                  "PIPER_INTER=mpi to stage device messages through host memory"));
+}
+
+}  // namespace
+
+int load_nccl(const std::string& library) {
+  std::lock_guard<std::mutex> lock(load_mutex);
+  if (api.version) return api.version;
+  void* lib = open_library(library);
+  resolve(lib, "ncclGetVersion", api.get_version);
+  resolve(lib, "ncclGetUniqueId", api.get_unique_id);
+  resolve(lib, "ncclCommInitRankConfig", api.init_rank_config);
+  resolve(lib, "ncclCommGetAsyncError", api.get_async_error);
+  resolve(lib, "ncclCommFinalize", api.finalize);
+  resolve(lib, "ncclCommDestroy", api.destroy);
+  resolve(lib, "ncclCommAbort", api.abort);
+  resolve(lib, "ncclGroupStart", api.group_start);
+  resolve(lib, "ncclGroupEnd", api.group_end);
+  resolve(lib, "ncclSend", api.send);
+  resolve(lib, "ncclRecv", api.recv);
+  resolve(lib, "ncclGetErrorString", api.error_string);
+  resolve(lib, "ncclGetLastError", api.last_error);
+  int v = 0;
+  if (const ncclResult_t r = api.get_version(&v); r != ncclSuccess)
+    throw Error(ErrorCode::kSystem, fmt("piper: ncclGetVersion failed: ", describe(r)));
+  api.version = v;
+  return v;
+}
+
+std::string nccl_unique_id() {
+  PIPER_HOST_ASSERT(api.version != 0);
+  ncclUniqueId id;
+  if (const ncclResult_t r = api.get_unique_id(&id); r != ncclSuccess)
+    throw Error(ErrorCode::kSystem, fmt("piper: ncclGetUniqueId failed: ", describe(r)));
+  return std::string(reinterpret_cast<const char*>(&id), sizeof(id));
+}
+
+NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t rank,
+                             int device, const runtime::Deadline& deadline)
+    : rank_(rank), size_(size), device_(device) {
+  PIPER_HOST_ASSERT(api.version != 0 && unique_id.size() == sizeof(ncclUniqueId));
+  const std::string what = fmt("NCCL communicator set-up on rank ", rank_, " (device ", device_,
+                               ", ", size_, " ranks)");
+  PIPER_CHECK_CUDA(cudaSetDevice(device_), what + ": cudaSetDevice");
+  ncclUniqueId id;
+  std::memcpy(&id, unique_id.data(), sizeof(id));
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;  // every wait below is ours, hence bounded
+  ncclComm_t comm = nullptr;
+  const ncclResult_t r = api.init_rank_config(&comm, static_cast<int>(size_), id,
+                                              static_cast<int>(rank_), &config);
+  comm_ = comm;
+  if (r != ncclSuccess && r != ncclInProgress) {
+    if (comm != nullptr) api.abort(comm);
+    comm_ = nullptr;
+    throw Error(ErrorCode::kSystem, fmt("piper: ", what, ": ncclCommInitRankConfig: ",
+                                        describe(r)));
+  }
+  while (!settled(what)) {
+    if (std::chrono::steady_clock::now() >= deadline.at) {
+      cancel_all();
+      throw Error(ErrorCode::kTimeout,
+                  fmt("piper: ", what, ": timed out after ", deadline.timeout_s,
+                      " s waiting for the other ranks to join (set PIPER_TIMEOUT to change "
+                      "the limit)"));
+    }
+    std::this_thread::sleep_for(kPoll);
+  }
+}
+
+NcclTransport::~NcclTransport() {
+  // Without close() (interpreter exit, an error): abort, which never waits for peers.
+  if (comm_ != nullptr && api.abort != nullptr) api.abort(static_cast<ncclComm_t>(comm_));
+}
+
+std::string NcclTransport::name() const {
+  return fmt("nccl ", api.version / 10000, ".", api.version / 100 % 100, ".", api.version % 100);
+}
+
+void NcclTransport::check_usable(const char* what) const {
+  if (broken_ || comm_ == nullptr)
+    throw Error(ErrorCode::kUsage,
+                fmt("piper: rank ", rank_, ": ", what, " on an NCCL communicator that was ",
+                    comm_ == nullptr ? "closed" : "aborted after an error"));
+}
+
+bool NcclTransport::settled(const std::string& what) {
+  ncclResult_t state = ncclSuccess;
+  const ncclResult_t r = api.get_async_error(static_cast<ncclComm_t>(comm_), &state);
+  if (r != ncclSuccess) state = r;
+  if (state == ncclInProgress) return false;
+  if (state != ncclSuccess) {
+    const std::string why = describe(state, static_cast<ncclComm_t>(comm_));
+    cancel_all();
+    throw Error(ErrorCode::kPeer, fmt("piper: ", what, ": NCCL reports ", why));
+  }
+  return true;
+}
+
+void NcclTransport::post_send(const void* buf, int64_t bytes, int64_t peer, int tag) {
+  (void)tag;
+  check_usable("a send");
+  batch_.push_back({{true, peer, bytes}, const_cast<void*>(buf)});
+}
+
+void NcclTransport::post_recv(void* buf, int64_t bytes, int64_t peer, int tag) {
+  (void)tag;
+  check_usable("a receive");
+  batch_.push_back({{false, peer, bytes}, buf});
+}
+
+bool NcclTransport::test_all() {
+  if (batch_.empty()) return true;
+  const std::string what = fmt("rank ", rank_, ": NCCL group of ", batch_.size(), " messages");
+  if (!enqueued_) {
+    check_usable("a group");
+    PIPER_CHECK_CUDA(cudaSetDevice(device_), what + ": cudaSetDevice");
+    auto comm = static_cast<ncclComm_t>(comm_);
+    auto stream = reinterpret_cast<cudaStream_t>(stream_);
+    ncclResult_t r = api.group_start();
+    for (const Posted& p : batch_) {
+      if (r != ncclSuccess || p.m.bytes == 0) continue;  // both sides skip empty messages
+      const auto n = static_cast<size_t>(p.m.bytes);
+      const int peer = static_cast<int>(p.m.peer);
+      r = p.m.send ? api.send(p.buf, n, ncclUint8, peer, comm, stream)
+                   : api.recv(p.buf, n, ncclUint8, peer, comm, stream);
+    }
+    const ncclResult_t end = api.group_end();
+    if (r == ncclSuccess || r == ncclInProgress) r = end;
+    if (r != ncclSuccess && r != ncclInProgress) {
+      const std::string why = describe(r, comm);
+      cancel_all();
+      throw Error(ErrorCode::kPeer, fmt(what, ": ", why));
+    }
+    enqueued_ = true;
+  }
+  if (!settled(what)) return false;  // non-blocking: NCCL is still enqueuing
+  batch_.clear();
+  enqueued_ = false;
+  return true;
+}
+
+std::vector<runtime::Message> NcclTransport::pending() const {
+  std::vector<runtime::Message> out;
+  for (const Posted& p : batch_) out.push_back(p.m);
+  return out;
+}
+
+void NcclTransport::cancel_all() {
+  batch_.clear();
+  enqueued_ = false;
+  if (comm_ != nullptr && !broken_) api.abort(static_cast<ncclComm_t>(comm_));
+  broken_ = true;
+}
+
+void NcclTransport::close(const std::string& what, double timeout_s) {
+  if (comm_ == nullptr) return;
+  auto comm = static_cast<ncclComm_t>(comm_);
+  if (broken_) {  // aborted: nothing left to finalize
+    comm_ = nullptr;
+    return;
+  }
+  cudaSetDevice(device_);
+  // ncclCommFinalize flushes the communicator's work, collectively; bounded here.
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(timeout_s));
+  ncclResult_t r = api.finalize(comm);
+  while (r == ncclSuccess || r == ncclInProgress) {
+    ncclResult_t state = ncclSuccess;
+    api.get_async_error(comm, &state);
+    if (state != ncclInProgress) {
+      r = state;
+      break;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) {
+      api.abort(comm);
+      comm_ = nullptr;
+      throw Error(ErrorCode::kTimeout,
+                  fmt("piper: ", what, ": rank ", rank_, " timed out after ", timeout_s,
+                      " s finalizing the NCCL communicator (a peer did not close)"));
+    }
+    std::this_thread::sleep_for(kPoll);
+  }
+  if (r != ncclSuccess) {
+    api.abort(comm);
+    comm_ = nullptr;
+    throw Error(ErrorCode::kPeer, fmt("piper: ", what, ": rank ", rank_,
+                                      ": ncclCommFinalize: ", describe(r)));
+  }
+  api.destroy(comm);
+  comm_ = nullptr;
+}
+
+}  // namespace piper::cuda

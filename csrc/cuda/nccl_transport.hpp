@@ -1,0 +1,79 @@
+// NcclTransport: device messages of the executor as grouped ncclSend/ncclRecv on the caller's
+// stream (the inter-node stage of HALO on GPUs, and every message of flat and pairwise).
+//
+// NCCL is loaded at run time (dlopen), not linked: `import piper_comm` works where no NCCL is
+// installed, and the library is the one the program already uses when torch loaded it (found
+// by its soname), else the path given (the nvidia-nccl wheel's, found as torch finds it), else
+// the loader's search path. The header comes from the same wheel at build time.
+//
+// One batch = one NCCL group: test_all() enqueues the posted sends and receives between
+// ncclGroupStart/ncclGroupEnd on the stream and returns true once NCCL accepted them; the
+// data moves in stream order, so the executor never waits for the device. Tags are not
+// needed: NCCL matches a pair's messages in posting order, the same on both sides. The
+// communicator is non-blocking (ncclConfig_t.blocking = 0) so that its set-up and every group
+// are bounded by the call's deadline and a failed or late peer leads to ncclCommAbort, never
+// to a hang.
+//
+// Compiled only with CUDA and NCCL's header (PIPER_WITH_NCCL); see device_plane.cpp.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/executor.hpp"
+#include "runtime/transport.hpp"
+
+namespace piper::cuda {
+
+/// NCCL's unique id (ncclUniqueId): 128 bytes that rank 0 makes and every rank needs.
+constexpr int64_t kNcclIdBytes = 128;
+
+/// Loads NCCL (once per process). library: a path, or "" for the loader's search. Returns
+/// NCCL's version code (e.g. 23207), or throws kUsage saying what was tried.
+int load_nccl(const std::string& library);
+
+/// A new NCCL unique id (rank 0 calls it), kNcclIdBytes bytes.
+std::string nccl_unique_id();
+
+class NcclTransport final : public runtime::Transport {
+ public:
+  /// Collective over all `size` ranks: joins the NCCL communicator of `unique_id` on `device`,
+  /// bounded by the deadline (ncclCommAbort and kTimeout when a peer does not join).
+  NcclTransport(const std::string& unique_id, int64_t size, int64_t rank, int device,
+                const runtime::Deadline& deadline);
+  ~NcclTransport() override;
+
+  int64_t rank() const override { return rank_; }
+  int64_t size() const override { return size_; }
+  std::string name() const override;
+  void post_send(const void* buf, int64_t bytes, int64_t peer, int tag) override;
+  void post_recv(void* buf, int64_t bytes, int64_t peer, int tag) override;
+  bool test_all() override;
+  std::vector<runtime::Message> pending() const override;
+  void cancel_all() override;
+  void progress() override {}
+  void set_stream(uintptr_t stream) override { stream_ = stream; }
+  void close(const std::string& what, double timeout_s) override;
+
+ private:
+  struct Posted {
+    runtime::Message m;
+    void* buf;
+  };
+  void check_usable(const char* what) const;
+  /// NCCL's state of the communicator: true when idle, false while work is in progress;
+  /// throws kPeer on an error.
+  bool settled(const std::string& what);
+
+  void* comm_ = nullptr;  // ncclComm_t
+  int64_t rank_, size_;
+  int device_;
+  uintptr_t stream_ = 0;
+  std::vector<Posted> batch_;
+  bool enqueued_ = false;
+  bool broken_ = false;  // aborted: every later call raises
+};
+
+}  // namespace piper::cuda
