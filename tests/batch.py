@@ -31,7 +31,9 @@ PIPER_TEST_BATCH=0 turns batching off (every case in its own job, as before).
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -68,7 +70,7 @@ class Call:
                     expect_ok)
 
     def own_job_reason(self) -> str | None:
-        if _module_attr(self.func.split(":")[0], "BATCH", True) is False:
+        if _module_globals(self.func.split(":")[0]).get("BATCH", True) is False:
             return "its case module says BATCH = False"
         if not self.expect_ok:
             return "expects failing ranks"
@@ -84,18 +86,28 @@ class Call:
         itself."""
         module = self.func.split(":")[0]
         return (self.launcher, self.nprocs, self.env,
-                module if _module_attr(module, "finish", True) else None)
+                module if "finish" in _module_globals(module) else None)
 
 
-def _module_attr(module: str, name: str, unimportable):
-    """An attribute of a case module (None if absent); `unimportable` if the module does
-    not import here (e.g. it needs a GPU module)."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(f"tests.{module}"), name, None)
-    except Exception:
-        return unimportable
+@functools.cache
+def _module_globals(module: str) -> dict:
+    """The names a case module binds at its top level (its source read, not imported: case
+    modules may need a GPU or set environment variables): constants' values, else None."""
+    path = Path(__file__).parent.joinpath(*module.split(".")).with_suffix(".py")
+    names: dict = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            value = node.value if isinstance(node.value, ast.Constant) else None
+            for t in targets:
+                if isinstance(t, ast.Name):
+                    names[t.id] = value.value if value is not None else None
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names[node.name] = None
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                names[(alias.asname or alias.name).split(".")[0]] = None
+    return names
 
 
 # -- probing -------------------------------------------------------------------------------
@@ -314,6 +326,8 @@ class Plan:
 
     def summary(self) -> list[str]:
         ran = [j for j in self.jobs if j.runs is not None]
+        if not (ran or self.own or self.reruns):
+            return []
         cases = sum(len(j.calls) for j in ran)
         lines = [f"batched launches: {len(ran)} jobs ran {cases} cases "
                  f"({sum(j.seconds for j in ran):.0f} s), {self.served} served to their tests; "
