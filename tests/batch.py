@@ -46,7 +46,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MAX_CASES = 12  # cases per job: a failure's rerun and a job's share of a hang stay small
+MAX_CASES = 20  # cases per job (jobs of one shape are of near-equal sizes)
 
 
 @dataclass(frozen=True)
@@ -113,35 +113,47 @@ def _module_globals(module: str) -> dict:
 # -- probing -------------------------------------------------------------------------------
 
 class Probed(BaseException):
-    """Raised by run_mpi/run_torchrun while probing: the test's first launch."""
-
-    def __init__(self, call: Call):
-        super().__init__(call)
-        self.call = call
+    """Raised by run_mpi/run_torchrun while probing, to stop the test."""
 
 
 class NoProbe(BaseException):
     """Raised while probing when the test starts a process before its first launch."""
 
 
-PROBING = False
+PROBING: list[Call] | None = None  # while probing: the launches recorded so far
+MAX_PROBED = 8  # launches recorded per test
 
 
 @contextlib.contextmanager
 def probing():
+    """While a test is probed: run_mpi/run_torchrun record their call and return a stand-in
+    Run (every rank ok, result []), so that a test that launches several times in a row (a
+    loop over schedules) shows them all; the first use of a stand-in result that an empty list
+    does not satisfy ends the probe. Later launches of a case other than the first's are not
+    recorded (their arguments may come from stand-in results). Yields the list of calls."""
     global PROBING
     real_popen = subprocess.Popen
 
     def no_popen(*a, **k):
-        raise NoProbe("a process started before the first launch")
+        raise NoProbe("a process started while probing")
 
-    PROBING = True
+    PROBING = []
     subprocess.Popen = no_popen
     try:
-        yield
+        yield PROBING
     finally:
-        PROBING = False
+        PROBING = None
         subprocess.Popen = real_popen
+
+
+def _probed(call: Call):
+    from tests import launch as L
+
+    if PROBING and (call.func != PROBING[0].func or len(PROBING) >= MAX_PROBED):
+        raise Probed()
+    PROBING.append(call)
+    return L.Run(0, "", [{"status": "ok", "result": [], "error": None, "elapsed": 0.0}
+                         for _ in range(call.nprocs)], 0.0)
 
 
 # -- running a job -------------------------------------------------------------------------
@@ -252,7 +264,7 @@ class Job:
 @dataclass
 class Plan:
     jobs: list[Job] = field(default_factory=list)
-    of_test: dict[str, Job] = field(default_factory=dict)  # node id -> its job
+    of_test: dict[str, list[Job]] = field(default_factory=dict)  # node id -> its jobs
     own: dict[str, str] = field(default_factory=dict)  # node id -> why it keeps its own job
     served: int = 0
     reruns: list[tuple[str, str]] = field(default_factory=list)  # (node id, batch outcome)
@@ -261,7 +273,7 @@ class Plan:
     def build(probed: list[tuple[str, Call]]) -> Plan:
         plan = Plan()
         shapes: dict[tuple, list[tuple[str, Call]]] = defaultdict(list)
-        for nodeid, call in probed:
+        for nodeid, call in dict.fromkeys(probed):  # a launch repeated: its repeats run alone
             why = call.own_job_reason()
             if why:
                 plan.own[nodeid] = why
@@ -277,14 +289,18 @@ class Plan:
                 job = Job(chunk)
                 plan.jobs.append(job)
                 for nodeid, _ in chunk:
-                    plan.of_test[nodeid] = job
+                    jobs_of = plan.of_test.setdefault(nodeid, [])
+                    if job not in jobs_of:
+                        jobs_of.append(job)
         return plan
 
     def before_test(self, nodeid: str) -> None:
-        """Runs the test's job if it has not run yet (called before the test's set-up)."""
-        job = self.of_test.get(nodeid)
-        if job is None or job.runs is not None:
-            return
+        """Runs the test's jobs that have not run yet (called before the test's set-up)."""
+        for job in self.of_test.get(nodeid, []):
+            if job.runs is None:
+                self._run(job, nodeid)
+
+    def _run(self, job: Job, nodeid: str) -> None:
         from tests import launch as L
 
         call = job.calls[0][1]
@@ -312,8 +328,9 @@ class Plan:
     def take(self, nodeid: str, call: Call):
         """The batched Run of this test's planned call when it ended ok, else None (the caller
         launches the case alone). Each planned Run is served once."""
-        job = self.of_test.get(nodeid)
-        if job is None or job.runs is None or (nodeid, call) not in job.runs:
+        job = next((j for j in self.of_test.get(nodeid, [])
+                    if j.runs is not None and (nodeid, call) in j.runs), None)
+        if job is None:
             return None
         run = job.runs.pop((nodeid, call))
         if ok(run):
@@ -351,9 +368,10 @@ def current_test() -> str | None:
 
 
 def take(call: Call):
-    """tests/launch.py's hook: raises Probed while probing; else the batched Run or None."""
-    if PROBING:
-        raise Probed(call)
+    """tests/launch.py's hook: while probing a stand-in Run (or Probed); else the batched Run
+    or None."""
+    if PROBING is not None:
+        return _probed(call)
     if PLAN is None:
         return None
     nodeid = current_test()

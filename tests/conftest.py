@@ -22,8 +22,8 @@ def pytest_configure(config):
 
 
 class _StandIn:
-    """What a probed test gets for a fixture other than its parameters: any use fails, so a
-    test that needs a fixture's value before it launches is not batched."""
+    """What a probed test gets for a fixture other than its parameters: any use ends the
+    probe, so a test that needs a fixture's value before it launches is not batched."""
 
     def _refuse(self, *args, **kwargs):
         raise batch.NoProbe("fixture used before the first launch")
@@ -50,28 +50,26 @@ def _launches(func, module, depth: int = 2) -> bool:
         if inspect.isfunction(g := getattr(module, n, None)) and g.__module__ == module.__name__)
 
 
-def _probe(item) -> batch.Call | None:
-    """The first launch of the test (tests/batch.py), or None."""
+def _probe(item) -> list[batch.Call]:
+    """The launches of the test, up to the first that depends on a result (tests/batch.py)."""
     from _pytest.skipping import evaluate_skip_marks
 
     if not isinstance(item, pytest.Function) or item.cls is not None:
-        return None
+        return []
     if item.get_closest_marker("own_job") or not _launches(item.obj, item.module):
-        return None
+        return []
     if evaluate_skip_marks(item) is not None:
-        return None
+        return []
     params = item.callspec.params if hasattr(item, "callspec") else {}
     kwargs = {name: params.get(name, _StandIn()) for name in item._fixtureinfo.argnames}
-    with batch.probing():
+    with batch.probing() as calls:
         try:
             item.obj(**kwargs)
-        except batch.Probed as p:
-            return p.call
         except KeyboardInterrupt:
             raise
-        except BaseException:  # a stand-in was used, a skip, a process started: not batched
-            return None
-    return None
+        except BaseException:  # the end of the probe: a stand-in used, a skip, a process
+            pass
+        return list(calls)
 
 
 @pytest.hookimpl(trylast=True)
@@ -79,7 +77,7 @@ def pytest_collection_modifyitems(session, config, items):
     """Plans the batch jobs for the selected tests (after -k/-m selection)."""
     if os.environ.get("PIPER_TEST_BATCH", "1") == "0" or os.environ.get("PIPER_TEST_NO_LAUNCH"):
         return
-    probed = [(item.nodeid, call) for item in items if (call := _probe(item)) is not None]
+    probed = [(item.nodeid, call) for item in items for call in _probe(item)]
     batch.PLAN = batch.Plan.build(probed)
 
 

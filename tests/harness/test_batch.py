@@ -26,12 +26,15 @@ def test_plan_groups_by_shape_and_keeps_fault_cases_alone():
                         "h": "its case module says BATCH = False",
                         "k": "only case of its shape"}
     assert set(plan.of_test) == {"a", "c", "l", "i", "j"}
+    # a test's repeated launch (a loop) is planned once: the repeats run alone
+    repeated = batch.Plan.build([("a", _call()), ("a", _call()), ("b", _call())])
+    assert len(repeated.jobs[0].calls) == 2
 
 
 def test_plan_splits_a_shape_into_jobs_of_near_equal_size():
-    plan = batch.Plan.build([(str(i), _call(args={"seed": i})) for i in range(25)])
-    assert [len(job.calls) for job in plan.jobs] == [8, 8, 9]
-    assert [n for job in plan.jobs for n, _ in job.calls] == [str(i) for i in range(25)]
+    plan = batch.Plan.build([(str(i), _call(args={"seed": i})) for i in range(45)])
+    assert [len(job.calls) for job in plan.jobs] == [15, 15, 15]
+    assert [n for job in plan.jobs for n, _ in job.calls] == [str(i) for i in range(45)]
 
 
 def test_take_serves_ok_cases_once_and_sends_the_others_alone():
@@ -74,11 +77,11 @@ def test_a_failing_case_ends_the_job_with_every_ranks_outcome():
 @pytest.mark.mpi
 @pytest.mark.own_job
 def test_a_hung_case_is_killed_with_its_stack():
-    hang = batch.Call.of("mpirun", 2, "harness.cases:rank_hangs", {"rank": 1}, None, 6)
+    hang = batch.Call.of("mpirun", 2, "harness.cases:rank_hangs", {"rank": 1}, None, 3)
     first, hung, after = batch.run_job(PREFIX, [_echo(1), hang, _echo(2)])
     assert batch.ok(first)
     report = hung.report()
     assert hung.ranks[1] is None and hung.ranks[0]["status"] == "ok", report
-    assert "killed after its 6 s test timeout" in report, report
+    assert "killed after its 3 s test timeout" in report, report
     assert "hang_here_forever" in report, report  # rank 1's stack, dumped before the kill
     assert after is None
