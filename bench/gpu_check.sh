@@ -6,7 +6,9 @@
 # NCCL and host-staged, every dtype, CuPy, CUDA-graph capture, bad input, the torch backend),
 # compute-sanitizer on the kernels, the context's IPC round trip and one small collective, the
 # benchmark against torch's NCCL all_to_all_single, and copy_blocks and pack/unpack against a
-# plain device-to-device copy at 16/64/256 MiB. Steps whose code does not exist yet are listed
+# plain device-to-device copy at 16/64/256 MiB; the MoE layer (every dispatcher, dedup, chunked
+# with offload, fp32, bf16-mixed, FP8 dispatch) and 20 training steps on CUDA against the same
+# on CPU (bench/gpu_moe_check.py). Steps whose code does not exist yet are listed
 # and recorded as "not implemented yet (see docs/gpu.md)", never as passed. Everything goes to
 # bench/results/gpu_<date>.txt, headed by the device's name. A failing step is recorded and the
 # next runs.
@@ -190,8 +192,9 @@ if [ -n "$SAN" ]; then
 fi
 
 # 5. Everything above the collective on CUDA.
-todo moe_layer_cuda "MoE layer forward/backward on CUDA against the CPU reference (piper_moe runs on CPU only)"
-todo train_cuda "20 training steps of python -m piper_moe.train with device: cuda against the same steps on CPU"
+step moe_layer_cuda 180 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -n 4 "$PY" bench/gpu_moe_check.py layer
+step moe_layer_cuda_one_node 180 "$MPIRUN" -n 4 "$PY" bench/gpu_moe_check.py layer
+step train_cuda 300 "$PY" bench/gpu_moe_check.py train --steps 20 --ranks 4
 step bench_nccl 180 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --local-size 2 --algos halo,flat,nccl -b 1K -e 64M -f 4 -n 10 -w 3
 
 # 6. Timing of the kernels against the copy ceiling.

@@ -4,6 +4,7 @@ compiles the CUDA backend for sm_80 and sm_90 whenever nvcc is found."""
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from piper_comm import _C
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 STEPS = ["build", "nvidia-smi", "build_info", "pytest_gpu", "memcheck", "racecheck",
-         "memcheck_context", "memcheck_collective", "bench_nccl", "bench_pack"]
-TODO = ["moe_layer_cuda", "train_cuda"]
+         "memcheck_context", "memcheck_collective", "moe_layer_cuda", "moe_layer_cuda_one_node",
+         "train_cuda", "bench_nccl", "bench_pack"]
+TODO: list[str] = []
 GPU_TOOLS = ["nvidia-smi", "compute-sanitizer", "nvcc", "mpirun", "python3", "git"]
 
 
@@ -81,3 +83,17 @@ def test_cuda_backend_is_compiled_for_sm80_and_sm90():
         assert f"-arch sm_{arch} ".encode() in blob, f"no sm_{arch} device code"
         assert f".target sm_{arch}".encode() in blob, f"no compute_{arch} PTX"
     assert hasattr(_C, "CudaContext")
+
+
+@pytest.mark.mpi
+def test_moe_layer_check_script_runs_cpu_against_cpu():
+    """bench/gpu_moe_check.py's layer step, with CPU in place of CUDA (identical results): the
+    script the GPU check runs works, every variant included."""
+    from tests.launch import MPIRUN
+
+    out = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(ROOT / "bench" /
+                          "gpu_moe_check.py"), "layer", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [x for x in out.stdout.splitlines() if x.startswith(("ok", "FAIL"))]
+    assert len(lines) == 9 and all(x.startswith("ok") for x in lines), out.stdout
