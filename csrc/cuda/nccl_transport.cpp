@@ -141,8 +141,9 @@ NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t
 }
 
 NcclTransport::~NcclTransport() {
-  // Without close() (interpreter exit, an error): abort, which never waits for peers.
-  if (comm_ != nullptr && api.abort != nullptr) api.abort(static_cast<ncclComm_t>(comm_));
+  // Without close() (interpreter exit, an error): abort, which never waits for peers (once:
+  // cancel_all may have aborted it already).
+  if (comm_ != nullptr && !broken_) api.abort(static_cast<ncclComm_t>(comm_));
 }
 
 std::string NcclTransport::name() const {
