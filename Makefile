@@ -1,13 +1,13 @@
 # Piper: `make test` and `make demo` set everything up from scratch (venv in .venv/, MPI from
-# PyPI, the compiled extension) and then run. Other targets: venv, build, lint, bench, stress,
-# clean.
+# PyPI, the compiled extension) and then run. Other targets: unit, venv, build, lint, bench,
+# stress, clean.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 MPIRUN := $(VENV)/bin/mpirun
 SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: test demo venv build lint bench stress clean
+.PHONY: test unit demo venv build lint bench stress clean
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: requirements.txt
@@ -25,8 +25,15 @@ $(VENV)/.built: $(VENV)/.stamp $(SOURCES)
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .
 
+# Every test (docs/testing.md): multi-rank cases of one launch shape share one mpirun job.
 test: build lint
 	$(PY) -m pytest -q tests
+
+# The fast tier for the edit-test loop: the tests not marked `mpi` (pure Python, the C++ planner
+# in tests/plan, the cost and resource models), in this one process; no launcher starts
+# (PIPER_TEST_NO_LAUNCH: a test that would start one without the marker fails).
+unit: build
+	PIPER_TEST_NO_LAUNCH=1 $(PY) -m pytest -q -m "not mpi" tests
 
 # The main job on a small default: MoE training of tiny-moe on 4 CPU ranks as 2 emulated nodes
 # (PP=2 x EP=2, a pipeline stage per node), loss curve and expert-load plots in runs/demo/,

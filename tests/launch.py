@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests import batch
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MPIRUN = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
@@ -120,12 +122,13 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _dump_stacks(launcher: int, outdir: Path) -> list[int]:
+def _dump_stacks(launcher: int, outdir: Path, result: str = "rank{}.json") -> list[int]:
     """Asks every rank (tests.worker) below the launcher that has not written its result to
     print its Python stacks (the worker registers faulthandler on SIGUSR1), waits a moment for
-    them; returns the pids of all ranks. Ranks that wrote their result are not signalled: they
-    may be finalising, when faulthandler is gone and SIGUSR1 would kill them (and MPICH's
-    launcher then ends the job before the hung ranks' stacks are out)."""
+    them; returns the pids of all ranks (`result`: a rank's result file, {} its rank). Ranks
+    that wrote their result are not signalled: they may be finalising, when faulthandler is
+    gone and SIGUSR1 would kill them (and MPICH's launcher then ends the job before the hung
+    ranks' stacks are out)."""
     ranks, signalled = [], 0
     for pid in _descendants(launcher):
         try:
@@ -135,7 +138,7 @@ def _dump_stacks(launcher: int, outdir: Path) -> list[int]:
             env = dict(kv.split(b"=", 1) for kv in
                        Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in kv)
             rank = int(env.get(b"PMI_RANK", env.get(b"RANK", b"-1")))
-            if rank >= 0 and not (outdir / f"rank{rank}.json").exists():
+            if rank >= 0 and not (outdir / result.format(rank)).exists():
                 os.kill(pid, signal.SIGUSR1)
                 signalled += 1
         except (OSError, ValueError):
@@ -188,9 +191,23 @@ def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict
     return run
 
 
+def _batched(call: batch.Call, func: str, nprocs: int) -> Run | None:
+    """The case's Run from its batch job (tests/batch.py), when it ran there and ended ok."""
+    run = batch.take(call)
+    if run is None and os.environ.get("PIPER_TEST_NO_LAUNCH"):
+        raise AssertionError(f"{func} on {nprocs} ranks: this tier starts no launcher "
+                             f"(PIPER_TEST_NO_LAUNCH, make unit); mark the test `mpi`")
+    return run
+
+
 def run_mpi(nprocs: int, func: str, args: dict | None = None, *, env: dict | None = None,
             timeout: float = 300, mpi_args: tuple[str, ...] = (), expect_ok: bool = True) -> Run:
-    """Runs tests.<func> ("module:function") on nprocs ranks under mpirun."""
+    """Runs tests.<func> ("module:function") on nprocs ranks under mpirun (or serves the
+    result of the case's batch job, tests/batch.py)."""
+    run = _batched(batch.Call.of("mpirun", nprocs, func, args, env, timeout, mpi_args,
+                                 expect_ok), func, nprocs)
+    if run is not None:
+        return run
     assert MPIRUN, "mpirun not found (make venv installs MPICH from PyPI)"
     if "-print-all-exitcodes" not in mpi_args:  # which rank died, and of what, in the report
         mpi_args = ("-print-all-exitcodes", *mpi_args)
@@ -200,7 +217,12 @@ def run_mpi(nprocs: int, func: str, args: dict | None = None, *, env: dict | Non
 
 def run_torchrun(nprocs: int, func: str, args: dict | None = None, *, env: dict | None = None,
                  timeout: float = 300, expect_ok: bool = True) -> Run:
-    """Runs tests.<func> on nprocs ranks under torchrun --standalone."""
+    """Runs tests.<func> on nprocs ranks under torchrun --standalone (or serves the result of
+    the case's batch job, tests/batch.py)."""
+    run = _batched(batch.Call.of("torchrun", nprocs, func, args, env, timeout, (), expect_ok),
+                   func, nprocs)
+    if run is not None:
+        return run
     assert TORCHRUN, "torchrun not found"
     cmd = [TORCHRUN, "--standalone", f"--nproc-per-node={nprocs}", "--no-python"]
     return _launch(cmd, nprocs, func, args, env, timeout, expect_ok)

@@ -212,6 +212,7 @@ MPIEXEC = ROOT / ".venv" / "bin" / "mpiexec"
 
 
 @needs_root_tools
+@pytest.mark.mpi  # the script runs mpiexec in the namespaces
 @pytest.mark.skipif(not MPIEXEC.exists(), reason="no .venv/bin/mpiexec (make venv)")
 def test_run_checks_the_link_and_catches_a_bypass(prefix, tmp_path):
     counters = tmp_path / "c.json"

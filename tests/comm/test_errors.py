@@ -81,6 +81,7 @@ def test_killed_rank_ends_the_job_and_shm_is_clean(mpi_args):
     assert not leaked, f"MPICH segments left in /dev/shm: {leaked}\n{run.report()}"
 
 
+@pytest.mark.own_job  # /dev/shm before and after this very job
 def test_no_segment_outlives_a_job():
     before = _piper_segments()
     run_mpi(4, "comm.cases:exactness", {"local_size": 4, "kinds": ["numpy"], "full": False})

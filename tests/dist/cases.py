@@ -12,6 +12,11 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
           torch.int32, torch.int8, torch.uint8, torch.bool]
 
 
+# Each case sets up and destroys torch.distributed's default group: a second one in the same
+# process is not reliable (gloo under torchrun), so tests/batch.py gives every case its own job.
+BATCH = False
+
+
 def _setup():
     if not dist.is_initialized():
         pt.fill_from_mpi()

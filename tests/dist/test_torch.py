@@ -106,6 +106,7 @@ def test_single_process_without_torch_distributed():
     comm.close()
 
 
+@pytest.mark.mpi
 def test_pytorch_own_all_to_all_tests_pass_on_piper():
     """torch's CPU all-to-all tests (distributed_test.py's test_all_to_all*, world, full group and
     subgroup, equal/unequal splits, complex) on dist.init_process_group("piper")."""

@@ -19,6 +19,10 @@ os.environ.setdefault("BACKEND", "mpi")
 os.environ.setdefault("TEMP_DIR", tempfile.gettempdir())
 
 
+# The case sets up and destroys torch.distributed's default group: its own job (tests/batch.py).
+BATCH = False
+
+
 def run(only: str = "", skip: str = "\0") -> dict:
     """Runs every CPU test_all_to_all* method whose name contains `only` and not `skip`; returns
     {name: "ok" | "skip: why" | the error}."""

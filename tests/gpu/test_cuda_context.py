@@ -237,6 +237,7 @@ def test_create_refuses_clearly_without_cuda_or_without_a_device():
 
 
 @pytest.mark.gpu
+@pytest.mark.mpi
 @needs_gpu
 @pytest.mark.parametrize("nprocs", [2, 4])
 def test_ipc_segment_shared_and_fenced_between_processes(nprocs):
@@ -249,6 +250,7 @@ def test_ipc_segment_shared_and_fenced_between_processes(nprocs):
 
 
 @pytest.mark.gpu
+@pytest.mark.mpi
 @needs_gpu
 @pytest.mark.parametrize("nprocs", [2, 4])
 def test_halo_on_device_memory_one_node(nprocs):

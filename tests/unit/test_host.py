@@ -98,7 +98,7 @@ def test_arrays_move_without_copies():
     assert comm.all_to_all(t, recv=tr) is tr and torch.equal(tr, t)
     out, counts = comm.all_to_all_v(t, np.array([5]))
     assert counts == [5] and torch.equal(out, t) and out.data_ptr() != t.data_ptr()
-    not_array = "numpy array or a torch"
+    not_array = "a numpy array, a torch tensor or a CUDA array"
     for bad, words in ((x[:, :2], "not contiguous"), (np.float32(1.0), not_array),
                        (np.zeros(()), "at least one dimension"), ("rows", not_array)):
         with pytest.raises(pc.PiperUsageError, match=words):
