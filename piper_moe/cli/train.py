@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="precision (overrides the config; piper_moe/layer/precision.py)")
     ap.add_argument("--fp8-dispatch", action="store_true",
                     help="moe_layer.fp8_dispatch: FP8 token dispatch (needs a bf16 precision)")
+    ap.add_argument("--device", default=None,
+                    help="cpu | cuda | cuda:<i> (overrides the config; cuda: the device of this "
+                         "rank's local rank)")
     ap.add_argument("--out", default=None, help="run directory (metrics.json, plots)")
     ap.add_argument("--plot", action="store_true", help="write loss.png and expert_load.png")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["precision"] = args.precision
     if args.fp8_dispatch:
         cfg["moe_layer"]["fp8_dispatch"] = True
+    if args.device is not None:
+        cfg["device"] = args.device
     given = {k: getattr(args, k) for k in ("pp", "dp", "ep", "vpp", "schedule")
              if getattr(args, k) is not None}
     if given:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -99,6 +100,14 @@ class Trainer:
         self.rank, self.world = m.rank, m.world
         self.spec = load_model(cfg["model"])
         self.device = torch.device(cfg["device"])
+        if self.device.type == "cuda" and self.device.index is None:
+            # one device per rank of a node: the local rank's (several ranks share one when
+            # the node has fewer devices, as the one-GPU check does)
+            local = int(os.environ.get("LOCAL_RANK") or os.environ.get("MPI_LOCALRANKID")
+                        or os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK") or 0)
+            self.device = torch.device("cuda", local % torch.cuda.device_count())
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         # precision: parameters, AdamW state, gradient buffers (so the data-parallel
         # all-reduce) and inter-stage activations in self.dtype (float32 under bf16-mixed)
         self.precision = C.resolve_precision(cfg, self.device)
