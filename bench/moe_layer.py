@@ -96,6 +96,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads per rank (default 1: ranks oversubscribe cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: every layer and the tokens on the local rank's device; a timed "
+                        "step then ends with torch.cuda.synchronize()")
     p.add_argument("--variants", default=None,
                    help=f"comma-separated subset of {','.join(VARIANTS)} (default: all, or "
                    f"reference alone with --chunks)")
@@ -201,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, a.dtype)
     comm = pc.init()
     me = comm.rank
+    dev = torch.device("cpu")
+    if a.device == "cuda":
+        dev = torch.device("cuda", comm.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda" and any(v in PEERS for v in a.variants):
+        raise SystemExit("--device cuda: the --peer layers run on CPU only here")
     cfg = MoEConfig(hidden=a.hidden, ffn_hidden=a.ffn_hidden, num_experts=a.num_experts,
                     top_k=a.top_k, num_shared_experts=a.num_shared_experts, router=a.router,
                     num_groups=a.num_groups, topk_groups=a.topk_groups,
@@ -211,35 +221,38 @@ def main(argv: list[str] | None = None) -> int:
         base, _, prec = v.partition("@")
         kw = PRECISIONS[prec] if prec else {}
         if v == "reference":
-            layers[v] = ReferenceMoE(cfg, seed=a.seed, dtype=dtype)
+            layers[v] = ReferenceMoE(cfg, seed=a.seed, dtype=dtype, device=dev)
         elif v in PEERS:
             layers[v] = peer_layer(v, cfg, comm, a.seed)
         elif prec:
-            layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, dedup=base == "piper",
-                                 **kw)
+            layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, device=dev,
+                                 dedup=base == "piper", **kw)
         elif v in a.chunk_settings:
-            layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, dedup=False,
+            layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, device=dev, dedup=False,
                                  pipeline_chunks=a.chunk_settings[v],
                                  pipeline_recheck=a.recheck,
                                  chunk_memory=a.chunk_memories[v])
         elif v == "ppmoe":
-            layers[v] = MoELayer(cfg, node_comm, seed=a.seed, dtype=dtype, dispatcher="ppmoe",
-                                 sequence_sharded=True)
+            layers[v] = MoELayer(cfg, node_comm, seed=a.seed, dtype=dtype, device=dev,
+                                 dispatcher="ppmoe", sequence_sharded=True)
         else:
-            layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype,
+            layers[v] = MoELayer(cfg, comm, seed=a.seed, dtype=dtype, device=dev,
                                  dedup=v in ("piper", "halo"))
     g = torch.Generator().manual_seed(a.seed * 1000003 + me)
-    x0 = torch.randn(a.tokens, a.hidden, generator=g).to(dtype)
+    x0 = torch.randn(a.tokens, a.hidden, generator=g).to(dtype).to(dev)
 
     def step(v: str) -> tuple[float, torch.Tensor]:
         layer = layers[v]
         layer.zero_grad(set_to_none=True)
         x = x0.clone().requires_grad_()
+        sync()
         comm.barrier()
         t0 = time.perf_counter()
         y = layer(x)
+        sync()
         t_fwd = time.perf_counter() - t0
         (y.sum() + layer.aux_loss).backward()
+        sync()
         t = time.perf_counter() - t0
         if v in a.chunk_settings:
             st = layer.stats
