@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 STEPS = ["build", "nvidia-smi", "build_info", "pytest_gpu", "memcheck", "racecheck",
          "memcheck_context", "memcheck_collective", "moe_layer_cuda", "moe_layer_cuda_one_node",
-         "train_cuda", "bench_nccl", "bench_pack"]
+         "train_cuda", "bench_moe_layer", "bench_nccl", "bench_pack"]
 TODO: list[str] = []
 GPU_TOOLS = ["nvidia-smi", "compute-sanitizer", "nvcc", "mpirun", "python3", "git"]
 
