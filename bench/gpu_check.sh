@@ -196,6 +196,7 @@ step moe_layer_cuda 180 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -n 4 "$PY" bench/gpu_
 step moe_layer_cuda_one_node 180 "$MPIRUN" -n 4 "$PY" bench/gpu_moe_check.py layer
 step train_cuda 300 "$PY" bench/gpu_moe_check.py train --steps 20 --ranks 4
 step bench_moe_layer 180 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2
+step bench_moe_layer_fp8 180 "$MPIRUN" -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2 --hidden 2048 --ffn-hidden 1024 --tokens 4096 --variants reference,piper-nodedup --precisions bf16-mixed,bf16-mixed+fp8-dequantize,bf16-mixed+fp8-scaled
 step bench_nccl 180 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --local-size 2 --algos halo,flat,nccl -b 1K -e 64M -f 4 -n 10 -w 3
 
 # 6. Timing of the kernels against the copy ceiling.

@@ -7,11 +7,12 @@ layer: every rank builds the same layer twice from one seed, on CPU and on its C
 (local_rank % device_count), runs its slice of one batch forward and backward through both, and
 compares outputs, input gradients and every parameter gradient. Variants: the all-to-all
 dispatcher with and without node dedup, chunked (C = 2) with chunk_memory offload, PPMoE, in
-fp32 and bf16-mixed, and bf16-mixed with FP8 dispatch. Tolerances, relative to the largest
-element of the CPU tensor: fp32 1e-4 (GEMM blocking differs between the CPU and cuBLAS);
-bf16-mixed and FP8 3e-2 (both sides round to bf16 at the same places, cuBLAS and the CPU's
-bf16 GEMMs accumulate in other orders). Prints one line per variant with the measured error;
-exits 1 on any failure.
+fp32 and bf16-mixed, and bf16-mixed with FP8 dispatch (expert GEMMs on the dequantized rows,
+and scaled FP8 GEMMs: native on Hopper, against the CPU's composed form). Tolerances, relative
+to the largest element of the CPU tensor: fp32 1e-4 (GEMM blocking differs between the CPU
+and cuBLAS); bf16-mixed and FP8 3e-2 (both sides round to bf16 at the same places, cuBLAS and
+the CPU's bf16 GEMMs accumulate in other orders). Prints one line per variant with the
+measured error; exits 1 on any failure.
 
 train: runs `python -m piper_moe.train --config tiny --precision fp32` for N steps on CPU and on
 CUDA (4 ranks as 2 emulated nodes of 2, the Makefile's demo layout) and compares the loss of
@@ -64,7 +65,19 @@ def layer_check(device: str) -> int:
     G = torch.randn(total, cfg.hidden, generator=g)
     failures = 0
     runs = [(d, o, p, False) for d, o in VARIANTS for p in ("fp32", "bf16-mixed")]
-    runs += [("alltoall", {"dedup": True}, "bf16-mixed", True)]
+    # FP8 dispatch with both expert GEMMs; "scaled" is the native block-scaled FP8 GEMM on
+    # Hopper and the composed row-wise form on CPU (the same sum of exact products)
+    runs += [("alltoall", {"dedup": True, "fp8_gemm": gemm}, "bf16-mixed", True)
+             for gemm in ("dequantize", "scaled")]
+    runs += [("alltoall", {"dedup": False, "pipeline_chunks": 2, "fp8_gemm": "scaled"},
+              "bf16-mixed", True)]
+    if me == 0 and device == "cuda":
+        from piper_moe.layer.fp8_gemm import native_scaled_gemm
+        print(f"note: fp8_gemm 'scaled' on {torch.cuda.get_device_name()}: "
+              f"{'native block-scaled GEMM' if native_scaled_gemm('cuda') else 'composed'}; "
+              f"'auto' resolves to "
+              f"{MoELayer(cfg, precision='bf16-mixed', fp8_dispatch=True, device='cuda').fp8_gemm}",
+              flush=True)
     if comm.num_nodes > 1:
         runs = [r for r in runs if r[0] != "ppmoe"]
         if me == 0:

@@ -36,9 +36,11 @@ Variants, all built from the same seed (so the same global weights) and fed the 
                  parameter bytes per rank, and the resource model's (--platform) per-layer
                  communication time of each dispatcher next to the measured difference.
 
-    --precisions LIST  (subset of fp32,bf16-mixed,bf16-mixed+fp8): every Piper variant
-                 (--variants) runs once per precision, named <variant>@<precision>
-                 (MoELayer(precision=..., fp8_dispatch=...), layer/precision.py); the
+    --precisions LIST  (subset of fp32, bf16-mixed, bf16-mixed+fp8 and its forms
+                 bf16-mixed+fp8-dequantize / -scaled, which fix fp8_gemm; +fp8 leaves it
+                 auto): every Piper variant (--variants) runs once per precision, named
+                 <variant>@<precision> (MoELayer(precision=..., fp8_dispatch=...,
+                 fp8_gemm=...), layer/precision.py, layer/fp8_gemm.py); the
                  reference stays fp32 (max|y-y_ref| is then the distance to fp32). Reported
                  besides the time: dispatch and combine bytes (layer.stats, summed over ranks)
                  and the bytes saved for backward by one forward. Not combinable with --chunks
@@ -68,8 +70,10 @@ from piper_moe.common import DISPATCHERS as LAYER_DISPATCHERS
 VARIANTS = ("reference", "piper", "piper-nodedup")
 # --dispatchers: the layer's dispatchers, "alltoall" also as "halo" (with node dedup)
 DISPATCHERS = ("alltoall", "halo", *LAYER_DISPATCHERS[1:])
-PRECISIONS = {"fp32": {}, "bf16-mixed": {"precision": "bf16-mixed"},
-              "bf16-mixed+fp8": {"precision": "bf16-mixed", "fp8_dispatch": True}}
+_FP8 = {"precision": "bf16-mixed", "fp8_dispatch": True}
+PRECISIONS = {"fp32": {}, "bf16-mixed": {"precision": "bf16-mixed"}, "bf16-mixed+fp8": _FP8,
+              "bf16-mixed+fp8-dequantize": {**_FP8, "fp8_gemm": "dequantize"},
+              "bf16-mixed+fp8-scaled": {**_FP8, "fp8_gemm": "scaled"}}
 PEERS = ("torchtitan",)
 
 

@@ -7,6 +7,8 @@ share, defined here once (no torch, so the resource model stays light).
                     keeps in which dtype)
     CHUNK_MEMORY    what a chunked layer keeps of its dispatched rows for backward
                     (piper_moe/layer/chunk_memory.py); the layer also takes "auto"
+    FP8_GEMMS       how the experts multiply FP8-dispatched rows: "auto", "scaled",
+                    "dequantize" (piper_moe/layer/fp8_gemm.py)
     SCHEDULES       the pipeline schedules of piper_moe/runtime/schedules.py
     even_split(n, parts)  n items over `parts` consecutive parts, the first n % parts one
                     larger: pipeline stages' layers, PPMoE's reduce-scatter rows
@@ -17,6 +19,7 @@ from __future__ import annotations
 DISPATCHERS = ("alltoall", "ppmoe")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 CHUNK_MEMORY = ("save", "offload", "recompute")
+FP8_GEMMS = ("auto", "scaled", "dequantize")
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 

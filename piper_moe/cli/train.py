@@ -1,5 +1,5 @@
 """`python -m piper_moe.train --config NAME|PATH [--steps N] [--resume DIR] [--out DIR]
-[--precision auto|fp32|bf16-mixed|bf16] [--fp8-dispatch]`
+[--precision auto|fp32|bf16-mixed|bf16] [--fp8-dispatch] [--fp8-gemm auto|scaled|dequantize]`
 
 Trains a DeepSeek-style MoE transformer with pipeline (PP) x data (DP) x expert (EP)
 parallelism under mpirun, torchrun or as one process. Every rank runs the same code:
@@ -22,6 +22,7 @@ import json
 import logging
 from pathlib import Path
 
+from ..common import FP8_GEMMS
 from ..train import config as C
 from ..train.launch import finish, launch
 from ..train.trainer import Trainer, _fmt
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="precision (overrides the config; piper_moe/layer/precision.py)")
     ap.add_argument("--fp8-dispatch", action="store_true",
                     help="moe_layer.fp8_dispatch: FP8 token dispatch (needs a bf16 precision)")
+    ap.add_argument("--fp8-gemm", choices=FP8_GEMMS, default=None,
+                    help="moe_layer.fp8_gemm: how the experts multiply FP8-dispatched rows "
+                         "(auto: scaled FP8 GEMMs where native, i.e. Hopper GPUs)")
     ap.add_argument("--device", default=None,
                     help="cpu | cuda | cuda:<i> (overrides the config; cuda: the device of this "
                          "rank's local rank)")
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg["precision"] = args.precision
     if args.fp8_dispatch:
         cfg["moe_layer"]["fp8_dispatch"] = True
+    if args.fp8_gemm is not None:
+        cfg["moe_layer"]["fp8_gemm"] = args.fp8_gemm
     if args.device is not None:
         cfg["device"] = args.device
     given = {k: getattr(args, k) for k in ("pp", "dp", "ep", "vpp", "schedule")
@@ -78,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                  trainer.mesh.describe(), trainer.schedule, trainer.num_micro,
                  trainer.micro_batch, trainer.seq_len, cfg["data"].get("kind"),
                  f"{floor:.4f}" if floor is not None else "unknown", trainer.precision,
-                 " + fp8 dispatch" if cfg["moe_layer"]["fp8_dispatch"] else "")
+                 f" + fp8 dispatch ({trainer.moe_layers[0].fp8_gemm} expert GEMMs)"
+                 if cfg["moe_layer"]["fp8_dispatch"] and trainer.moe_layers else "")
     if args.resume and trainer.resume(args.resume) and rank == 0:
         log.info("piper_moe.train: resumed at step %d from %s", trainer.step, args.resume)
     trainer.train(cfg["steps"])

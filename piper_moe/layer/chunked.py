@@ -322,12 +322,13 @@ class _Experts(torch.autograd.Function):
 
     apply(rows [R, H], w1, w3, w2, value [R, H], experts (the Experts module), counts (rows per
     local expert), memory ("save" | "offload" | "recompute", the same on every rank),
-    x [T, H] detached, plan (ChunkPlan, for the re-dispatch), fp8 (the re-dispatch's wire)).
+    x [T, H] detached, plan (ChunkPlan, for the re-dispatch), fp8 (the re-dispatch's wire),
+    scaled (the experts' first GEMMs are scaled FP8 GEMMs: layer/fp8_gemm.py)).
     """
 
     @staticmethod
-    def forward(ctx, rows, w1, w3, w2, value, experts, counts, memory, x, plan, fp8):
-        ctx.memory, ctx.device, ctx.fp8 = memory, rows.device, fp8
+    def forward(ctx, rows, w1, w3, w2, value, experts, counts, memory, x, plan, fp8, scaled):
+        ctx.memory, ctx.device, ctx.fp8, ctx.scaled = memory, rows.device, fp8, scaled
         if memory == "save":
             ctx.save_for_backward(rows)
         elif memory == "offload":
@@ -352,9 +353,10 @@ class _Experts(torch.autograd.Function):
         ex = ctx.experts
         with torch.enable_grad():
             r = rows.detach().requires_grad_()
-            y = ex(r, ctx.counts)
+            # dequantized FP8 rows re-quantize to the same values (layer/precision.py)
+            y = ex(r, ctx.counts, fp8_rows=quantize_fp8(r) if ctx.scaled else None)
             grads = torch.autograd.grad(y, (r, ex.w1, ex.w3, ex.w2), grad, allow_unused=True)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 # -- the chunked forward
@@ -387,7 +389,7 @@ def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
     if plan.to_send is not None:
         gathered = gathered.index_select(0, plan.to_send)
     send = gathered.detach()
-    fp8 = layer.fp8_dispatch
+    fp8, scaled = layer.fp8_dispatch, layer.fp8_gemm == "scaled"
     if fp8:
         send = pack_fp8(*quantize_fp8(send))
     # One allocation per forward: every chunk's dispatch is in flight at once, so each chunk
@@ -409,12 +411,17 @@ def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
             clock.poll()
             clock.wait(dispatches[c])
             n = int(r_off[c + 1] - r_off[c])
+            fp8_rows = None
             if fp8:
-                rows_buf[r_off[c]:r_off[c + 1]] = dequantize_fp8(
-                    *unpack_fp8(recv_buf[r_off[c]:r_off[c + 1]], H), x.dtype)
+                q, scales = unpack_fp8(recv_buf[r_off[c]:r_off[c + 1]], H)
+                rows_buf[r_off[c]:r_off[c + 1]] = dequantize_fp8(q, scales, x.dtype)
+                if scaled:
+                    fp8_rows = (q.index_select(0, plan.to_expert_c[c]),
+                                scales.index_select(0, plan.to_expert_c[c]))
             rows = torch.index_select(rows_buf[r_off[c]:r_off[c + 1]], 0, plan.to_expert_c[c],
                                       out=scratch[:n])
-            out = layer.experts(rows, [int(v) for v in plan.recv_counts[c].sum(axis=0)])
+            out = layer.experts(rows, [int(v) for v in plan.recv_counts[c].sum(axis=0)],
+                                fp8_rows=fp8_rows)
             y_c = y_buf[r_off[c]:r_off[c + 1]]
             torch.index_select(out, 0, plan.from_expert_c[c], out=y_c)
             clock.poll()
@@ -433,7 +440,7 @@ def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
     ex = layer.experts
     rows = _Dispatched.apply(gathered, rows_value, plan)
     y = _Experts.apply(rows, ex.w1, ex.w3, ex.w2, y_value, ex, plan.expert_counts, memory,
-                       x.detach(), plan, fp8)
+                       x.detach(), plan, fp8, scaled)
     back = _Combined.apply(y, back_value, plan)
     out = weighted_sum(back, routing.weights, plan.pair_order, plan.pair_token, x.shape[0])
     splits = SimpleNamespace(send_splits=[int(v) for v in plan.send_counts.sum(axis=(0, 2))],

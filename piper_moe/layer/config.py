@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..common import CHUNK_MEMORY, DISPATCHERS, PRECISIONS
+from ..common import CHUNK_MEMORY, DISPATCHERS, FP8_GEMMS, PRECISIONS
 
 ROUTERS = ("softmax", "sigmoid")
 # FP8 dispatch wire format (layer/precision.py; here without torch, for the resource model):
@@ -114,6 +114,11 @@ class MoEOptions:
         parameters, bf16 GEMMs and exchanged rows) or "bf16" (layer/precision.py).
     fp8_dispatch: the dispatch carries rows as float8 e4m3 with a float32 scale per 128
         elements (half of bf16's bytes); needs a bf16 precision.
+    fp8_gemm: with fp8_dispatch, how the experts' first GEMMs take the FP8 rows: "scaled"
+        (FP8 GEMM against e4m3-rounded weights), "dequantize" (bf16 GEMM on the dequantized
+        rows) or "auto" (scaled where a native block-scaled FP8 GEMM exists: Hopper;
+        layer/fp8_gemm.py). Ignored without fp8_dispatch, except that "scaled" then is an
+        error; PPMoE's experts always dequantize.
     """
 
     dispatcher: str = "alltoall"
@@ -125,6 +130,7 @@ class MoEOptions:
     chunk_memory_headroom: float = 0.25
     precision: str = "fp32"
     fp8_dispatch: bool = False
+    fp8_gemm: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dispatcher not in DISPATCHERS:
@@ -148,3 +154,8 @@ class MoEOptions:
         if self.fp8_dispatch and self.precision == "fp32":
             raise ValueError("fp8_dispatch=True needs precision 'bf16-mixed' or 'bf16' (the "
                              "expert input is dequantized to bfloat16), got 'fp32'")
+        if self.fp8_gemm not in FP8_GEMMS:
+            raise ValueError(f"fp8_gemm must be one of {FP8_GEMMS}, got {self.fp8_gemm!r}")
+        if self.fp8_gemm == "scaled" and not self.fp8_dispatch:
+            raise ValueError("fp8_gemm='scaled' needs fp8_dispatch=True (it multiplies the "
+                             "FP8-dispatched rows)")

@@ -23,7 +23,7 @@ which rows an expert computes, nor their order, nor the summation order of the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -47,6 +47,8 @@ class DispatchHandle:
         the send order); else int64 [N_send], pair_order position -> send position
         permutations: sent rows = gathered rows [to_send_order], and returned rows
         [from_send_order] are back in pair_order (logical expert, then token-major) order.
+    fp8_rows: after an FP8 dispatch, the received rows as delivered (e4m3 [N_recv, hidden],
+        float32 scales [N_recv, nb]), grouped by local expert as the returned rows; else None.
     """
 
     pair_order: torch.Tensor
@@ -60,6 +62,7 @@ class DispatchHandle:
     comm: object
     to_send_order: torch.Tensor | None = None
     from_send_order: torch.Tensor | None = None
+    fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def exchange(x: torch.Tensor, send: list[int], recv: list[int], comm) -> torch.Tensor:
@@ -89,7 +92,8 @@ def dispatch(x: torch.Tensor, experts: torch.Tensor, keep: torch.Tensor | None,
     once, before the k-fold gather (precision.Fp8RowMoves), not the gathered rows."""
     handle = plan_dispatch(experts, keep, num_experts, comm, slot_of, x.device)
     if fp8:
-        return Fp8RowMoves.apply(x, dispatch_moves(handle), comm, x.dtype), handle
+        rows, q, scales = Fp8RowMoves.apply(x, dispatch_moves(handle), comm, x.dtype)
+        return rows, replace(handle, fp8_rows=(q, scales))
     gathered = x.index_select(0, handle.pair_token)
     if handle.to_send_order is not None:
         gathered = gathered.index_select(0, handle.to_send_order)
@@ -247,7 +251,8 @@ def dispatch_dedup(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
     if fp8:  # both stages move the packed rows: quantized once, dequantized on arrival
         inner = plan_dispatch(ids_recv, ids_recv >= 0, num_experts, comm, slot_of, x.device)
         moves = [Gather(row_token, T), AllToAll(send, recv), *dispatch_moves(inner)]
-        rows = Fp8RowMoves.apply(x, moves, comm, x.dtype)
+        rows, q, scales = Fp8RowMoves.apply(x, moves, comm, x.dtype)
+        inner = replace(inner, fp8_rows=(q, scales))
     else:
         x_recv = exchange(x.index_select(0, row_token), send, recv, comm)
         rows, inner = dispatch(x_recv, ids_recv, ids_recv >= 0, num_experts, comm, slot_of)

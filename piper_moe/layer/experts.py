@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoEConfig
+from .fp8_gemm import ScaledLinear, native_scaled_gemm
 from .init import SHARED_ID, generator, swiglu_weights
 
 
@@ -48,15 +49,20 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.stack([w[1] for w in ws]).to(device))
         self.w2 = nn.Parameter(torch.stack([w[2] for w in ws]).to(device))
 
-    def forward(self, x: torch.Tensor, counts: list[int], grouped: bool | None = None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: list[int], grouped: bool | None = None,
+                fp8_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [sum(counts), hidden], rows grouped by local expert (counts[j] rows for expert j,
         no padding) -> [sum(counts), hidden] in the same order.
 
         grouped: use torch._grouped_mm (None: when dtype and shapes allow it); else a loop of
         one GEMM chain per non-empty expert. Computed in x's dtype: with bf16 rows over float32
         weights the weights are cast once per call (their gradients are float32).
+        fp8_rows: (q e4m3 [sum(counts), hidden], scales float32 [sum(counts), hidden / 128]),
+        the same rows as delivered by an FP8 dispatch (x == dequantize_fp8(q, scales)): the
+        first GEMMs then run as scaled FP8 GEMMs (layer/fp8_gemm.py), one per expert.
         """
+        if fp8_rows is not None:
+            return self._forward_scaled(x, counts, *fp8_rows)
         if grouped is None:
             grouped = _grouped_mm_ok(x, self.w1) and _grouped_mm_ok(x, self.w2)
         if grouped and x.shape[0] > 0:
@@ -70,8 +76,31 @@ class Experts(nn.Module):
             if n:
                 outs.append(swiglu(x[start:start + n], self.w1[j], self.w3[j], self.w2[j]))
             start += n
-        if not outs:  # still tied to x and the weights, so every rank's backward runs the
-            # same collectives (the combine all-to-all's backward) even with no rows here
+        return self._join(outs, x)
+
+    def _forward_scaled(self, x: torch.Tensor, counts: list[int], q: torch.Tensor,
+                        scales: torch.Tensor) -> torch.Tensor:
+        """forward with fp8_rows: per non-empty expert j, [h1 | h3] = ScaledLinear(rows,
+        [w1_j | w3_j]) (one FP8 GEMM of width 2 * ffn), then silu(h1) * h3 @ w2_j in x's
+        dtype."""
+        native = native_scaled_gemm(x.device)
+        ffn = self.w1.shape[2]
+        outs, start = [], 0
+        for j, n in enumerate(counts):
+            if n:
+                r = slice(start, start + n)
+                h13 = ScaledLinear.apply(x[r], q[r], scales[r],
+                                         torch.cat([self.w1[j], self.w3[j]], dim=1), native)
+                h = F.silu(h13[:, :ffn]) * h13[:, ffn:]
+                outs.append(h @ _as(self.w2[j], x.dtype))
+            start += n
+        return self._join(outs, x)
+
+    def _join(self, outs: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs concatenated; with no rows here, an empty result still tied
+        to x and the weights, so every rank's backward runs the same collectives (the combine
+        all-to-all's backward)."""
+        if not outs:
             return swiglu(x, self.w1[0], self.w3[0], self.w2[0])
         return torch.cat(outs)
 

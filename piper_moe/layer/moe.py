@@ -14,6 +14,7 @@ from .chunked import ChunkSchedule, chunked_forward
 from .config import MoEConfig, MoEOptions
 from .dispatch import combine, combine_dedup, dispatch, dispatch_dedup, exchange_counts
 from .experts import Experts, SharedExpert
+from .fp8_gemm import resolve_fp8_gemm
 from .ppmoe import ppmoe_forward
 from .precision import compute_dtype, fp8_row_bytes, param_dtype
 from .router import Router, balance_loss, capacity_keep
@@ -78,6 +79,9 @@ class MoELayer(nn.Module):
         dispatcher, precision = o.dispatcher, o.precision
         _check_dispatcher(dispatcher, comm)
         self.precision, self.fp8_dispatch = precision, bool(o.fp8_dispatch)
+        # "scaled" or "dequantize" with fp8_dispatch (layer/fp8_gemm.py), else None
+        self.fp8_gemm = (resolve_fp8_gemm(o.fp8_gemm, device, cfg.hidden)
+                         if self.fp8_dispatch else None)
         self.compute_dtype = compute_dtype(precision, dtype)
         dtype = param_dtype(precision, dtype)
         self.dispatcher, self.sequence_sharded = dispatcher, o.sequence_sharded
@@ -173,7 +177,8 @@ class MoELayer(nn.Module):
         if self.dedup:
             rows, handle = dispatch_dedup(x, routing.experts, routing.weights, keep,
                                           cfg.num_experts, self.comm, slot_of, fp8)
-            y = combine_dedup(self.experts(rows, handle.inner.expert_counts), handle)
+            y = combine_dedup(self.experts(rows, handle.inner.expert_counts,
+                                           fp8_rows=self._fp8_rows(handle.inner)), handle)
             self.stats = self._stats(load[:-1], [handle, handle.inner], row_bytes,
                                      sum(row_bytes) * handle.inter_node_rows_saved)
         elif chunks > 1:
@@ -182,7 +187,8 @@ class MoELayer(nn.Module):
         else:
             rows, handle = dispatch(x, routing.experts, keep, cfg.num_experts, self.comm,
                                     slot_of, fp8)
-            y = combine(self.experts(rows, handle.expert_counts), routing.weights, handle)
+            y = combine(self.experts(rows, handle.expert_counts,
+                                     fp8_rows=self._fp8_rows(handle)), routing.weights, handle)
             self.stats = self._stats(load[:-1], [handle], row_bytes, 0)
         if chunks == 1:  # synchronous exchanges: nothing hidden, their time not measured
             self.stats.update(chunks=1, comm_seconds_exposed=None, comm_seconds_total=None,
@@ -192,6 +198,11 @@ class MoELayer(nn.Module):
         if self.training and cfg.bias_update_rate:
             self.router.update_bias(global_load)
         return y
+
+    def _fp8_rows(self, handle):
+        """The FP8 rows a dispatch delivered, for the experts' scaled GEMMs (fp8_gemm
+        "scaled"); None otherwise."""
+        return handle.fp8_rows if self.fp8_gemm == "scaled" else None
 
     def _chunks(self) -> int:
         """This forward's pipeline chunk count (collective under "auto"); 1 without comm

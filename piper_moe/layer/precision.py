@@ -36,7 +36,8 @@ dequantization (``q * scale``, exact in bfloat16) and re-quantization of a dequa
 are lossless. A token row is quantized once, before it is replicated for its k experts, and
 the packed rows travel through every gather and all-to-all of the dispatch (both stages of
 node dedup: the gateway forwards them as they are; ``Fp8RowMoves``) until the expert's rank
-dequantizes them. The expert input is the dequantized bf16 row (no scaled FP8 GEMM on CPU).
+dequantizes them. The expert input is the dequantized bf16 row, or with a scaled FP8 GEMM
+the delivered e4m3 rows and scales themselves (``fp8_gemm``, layer/fp8_gemm.py).
 The combine exchange carries bf16. Backward: the dispatch's gradient (combine direction)
 travels in bf16, with the quantization treated as the identity (straight-through), as
 DeepEP's combine and DeepSeek-V3's backward do: gradients have a wider dynamic range than
@@ -242,7 +243,9 @@ class Fp8RowMoves(torch.autograd.Function):
     Backward: the adjoint moves in reverse order on the gradient in its own dtype (bf16), the
     quantization taken as the identity (straight-through), exactly the backward of the same
     moves done on unquantized rows. apply(x, moves, comm, dtype) -> [rows out, H];
-    collective when M has an AllToAll (forward and backward)."""
+    collective when M has an AllToAll (forward and backward). Also returns the moved rows as
+    delivered, (q e4m3 [rows out, H], scales float32 [rows out, nb]), not differentiable: the
+    input of a scaled FP8 GEMM (layer/fp8_gemm.py)."""
 
     @staticmethod
     def forward(ctx, x, moves, comm, dtype):
@@ -250,10 +253,12 @@ class Fp8RowMoves(torch.autograd.Function):
         buf = pack_fp8(*quantize_fp8(x))
         for m in moves:
             buf = m.forward(buf, comm)
-        return dequantize_fp8(*unpack_fp8(buf, x.shape[1]), dtype)
+        q, scales = unpack_fp8(buf, x.shape[1])
+        ctx.mark_non_differentiable(q, scales)
+        return dequantize_fp8(q, scales, dtype), q, scales
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _q, _scales):
         g = grad
         for m in reversed(ctx.moves):
             g = m.adjoint(g, ctx.comm)

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .experts import Experts, SharedExpert, swiglu
+from .fp8_gemm import resolve_fp8_gemm
 from .precision import (
     accumulate_dtype,
     check_precision,
@@ -30,14 +31,18 @@ class ReferenceMoE(nn.Module):
     the router on x as given (in float32 at least), the experts and the shared expert on x
     in the compute dtype (with fp8_dispatch: the experts on fake_quantize_fp8 of it, the
     gradient passing straight through), the weighted sum in float32 at least, the output in
-    x's dtype."""
+    x's dtype. fp8_gemm="scaled" (with fp8_dispatch): the experts' w1 and w3 as the scaled
+    FP8 GEMM sees them (layer/fp8_gemm.py: each column fake-quantized per 128-element block,
+    the gradient passing straight through)."""
 
     def __init__(self, cfg: MoEConfig, seed: int = 0, dtype=torch.float32, device="cpu",
-                 precision: str = "fp32", fp8_dispatch: bool = False):
+                 precision: str = "fp32", fp8_dispatch: bool = False,
+                 fp8_gemm: str = "dequantize"):
         super().__init__()
         check_precision(precision, fp8_dispatch)
         self.compute_dtype = compute_dtype(precision, dtype)
         self.fp8_dispatch = fp8_dispatch
+        self.scaled = fp8_dispatch and resolve_fp8_gemm(fp8_gemm, device, cfg.hidden) == "scaled"
         dtype = param_dtype(precision, dtype)
         self.cfg = cfg
         self.router = Router(cfg, seed, dtype, device)
@@ -61,8 +66,11 @@ class ReferenceMoE(nn.Module):
         for e in range(cfg.num_experts):
             token, choice = (chosen == e).nonzero(as_tuple=True)
             if token.numel():
-                h = swiglu(x_e.index_select(0, token), self.experts.w1[e], self.experts.w3[e],
-                           self.experts.w2[e])
+                w1, w3 = self.experts.w1[e], self.experts.w3[e]
+                if self.scaled:
+                    w1, w3 = (w + (fake_quantize_fp8(w.detach().t(), w.dtype).t() - w).detach()
+                              for w in (w1, w3))
+                h = swiglu(x_e.index_select(0, token), w1, w3, self.experts.w2[e])
                 out = out.index_add(0, token, h.to(acc)
                                     * routing.weights[token, choice].unsqueeze(1).to(acc))
         load = torch.bincount(chosen[chosen >= 0], minlength=cfg.num_experts)

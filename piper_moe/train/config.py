@@ -6,7 +6,8 @@
     steps: 200
     moe: {aux_loss_coef: 0.01, bias_update_rate: 0.0}      # MoEConfig overrides
     moe_layer: {dispatcher: alltoall, pipeline_chunks: 1, dedup: true, pipeline_recheck: 50,
-                chunk_memory: auto, chunk_memory_headroom: 0.25, fp8_dispatch: false}
+                chunk_memory: auto, chunk_memory_headroom: 0.25, fp8_dispatch: false,
+                fp8_gemm: auto}
         # dispatcher "ppmoe": the EP group all-gathers its tokens, each rank runs its experts
         #   by index selection, a reduce-scatter returns the rows (PPMoE; needs ep == dp and
         #   the EP group inside a node); pipeline_chunks C > 1 or "auto": MPipeMoE-style
@@ -17,7 +18,9 @@
         #   chunk_memory_headroom in (0, 1]: auto keeps the rows on the device while they
         #   take at most this fraction of its free memory; fp8_dispatch: tokens cross the
         #   dispatch all-to-all as float8 e4m3 with per-128-element scales (needs a bf16
-        #   precision; piper_moe/layer/precision.py)
+        #   precision; piper_moe/layer/precision.py); fp8_gemm: auto | scaled | dequantize,
+        #   how the experts multiply the FP8 rows (auto: scaled FP8 GEMMs on Hopper GPUs,
+        #   else bf16 GEMMs on the dequantized rows; piper_moe/layer/fp8_gemm.py)
     precision: auto                 # fp32 | bf16-mixed | bf16 | auto (piper_moe/layer/
         #   precision.py): bf16-mixed keeps float32 parameters and AdamW state and computes
         #   in bf16; auto is bf16-mixed where bf16 GEMMs are native (CUDA with bf16, CPUs with
@@ -164,7 +167,7 @@ class TrainConfig:
         _positive_ints(self, "", ("steps",), least=0)
         # its values, checked now rather than at the first layer; fp8_dispatch against the
         # precision once that is resolved (auto), by the layer
-        MoEOptions(**{**self.moe_layer, "fp8_dispatch": False})
+        MoEOptions(**{**self.moe_layer, "precision": "bf16-mixed"})
         if self.precision not in PRECISION_CHOICES:
             raise ValueError(f"train config: precision must be one of {PRECISION_CHOICES}, "
                              f"got {self.precision!r}")

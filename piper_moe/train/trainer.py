@@ -187,7 +187,7 @@ class Trainer:
               "pipeline_recheck": int(ml["pipeline_recheck"]),
               "chunk_memory": ml["chunk_memory"],
               "chunk_memory_headroom": float(ml["chunk_memory_headroom"]),
-              "fp8_dispatch": bool(ml["fp8_dispatch"])}
+              "fp8_dispatch": bool(ml["fp8_dispatch"]), "fp8_gemm": ml["fp8_gemm"]}
         if ml["dispatcher"] == "ppmoe":
             if m.ep != m.dp or m.ep == 1:
                 raise ValueError(f"moe_layer.dispatcher ppmoe needs ep == dp > 1 (the EP group "

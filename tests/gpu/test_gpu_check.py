@@ -96,4 +96,4 @@ def test_moe_layer_check_script_runs_cpu_against_cpu():
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = [x for x in out.stdout.splitlines() if x.startswith(("ok", "FAIL"))]
-    assert len(lines) == 9 and all(x.startswith("ok") for x in lines), out.stdout
+    assert len(lines) == 11 and all(x.startswith("ok") for x in lines), out.stdout

@@ -54,6 +54,42 @@ def _run_ref(cfg, X, G, seed, **kw) -> dict:
     return {"y": y.detach(), "x": x.grad, **{n: p.grad for n, p in ref.named_parameters()}}
 
 
+def _layer_grads(layer, comm, X, G, lo: int, hi: int) -> dict:
+    """Runs layer on this rank's rows X[lo:hi] with output gradient G[lo:hi] (+ aux loss):
+    {"y", "x" (its grad), parameter name: its grad (replicated ones summed over ranks)}, the
+    layer's parameters and gradients checked to be float32 (the master dtype)."""
+    x = X[lo:hi].clone().requires_grad_()
+    y = layer(x)
+    ((y * G[lo:hi]).sum() + layer.aux_loss).backward()
+    assert y.dtype == torch.float32 and layer.experts.w1.dtype == torch.float32
+    assert layer.experts.w1.grad.dtype == torch.float32
+    mine = {"y": y, "x": x.grad}
+    params = dict(layer.named_parameters())
+    replicated = [n for n in params if not n.startswith("experts.")]
+    summed = _sum_over_ranks(comm, torch.cat([params[n].grad.reshape(-1) for n in replicated]))
+    for n, p in params.items():
+        if n.startswith("experts."):
+            mine[n] = p.grad
+        else:
+            mine[n], summed = summed[:p.numel()].view_as(p), summed[p.numel():]
+    return mine
+
+
+def _compare(mine: dict, ref: dict, layer, lo: int, hi: int, tol: str, what: str) -> float:
+    """Every tensor of mine (_layer_grads) against the reference's whole-batch tensor (this
+    rank's rows of y and x, its experts' slices) within TOL[tol]; the largest relative error."""
+    el, eh = layer.rank * layer.e_local, (layer.rank + 1) * layer.e_local
+    worst = 0.0
+    for key, val in mine.items():
+        r = ref[key]
+        if key.startswith("experts."):
+            r = r[el:eh]
+        if key in ("y", "x"):
+            r = r[lo:hi]
+        worst = max(worst, _close(val, r, TOL[tol], f"{what} {key} vs {tol}"))
+    return worst
+
+
 def layouts(local_size: int | None = None, node_ids: list[int] | None = None, seed: int = 7,
             total: int = 61) -> dict:
     """Every scenario x variant on this layout: bf16-mixed and bf16-mixed + FP8 layers against
@@ -77,36 +113,14 @@ def layouts(local_size: int | None = None, node_ids: list[int] | None = None, se
             for fp8 in (False, True):
                 layer = MoELayer(cfg, comm, seed=seed, precision="bf16-mixed",
                                  fp8_dispatch=fp8, **variant)
-                x = X[lo:hi].clone().requires_grad_()
-                y = layer(x)
-                ((y * G[lo:hi]).sum() + layer.aux_loss).backward()
-                assert y.dtype == torch.float32 and layer.experts.w1.dtype == torch.float32
-                assert layer.experts.w1.grad.dtype == torch.float32
+                mine = _layer_grads(layer, comm, X, G, lo, hi)
                 stats[fp8] = layer.stats
-                mine = {"y": y, "x": x.grad}
-                el, eh = me * layer.e_local, (me + 1) * layer.e_local
-                replicated = [n for n, _ in layer.named_parameters()
-                              if not n.startswith("experts.")]
-                summed = _sum_over_ranks(comm, torch.cat(
-                    [dict(layer.named_parameters())[n].grad.reshape(-1) for n in replicated]))
-                for n, p in layer.named_parameters():
-                    if n.startswith("experts."):
-                        mine[n] = p.grad
-                    else:
-                        mine[n], summed = summed[:p.numel()].view_as(p), summed[p.numel():]
                 what = f"{name} {variant} fp8={fp8} rank {me}/{P}"
                 pairs = [("same", refs["fp8" if fp8 else "bf16-mixed"]),
                          ("fp8" if fp8 else "bf16", refs["bf16-mixed" if fp8 else "fp32"])]
                 for tol, ref in pairs:
-                    for key, val in mine.items():
-                        r = ref[key]
-                        if key.startswith("experts."):
-                            r = r[el:eh]
-                        if key == "y" or key == "x":
-                            r = r[lo:hi]
-                        worst[tol] = max(worst[tol], _close(val, r, TOL[tol],
-                                                            f"{what} {key} vs {tol}"))
-                        checks += 1
+                    worst[tol] = max(worst[tol], _compare(mine, ref, layer, lo, hi, tol, what))
+                    checks += len(mine)
             h = cfg.hidden
             for key in ("bytes_dispatch", "bytes_combine"):
                 assert stats[False][key] % (2 * h) == 0, (key, stats[False])
@@ -114,6 +128,35 @@ def layouts(local_size: int | None = None, node_ids: list[int] | None = None, se
             assert stats[True]["bytes_dispatch"] == rows * fp8_row_bytes(h), (name, stats)
             assert stats[True]["bytes_combine"] == stats[False]["bytes_combine"], (name, stats)
             checks += 1
+    return {"checks": checks, "worst": worst}
+
+
+def scaled_layouts(local_size: int | None = None, node_ids: list[int] | None = None,
+                   seed: int = 11, total: int = 53) -> dict:
+    """FP8 dispatch with the scaled expert GEMMs (fp8_gemm="scaled", composed on CPU), every
+    scenario x variant (dedup off / on, chunked C = 2) against ReferenceMoE with the same
+    e4m3-rounded weights ("same" tolerance), and against the dequantize reference ("fp8":
+    the weights' rounding on top). Returns {"checks", "worst"}."""
+    comm = pc.init(local_size=local_size, node_ids=node_ids)
+    counts = _split(total, comm.size)
+    lo, hi = sum(counts[:comm.rank]), sum(counts[:comm.rank + 1])
+    checks, worst = 0, {"same": 0.0, "fp8": 0.0}
+    kw = {"precision": "bf16-mixed", "fp8_dispatch": True}
+    for name, scenario in SCENARIOS.items():
+        cfg = MoEConfig(**scenario)
+        g = torch.Generator().manual_seed(seed)
+        X = torch.randn(total, cfg.hidden, generator=g)
+        G = torch.randn(total, cfg.hidden, generator=g)
+        refs = {"same": _run_ref(cfg, X, G, seed, fp8_gemm="scaled", **kw),
+                "fp8": _run_ref(cfg, X, G, seed, **kw)}
+        for variant in VARIANTS:
+            layer = MoELayer(cfg, comm, seed=seed, fp8_gemm="scaled", **kw, **variant)
+            assert layer.fp8_gemm == "scaled"
+            mine = _layer_grads(layer, comm, X, G, lo, hi)
+            what = f"{name} {variant} scaled rank {comm.rank}/{comm.size}"
+            for tol, ref in refs.items():
+                worst[tol] = max(worst[tol], _compare(mine, ref, layer, lo, hi, tol, what))
+                checks += len(mine)
     return {"checks": checks, "worst": worst}
 
 

@@ -169,3 +169,18 @@ def test_fp8_halves_dispatch_bytes():
 def test_ppmoe_fp8_gather():
     run = run_mpi(2, "moe.precision_cases:ppmoe_fp8")
     assert all(r["result"] == 4 for r in run.ranks)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(("nprocs", "local_size", "node_ids"),
+                         [(4, 2, None), (4, None, [1, 0, 0, 1])], ids=["np4-ls2", "np4-nodes1001"])
+def test_scaled_fp8_gemm_layouts(nprocs, local_size, node_ids):
+    """fp8_gemm='scaled' (the composed CPU form) through plain, dedup and chunked dispatch: the
+    delivered FP8 rows reach the experts on every path (tests/moe/test_fp8_gemm.py: one rank)."""
+    run = run_mpi(nprocs, "moe.precision_cases:scaled_layouts", {"local_size": local_size,
+                                                                  "node_ids": node_ids})
+    for r in run.ranks:
+        # 2 scenarios x 3 variants x 2 references x (y, x grad, router, 3 expert weights, and
+        # the softmax scenario's 3 shared-expert weights)
+        assert r["result"]["checks"] == 3 * 2 * (9 + 6)
+    print("worst relative errors:", run.ranks[0]["result"]["worst"])

@@ -118,3 +118,14 @@ def test_precision_key():
     with pytest.raises(ValueError, match="fp8_dispatch=True needs precision"):
         Trainer(C.load("tiny", {"precision": "fp32", "moe_layer": {"fp8_dispatch": True},
                                 "strategy": {"pp": 1, "dp": 1, "ep": 1}}), progress=False)
+    with pytest.raises(ValueError, match="fp8_gemm must be one of"):
+        C.load("tiny", {"moe_layer": {"fp8_gemm": "fast"}})
+    with pytest.raises(ValueError, match="fp8_gemm='scaled' needs fp8_dispatch"):
+        C.load("tiny", {"moe_layer": {"fp8_gemm": "scaled"}})
+    cfg = C.load("tiny", {"precision": "bf16-mixed", "steps": 1,
+                          "moe_layer": {"fp8_dispatch": True, "fp8_gemm": "scaled"},
+                          "strategy": {"pp": 1, "dp": 1, "ep": 1},
+                          "batch": {"micro_batch": 2, "global_batch": 2, "seq_len": 16}})
+    t = Trainer(cfg, progress=False)
+    t.train(1)
+    assert all(m.fp8_gemm == "scaled" for m in t.moe_layers) and t.moe_layers
