@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 MPIRUN := $(VENV)/bin/mpirun
 SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: test unit demo venv build lint bench stress clean
+.PHONY: test unit demo venv build lint bench stress clean gpu-wheels
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: requirements.txt
@@ -53,6 +53,12 @@ bench: build
 RUNS ?= 10
 stress: venv
 	$(PY) bench/stress.py --runs $(RUNS) --fresh-clone
+
+# Wheels the lent GPU machine may lack (it has no network): MPICH for its Python 3.12, in .whl/
+# (ignored by git), carried by the device call (docs/gpu.md, bench/gpu_check.sh).
+gpu-wheels: venv
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 -d .whl "mpich>=4.2"
 
 clean:
 	rm -rf build $(VENV) piper_comm/_C*.so *.egg-info

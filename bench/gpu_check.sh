@@ -24,6 +24,18 @@ case "${1:-}" in
 esac
 PY=${PYTHON:-python3}
 PYDIR=$(dirname "$(command -v "$PY" || echo "$PY")")
+# MPI: the GPU machine's image has mpi4py but may have no MPI library or mpirun (nothing can be
+# downloaded there). A carried MPICH wheel (.whl/mpich-*.whl, ignored by git, named in the
+# device call's carry) is then installed under /tmp/piper-mpi: mpirun, mpicc and libmpi for
+# mpi4py and the build.
+if [ $DRY -eq 0 ] && ! { "$PY" -c "from mpi4py import MPI" >/dev/null 2>&1 \
+                          && { [ -x "$PYDIR/mpirun" ] || command -v mpirun >/dev/null; }; }; then
+  WHL=$(ls .whl/mpich-*.whl 2>/dev/null | head -1)
+  if [ -n "$WHL" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --prefix /tmp/piper-mpi "$WHL"
+    export PATH=/tmp/piper-mpi/bin:$PATH LD_LIBRARY_PATH=/tmp/piper-mpi/lib:${LD_LIBRARY_PATH:-}
+  fi
+fi
 MPIRUN=$(command -v "$PYDIR/mpirun" || command -v mpirun || echo mpirun)  # the venv's MPICH first
 STAMP=$(date -u +%Y%m%d_%H%M%S)
 OUT="bench/results/gpu_${STAMP}.txt"
@@ -163,6 +175,28 @@ if __name__ == "__main__":
     sanitize() if sys.argv[1:] == ["sanitize"] else bench()
 EOF
 
+# 0. What the machine has: MPI, torch's NCCL (several ranks on one GPU need >= 2.30: with an
+#    older one every multi-rank step runs over the host-staged transport, PIPER_INTER=mpi, and
+#    the NCCL baseline is left out), the native block-scaled FP8 GEMM, CuPy.
+NCCL_OK=1
+if [ $DRY -eq 0 ]; then
+  step environment 60 "$PY" -c "
+import importlib.util, shutil, torch, torch.nn.functional as F
+from mpi4py import MPI
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.is_available() and torch.cuda.get_device_name(), 'capability', torch.cuda.is_available() and torch.cuda.get_device_capability())
+print('nccl (torch)', torch.cuda.nccl.version())
+print('mpi', MPI.Get_library_version().splitlines()[0], 'mpirun', shutil.which('mpirun'))
+print('F.scaled_mm', hasattr(F, 'scaled_mm'), 'cupy', importlib.util.find_spec('cupy') is not None)"
+  "$PY" -c "import sys, torch; sys.exit(tuple(torch.cuda.nccl.version()) < (2, 30, 0))" || NCCL_OK=0
+  if [ $NCCL_OK -eq 0 ]; then
+    export PIPER_INTER=mpi
+    echo "### note: torch's NCCL < 2.30 cannot run several ranks on one GPU: multi-rank steps use PIPER_INTER=mpi (host-staged), NCCL tests skip, no NCCL baseline" | tee -a "$OUT"
+  fi
+else
+  echo "### environment (limit 60 s): torch, CUDA, torch's NCCL version, MPI, F.scaled_mm, CuPy; NCCL < 2.30 -> PIPER_INTER=mpi and no NCCL baseline"
+fi
+NCCL_ALGOS=$([ $NCCL_OK -eq 1 ] && echo halo,flat,nccl || echo halo,flat)
+
 # 1. Build (what `make build` runs; no network: pybind11, cmake, ninja must be installed).
 step build 300 "$PY" -m pip install --no-build-isolation --no-deps -e .
 
@@ -197,7 +231,7 @@ step moe_layer_cuda_one_node 180 "$MPIRUN" -n 4 "$PY" bench/gpu_moe_check.py lay
 step train_cuda 300 "$PY" bench/gpu_moe_check.py train --steps 20 --ranks 4
 step bench_moe_layer 180 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2
 step bench_moe_layer_fp8 180 "$MPIRUN" -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2 --hidden 2048 --ffn-hidden 1024 --tokens 4096 --variants reference,piper-nodedup --precisions bf16-mixed,bf16-mixed+fp8-dequantize,bf16-mixed+fp8-scaled
-step bench_nccl 180 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --local-size 2 --algos halo,flat,nccl -b 1K -e 64M -f 4 -n 10 -w 3
+step bench_nccl 180 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --local-size 2 --algos "$NCCL_ALGOS" -b 1K -e 64M -f 4 -n 10 -w 3
 
 # 6. Timing of the kernels against the copy ceiling.
 step bench_pack 180 "$PY" "$DRIVER" bench
