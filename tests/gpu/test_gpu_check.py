@@ -14,16 +14,19 @@ from piper_comm import _C
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STEPS = ["build", "nvidia-smi", "build_info", "pytest_gpu", "memcheck", "racecheck",
-         "memcheck_context", "memcheck_collective", "moe_layer_cuda", "moe_layer_cuda_one_node",
-         "train_cuda", "bench_moe_layer", "bench_nccl", "bench_pack"]
-TODO: list[str] = []
+EVERY_PART = ["environment", "build"]
+PARTS = {1: ["nvidia-smi", "build_info", "pytest_gpu", "memcheck", "racecheck",
+             "memcheck_context", "memcheck_collective"],
+         2: ["moe_layer_cuda", "moe_layer_cuda_one_node", "train_cuda", "bench_moe_layer",
+             "bench_moe_layer_fp8", "bench_nccl", "bench_pack"]}
 GPU_TOOLS = ["nvidia-smi", "compute-sanitizer", "nvcc", "mpirun", "python3", "git"]
 
 
-def test_dry_run_prints_every_step_and_calls_nothing(tmp_path):
+@pytest.mark.parametrize("part", [None, 1, 2])
+def test_dry_run_prints_every_step_and_calls_nothing(tmp_path, part):
     """Every tool the real check would call is a stub here that leaves a mark if run; the
-    dry run must leave none, write no result file and exit 0."""
+    dry run must leave none, write no result file and exit 0; --part N lists the steps of
+    part N and those of every part."""
     marks = tmp_path / "marks"
     marks.mkdir()
     fake = tmp_path / "bin"
@@ -34,20 +37,24 @@ def test_dry_run_prints_every_step_and_calls_nothing(tmp_path):
     results = ROOT / "bench" / "results"
     before = set(results.glob("gpu_*"))
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": str(fake / "python3")}
-    out = subprocess.run(["bash", str(SCRIPT), "--dry-run"], env=env, capture_output=True,
+    args = ["--dry-run"] + ([] if part is None else ["--part", str(part)])
+    out = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert sorted(os.listdir(marks)) == [], "the dry run executed a tool"
     assert set(results.glob("gpu_*")) == before, "the dry run wrote a result file"
-    lines = out.stdout.splitlines()
-    for name in STEPS:
-        assert any(line.startswith(f"### {name} (limit ") for line in lines), name
-    for name in TODO:
-        assert any(line.startswith(f"### {name}: not implemented yet (see docs/gpu.md)")
-                   for line in lines), name
-    assert (f"{len(TODO)} step(s) not implemented yet (see docs/gpu.md); nothing was run"
-            in out.stdout)
+    listed = [line.split()[1] for line in out.stdout.splitlines()
+              if line.startswith("### ") and " (limit " in line]
+    want = EVERY_PART + [n for p, names in PARTS.items() if part in (None, p) for n in names]
+    assert listed == want, out.stdout
+    assert "nothing was run" in out.stdout
     assert "bench/results/gpu_" in out.stdout and "device name" in out.stdout
+    # under the device tool ($OUT: a folder that comes back) the results go there
+    back = tmp_path / "back"
+    back.mkdir()
+    out = subprocess.run(["bash", str(SCRIPT), *args], env={**env, "OUT": str(back)},
+                         capture_output=True, text=True, timeout=60)
+    assert f"results would go to {back}/gpu_" in out.stdout, out.stdout
 
 
 def test_steps_that_claim_to_exist_do():
@@ -61,10 +68,12 @@ def test_steps_that_claim_to_exist_do():
     assert "def sanitize()" in text and "def bench()" in text
 
 
-def test_unknown_argument_is_refused():
-    out = subprocess.run(["bash", str(SCRIPT), "--dryrun"], capture_output=True, text=True,
+@pytest.mark.parametrize(("args", "says"), [(["--dryrun"], "usage"),
+                                             (["--dry-run", "--part", "3"], "1 or 2")])
+def test_bad_arguments_are_refused(args, says):
+    out = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
                          timeout=30)
-    assert out.returncode == 2 and "usage" in out.stderr
+    assert out.returncode == 2 and says in out.stderr
 
 
 NVCC = shutil.which("nvcc")
