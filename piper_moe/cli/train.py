@@ -100,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
         last = trainer.history[-1] if trainer.history else None
         if last:
+            m = report["measured"]
+            memory = (f"peak GPU memory {m['peak_gpu_bytes'] / 2**20:.0f} MiB"
+                      if "peak_gpu_bytes" in m else
+                      f"peak RSS {m['peak_rss_bytes'] / 2**20:.0f} MiB, "
+                      f"{m['rss_before_model_bytes'] / 2**20:.0f} MiB of it before the model "
+                      f"(interpreter, torch, MPI)")
             log.info("piper_moe.train: step %d loss %.4f (floor %s); measured %.3f s/step, "
-                     "predicted %s s/step; peak RSS %.0f MiB, predicted %s MiB",
-                     trainer.step, last["loss"], result["floor"], report["measured"]["step_s"],
-                     _fmt(report["predicted"].get("step_s")),
-                     report["measured"]["peak_rss_bytes"] / 2**20,
+                     "predicted %s s/step; %s; predicted tensor memory %s MiB",
+                     trainer.step, last["loss"], result["floor"], m["step_s"],
+                     _fmt(report["predicted"].get("step_s")), memory,
                      _fmt(report["predicted"].get("memory_bytes"), 2**-20))
         if args.plot:
             from ..train.plots import plot_run

@@ -68,6 +68,8 @@ class Trainer:
         from ..data import make_source
         from ..transformer import Stage
 
+        self._rss_before_model = _peak_rss()
+
         if isinstance(cfg, C.TrainConfig):
             cfg = cfg.to_dict()
         else:
@@ -514,13 +516,19 @@ class Trainer:
 
     # -- the end of a run
     def report(self) -> dict:
-        """Measured step time, tokens/s and peak memory next to the resource model's
-        prediction for this strategy on the config's platform."""
+        """Measured step time and peak memory next to the resource model's prediction for this
+        strategy on the config's platform. Memory: the prediction counts tensor bytes (weights,
+        gradients, optimizer state, activations, buffers); on CUDA it compares with
+        peak_gpu_bytes (max_memory_allocated); on CPU only the process's peak RSS is measured
+        here, which also holds the interpreter, torch and MPI (rss_before_model_bytes: the
+        peak before the model was built) and glibc's freed pages (bench/results/
+        model_validation.md measures CPU tensor bytes with the profiler instead)."""
         from ..resource_model import Strategy, estimate, load_platform
 
         times = [h["seconds"] for h in self.history[1:]] or [h["seconds"] for h in self.history]
         measured = {"step_s": float(np.median(times)) if times else float("nan"),
-                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                    "peak_rss_bytes": _peak_rss(),
+                    "rss_before_model_bytes": self._rss_before_model}
         if self.device.type == "cuda":
             measured["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         m = self.mesh
@@ -543,6 +551,11 @@ class Trainer:
         except Exception as exc:  # the report must not fail a finished run
             out["predicted"] = {"error": str(exc)}
         return out
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set so far, in bytes (interpreter, libraries, tensors)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _fmt(v: Any, scale: float = 1.0) -> str:
