@@ -9,7 +9,9 @@ Attention core (flash attention, causal): ``2*b*s^2*a*(d_qk + d_v) / 2`` FLOPs p
 timed like a GEMM whose smallest dimension is d_qk + d_v. Element-wise work (norms, residual
 adds, activation functions, MoE permutes, router softmax) is timed by bytes moved at HBM bandwidth.
 Backward costs twice the forward (input and weight gradients); the weight-gradient half is what
-zero-bubble schedules defer.
+zero-bubble schedules defer. With scaled FP8 expert GEMMs (``scaled_fp8_gemm``) the experts' up
+projections run forward at ``peak_flops_fp8`` on 1-byte inputs; their backward stays bf16, so a
+layer's backward is twice its bf16 forward (``LayerCompute.fp8_saved`` gives the difference).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from .memory import PRECISION_BYTES, shapes
 from .params import attention_linears, ffn_linears, moe_layer_linears
 from .spec import ModelSpec, PlatformSpec
-from .strategy import Strategy
+from .strategy import Strategy, scaled_fp8_gemm
 
 
 def gemm_efficiency(d: float, platform: PlatformSpec) -> float:
@@ -28,12 +30,14 @@ def gemm_efficiency(d: float, platform: PlatformSpec) -> float:
     return g.max_efficiency * d / (d + g.half_dim)
 
 
-def gemm_time(m: float, n: float, k: float, platform: PlatformSpec, elem_bytes: int = 2) -> float:
-    """Seconds for one [m, k] x [k, n] GEMM (see module docstring)."""
+def gemm_time(m: float, n: float, k: float, platform: PlatformSpec, elem_bytes: int = 2,
+              peak: float | None = None) -> float:
+    """Seconds for one [m, k] x [k, n] GEMM (see module docstring); peak: FLOP/s to reach at
+    full efficiency (None: platform.peak_flops)."""
     if min(m, n, k) <= 0:
         return 0.0
     flops = 2.0 * m * n * k
-    t_flops = flops / (platform.peak_flops * gemm_efficiency(min(m, n, k), platform))
+    t_flops = flops / ((peak or platform.peak_flops) * gemm_efficiency(min(m, n, k), platform))
     t_bytes = elem_bytes * (m * k + k * n + m * n) / platform.hbm_bandwidth
     return max(t_flops, t_bytes) + platform.gemm.launch_overhead
 
@@ -46,6 +50,7 @@ class LayerCompute:
     attention_core: float
     elementwise: float
     flops: float
+    fp8_saved: float = 0.0  # forward GEMM seconds the scaled FP8 expert GEMMs save (0: none)
 
     @property
     def total(self) -> float:
@@ -90,6 +95,7 @@ def layer_compute(model: ModelSpec, platform: PlatformSpec, s: Strategy,
     sh = shapes(model, s)
     T = sh.tokens
     gated = model.ffn_kind == "swiglu"
+    fp8_saved = 0.0
     t_gemm, flops = _linears_time(attention_linears(model), T, s, platform, e)
     a = model.attention
     core_flops = attention_core_flops(model, s.micro_batch, s.seq_len) / s.tp
@@ -117,27 +123,35 @@ def layer_compute(model: ModelSpec, platform: PlatformSpec, s: Strategy,
             t_gemm += t
             flops += f
             ew_bytes += 3 * T * m.shared_expert_ffn * m.num_shared_experts / s.tp * e
-        t_gemm += routed_expert_gemm_time(model, platform, s)
+        t_fwd = routed_expert_gemm_time(model, platform, s)
+        t_gemm += t_fwd
+        fp8_saved = routed_expert_gemm_time(model, platform, s, fp8=False) - t_fwd
         ffn = m.expert_ffn / s.etp
         flops += 2.0 * sh.expert_rows * h * ((2 if gated else 1) * ffn + ffn)
         # router softmax/top-k, SiLU-and-mul, permute and unpermute copies
         ew_bytes += 2 * sh.moe_tokens * m.num_experts * 4 + 3 * sh.expert_rows * ffn * e
         ew_bytes += 4 * sh.expert_rows * h * e
     return LayerCompute(gemm=t_gemm, attention_core=t_core,
-                        elementwise=ew_bytes / platform.hbm_bandwidth, flops=flops)
+                        elementwise=ew_bytes / platform.hbm_bandwidth, flops=flops,
+                        fp8_saved=fp8_saved)
 
 
-def routed_expert_gemm_time(model: ModelSpec, platform: PlatformSpec, s: Strategy) -> float:
+def routed_expert_gemm_time(model: ModelSpec, platform: PlatformSpec, s: Strategy,
+                            fp8: bool | None = None) -> float:
     """Forward GEMM seconds of this rank's routed experts for one micro-batch: per local
-    expert, R / E_local rows through the up (gate|up) and down projections."""
+    expert, R / E_local rows through the up (gate|up) and down projections; fp8 (None:
+    scaled_fp8_gemm): the up projection as a scaled FP8 GEMM (1-byte inputs, FP8 peak)."""
     e = PRECISION_BYTES[s.precision][3]
     sh = shapes(model, s)
     rows = sh.expert_rows / sh.local_experts  # per local expert
     ffn = model.moe.expert_ffn / s.etp
     up = (2 if model.ffn_kind == "swiglu" else 1) * ffn
     h = model.hidden
-    return sh.local_experts * (gemm_time(rows, up, h, platform, e)
-                               + gemm_time(rows, h, ffn, platform, e))
+    if fp8 is None:
+        fp8 = scaled_fp8_gemm(model, platform, s)
+    t_up = (gemm_time(rows, up, h, platform, 1, platform.peak_flops_fp8) if fp8
+            else gemm_time(rows, up, h, platform, e))
+    return sh.local_experts * (t_up + gemm_time(rows, h, ffn, platform, e))
 
 
 def head_compute(model: ModelSpec, platform: PlatformSpec, s: Strategy) -> LayerCompute:

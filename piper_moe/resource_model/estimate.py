@@ -116,7 +116,7 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
         if moe_layer and s.etp > 1:
             rows = sh.expert_rows * model.hidden * e
             tp_extra = 2 * comm.all_gather(rows, s.etp, comm.per_node(s.etp, 1, G), platform)
-        comp = 3 * lc.total
+        comp = 3 * lc.total + 2 * lc.fp8_saved  # backward: twice the bf16 forward
         re = 0.0
         re_a2a = 0.0
         if s.recompute == "full":
@@ -136,7 +136,7 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
         out["tp_comm"] += n * 2 * (tp_l + tp_extra)
         out["a2a"] += n * a2a_total
         fwd += n * (lc.total + tp_l + tp_extra + a2a_total * fwd_share)
-        wgrad += n * lc.gemm
+        wgrad += n * (lc.gemm + lc.fp8_saved)
     if stage == s.pp - 1:
         hc = head_compute(model, platform, s)
         out["compute"] += 3 * hc.total

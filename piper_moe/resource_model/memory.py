@@ -45,7 +45,9 @@ micro-batch in flight (``weight_copies``). With ``fp8_dispatch`` the dispatch bu
 smaller than the bf16 buffers it replaces and gone before the backward peak priced in
 ``_transient`` (whose exchanges are bf16); the expert input rows the layer keeps are the
 dequantized bf16 ones, so nothing here changes with it (its bytes enter the all-to-all time,
-``estimate._stage_time``).
+``estimate._stage_time``), except with scaled FP8 expert GEMMs (``fp8_gemm``,
+``strategy.resolve_fp8_gemm``): the routed experts' up-projection weights are then kept as
+e4m3 + a float32 scale per 128 (1.03 bytes per parameter) instead of a bf16 copy.
 
 Recompute "full" keeps only each layer's input T*h/t_sp; "selective" drops norm outputs and
 activation-function outputs (recomputed in backward). In-flight micro-batches per stage come from
@@ -56,6 +58,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..layer.config import FP8_BLOCK, fp8_row_bytes
 from .params import (
     Linear,
     attention_linears,
@@ -65,7 +68,7 @@ from .params import (
 )
 from .pipeline import in_flight
 from .spec import ModelSpec, PlatformSpec
-from .strategy import Strategy
+from .strategy import Strategy, resolve_fp8_gemm
 
 # bytes per element of (weights, gradients, optimizer states, activations)
 PRECISION_BYTES = {"bf16": (2, 4, 12, 2), "bf16-mixed": (4, 4, 8, 2), "fp32": (4, 4, 8, 4)}
@@ -123,12 +126,22 @@ def _norm_bytes(elems: float, s: Strategy, output_cast: bool = True) -> float:
 
 
 def weight_copies(linears: tuple[Linear, ...], s: Strategy) -> float:
-    """Bytes of the bf16 copies of ``linears``' GEMM weights (this rank's share) that a
-    bf16-mixed forward keeps for backward (0 for other precisions; the router stays fp32)."""
-    if s.precision != "bf16-mixed":
-        return 0.0
-    dense, expert = rank_params(tuple(lin for lin in linears if lin.name != "router"), s)
-    return (dense + expert) * WEIGHT_COPY_BYTES
+    """Bytes of the low-precision copies of ``linears``' GEMM weights (this rank's share) that
+    a forward keeps for backward: bf16 under bf16-mixed (0 for other precisions; the router
+    stays fp32); with scaled FP8 expert GEMMs (s.fp8_gemm "scaled", as resolve_fp8_gemm
+    sets it) the routed experts' up projections are kept in e4m3 with a float32 scale per
+    128 elements instead (under bf16 too: the bf16 weights themselves are not copied)."""
+    kept = tuple(lin for lin in linears if lin.name != "router")
+    fp8 = s.fp8_dispatch and s.fp8_gemm == "scaled"
+    fp8_up = tuple(lin for lin in kept if fp8 and lin.name == "expert_up")
+    total = 0.0
+    if s.precision == "bf16-mixed":
+        dense, expert = rank_params(tuple(lin for lin in kept if lin not in fp8_up), s)
+        total += (dense + expert) * WEIGHT_COPY_BYTES
+    if fp8_up:
+        dense, expert = rank_params(fp8_up, s)
+        total += (dense + expert) * fp8_row_bytes(FP8_BLOCK) / FP8_BLOCK
+    return total
 
 
 def _ffn_act(rows: float, ffn: float, gated: bool, recompute: str) -> float:
@@ -416,6 +429,7 @@ def stage_memory(model: ModelSpec, platform: PlatformSpec, s: Strategy,
     where gradients are all allocated; (b) the end of the backward, with every gradient and
     (approximately) no activation left; ``"gradients"`` and ``"activations"`` are then the bytes
     live at that moment."""
+    s = resolve_fp8_gemm(model, platform, s)
     p_b, g_b, o_b, _ = PRECISION_BYTES[s.precision]
     dense, expert = stage_params(model, s, stage)
     n_dense, n_moe = stage_layer_kinds(model, s, stage)

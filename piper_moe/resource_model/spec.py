@@ -233,8 +233,9 @@ class PlatformSpec:
     ``peak_flops`` (FLOP/s per device), HBM bandwidth, copy bandwidth (device-local memcpy), an
     intra-node link level and an inter-node level (``inter.bandwidth`` is the per-device share of
     the node's NICs), ``barrier_latency`` seconds per node barrier (None: one ``intra.latency``),
-    and ``memory_reserved`` bytes per device the framework cannot use (context, communicator
-    buffers, allocator fragmentation)."""
+    ``memory_reserved`` bytes per device the framework cannot use (context, communicator
+    buffers, allocator fragmentation), and ``peak_flops_fp8`` the dense FP8 peak of a native
+    block-scaled FP8 GEMM (None: none; the FP8 expert GEMMs then run at ``peak_flops``)."""
 
     name: str
     device: str
@@ -248,6 +249,7 @@ class PlatformSpec:
     intra: LinkSpec
     inter: LinkSpec
     barrier_latency: float | None = None
+    peak_flops_fp8: float | None = None
     source: str = ""
     calibrated: dict[str, Any] = field(default_factory=dict)
 
@@ -260,6 +262,9 @@ class PlatformSpec:
             hbm_bandwidth=self.hbm_bandwidth,
             copy_bandwidth=self.copy_bandwidth,
         )
+        if self.peak_flops_fp8 is not None and self.peak_flops_fp8 <= 0:
+            raise ValueError(f"platform {self.name}: peak_flops_fp8 must be > 0 or absent "
+                             f"(got {self.peak_flops_fp8})")
         if self.barrier_latency is not None and self.barrier_latency < 0:
             raise ValueError(f"platform {self.name}: barrier_latency must be >= 0 "
                              f"(got {self.barrier_latency})")

@@ -9,9 +9,10 @@ folding"). Rank order, innermost first: tp, dp, pp (experts: etp, ep, edp).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..common import CHUNK_MEMORY, DISPATCHERS, PRECISIONS, SCHEDULES, even_split
+from ..common import CHUNK_MEMORY, DISPATCHERS, FP8_GEMMS, PRECISIONS, SCHEDULES, even_split
+from ..layer.config import FP8_BLOCK
 from .spec import ModelSpec
 
 RECOMPUTE = ("none", "selective", "full")
@@ -32,7 +33,11 @@ class Strategy:
     combine sums, and a bf16 copy of every GEMM weight made by each micro-batch's forward and
     kept for its backward; "fp32": everything fp32, no master copy. ``fp8_dispatch``: the
     dispatch all-to-all carries e4m3 rows with a float32 scale per 128 elements (bf16
-    precisions only).
+    precisions only). ``fp8_gemm`` (with fp8_dispatch; ``piper_moe/layer/fp8_gemm.py``):
+    "scaled" runs the experts' up (gate|up) projections forward as FP8 GEMMs on the
+    platform's FP8 peak and keeps their weights for backward as e4m3 (1 byte + a scale per
+    128), "dequantize" as bf16 GEMMs, "auto" scaled where the platform has an FP8 peak
+    (``peak_flops_fp8``) and the hidden size is a multiple of 128 (``scaled_fp8_gemm``).
     ``capacity_factor`` None means padding-free (dropless) expert buffers, a number means buffers
     padded to ``capacity_factor * tokens * top_k / num_experts`` rows per expert.
     ``expert_imbalance`` is max/mean routed rows per rank for padding-free buffers (1 = balanced).
@@ -75,6 +80,7 @@ class Strategy:
     moe_chunks: int = 1
     chunk_memory: str = "save"
     fp8_dispatch: bool = False
+    fp8_gemm: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "ep", "etp", "vpp", "micro_batch", "global_batch",
@@ -133,6 +139,10 @@ class Strategy:
             raise ValueError(f"expert_imbalance must be >= 1 (got {self.expert_imbalance})")
         if self.fp8_dispatch and self.precision == "fp32":
             raise ValueError("fp8_dispatch needs precision 'bf16' or 'bf16-mixed' (got 'fp32')")
+        if self.fp8_gemm not in FP8_GEMMS:
+            raise ValueError(f"fp8_gemm must be one of {FP8_GEMMS} (got {self.fp8_gemm!r})")
+        if self.fp8_gemm == "scaled" and not self.fp8_dispatch:
+            raise ValueError("fp8_gemm 'scaled' needs fp8_dispatch")
         if self.layers_per_stage is not None:
             object.__setattr__(self, "layers_per_stage", tuple(self.layers_per_stage))
             if len(self.layers_per_stage) != self.pp or min(self.layers_per_stage) < self.vpp:
@@ -188,3 +198,21 @@ class Strategy:
         if model.vocab % self.tp:
             raise ValueError(f"tp ({self.tp}) must divide vocab ({model.vocab})")
         self.stage_layers(model.num_layers)
+
+
+def scaled_fp8_gemm(model: ModelSpec, platform, s: Strategy) -> bool:
+    """Whether the experts' up projections run as scaled FP8 GEMMs: fp8_dispatch with
+    fp8_gemm "scaled", or "auto" on a platform with an FP8 peak and hidden % 128 == 0 (the
+    runtime's rule, ``piper_moe/layer/fp8_gemm.py``)."""
+    if not s.fp8_dispatch or s.fp8_gemm == "dequantize":
+        return False
+    return s.fp8_gemm == "scaled" or (platform.peak_flops_fp8 is not None
+                                      and model.hidden % FP8_BLOCK == 0)
+
+
+def resolve_fp8_gemm(model: ModelSpec, platform, s: Strategy) -> Strategy:
+    """s with fp8_gemm "scaled" or "dequantize" as scaled_fp8_gemm decides on platform (s
+    itself without fp8_dispatch): what the memory model reads."""
+    if not s.fp8_dispatch:
+        return s
+    return replace(s, fp8_gemm="scaled" if scaled_fp8_gemm(model, platform, s) else "dequantize")

@@ -544,6 +544,8 @@ class Trainer:
                          # Adam): the nearest it has to Piper's all-bf16 runs
                          precision=self.precision,
                          fp8_dispatch=bool(self.cfg["moe_layer"]["fp8_dispatch"]),
+                         fp8_gemm=(self.moe_layers[0].fp8_gemm or "auto") if self.moe_layers
+                         else "auto",
                          **chunked)
             e = estimate(self.spec, load_platform(self.cfg["platform"]), s)
             out["predicted"] = {"step_s": e.time["step"], "memory_bytes": e.memory["total"],

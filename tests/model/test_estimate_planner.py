@@ -154,3 +154,44 @@ def test_planner_falls_back_to_the_chunked_layer_when_memory_is_short():
     ep_plans = [p for p in res.plans if p.strategy.ep > 1 and p.strategy.recompute == "none"]
     assert ep_plans and all(p.strategy.moe_chunks > 1 for p in ep_plans)
     assert "chunks=4/" in plan_cli.describe(ep_plans[0].strategy)
+
+
+def test_scaled_fp8_expert_gemms():
+    """fp8_gemm: on an FP8 platform "auto" is "scaled": the experts' up projections run
+    forward at the FP8 peak (the backward stays bf16: the compute term drops by exactly the
+    forward seconds saved, once per MoE layer and micro-batch), and their weights are kept as
+    e4m3 + scales instead of bf16 copies; without an FP8 peak "auto" changes nothing."""
+    from piper_moe.resource_model.compute import layer_compute
+    from piper_moe.resource_model.memory import (
+        moe_layer_linears,
+        rank_params,
+        stage_layer_kinds,
+        weight_copies,
+    )
+    from piper_moe.resource_model.strategy import resolve_fp8_gemm
+
+    base = dataclasses.replace(V3_STRAT, precision="bf16-mixed", fp8_dispatch=True)
+    runs = {g: dataclasses.replace(base, fp8_gemm=g) for g in ("auto", "scaled", "dequantize")}
+    est = {g: estimate(V3, H100, s) for g, s in runs.items()}
+    assert est["auto"].time == est["scaled"].time
+    saved = layer_compute(V3, H100, runs["scaled"], True).fp8_saved
+    assert saved > 0 and layer_compute(V3, H100, runs["dequantize"], True).fp8_saved == 0
+    drop = est["dequantize"].time["compute"] - est["scaled"].time["compute"]
+    n_moe = max(stage_layer_kinds(V3, base, st)[1] for st in range(base.pp))
+    assert drop == pytest.approx(base.num_micro * n_moe * saved, rel=1e-9)
+    # memory: the up projections' bf16 copies (2 bytes) become e4m3 + scales (1 + 4/128)
+    moe = moe_layer_linears(V3)
+    s_fp8, s_bf16 = (resolve_fp8_gemm(V3, H100, runs[g]) for g in ("auto", "dequantize"))
+    assert s_fp8.fp8_gemm == "scaled" and s_bf16.fp8_gemm == "dequantize"
+    up = [lin for lin in moe if lin.name == "expert_up"]
+    up_params = sum(rank_params(tuple(up), base))
+    assert weight_copies(moe, s_bf16) - weight_copies(moe, s_fp8) == pytest.approx(
+        up_params * (2 - (1 + 4 / 128)))
+    assert est["scaled"].memory["total"] < est["dequantize"].memory["total"]
+    # no FP8 peak (Frontier's MI250X): auto is dequantize, the estimate unchanged
+    frontier = load_platform("frontier")
+    assert H100.peak_flops_fp8 and frontier.peak_flops_fp8 is None
+    assert (estimate(V3, frontier, runs["auto"]).time
+            == estimate(V3, frontier, runs["dequantize"]).time)
+    with pytest.raises(ValueError, match="fp8_gemm 'scaled' needs fp8_dispatch"):
+        dataclasses.replace(V3_STRAT, precision="bf16-mixed", fp8_gemm="scaled")
