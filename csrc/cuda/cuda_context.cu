@@ -232,10 +232,10 @@ TableSlot& IpcCudaContext::free_slot(int64_t entries) {
                      fmt("cudaEventCreate for a copy table on rank ", rank_));
   }
   if (slot->capacity < entries) {  // its event completed: nothing reads the old buffers
+    const int64_t cap = std::max<int64_t>(entries, 2 * slot->capacity);
     if (slot->host) PIPER_CHECK_CUDA(cudaFreeHost(slot->host), "cudaFreeHost of a copy table");
     if (slot->device) PIPER_CHECK_CUDA(cudaFree(slot->device), "cudaFree of a copy table");
     slot->host = nullptr, slot->device = nullptr, slot->capacity = 0;
-    const int64_t cap = std::max<int64_t>(entries, 2 * slot->capacity);
     PIPER_CHECK_CUDA(cudaMallocHost(&slot->host, cap * sizeof(int64_t)),
                      fmt("cudaMallocHost of a ", cap * 8, " B copy table on rank ", rank_));
     PIPER_CHECK_CUDA(cudaMalloc(&slot->device, cap * sizeof(int64_t)),
