@@ -59,10 +59,13 @@ bool StagedTransport::advance() {
       throw Error(ErrorCode::kUsage,
                   fmt("piper: ", what, ": staging through host memory waits for the device, ",
                       "which a CUDA graph cannot capture; use NCCL (PIPER_INTER=nccl)"));
-    // The pinned buffer is reused once the last batch's host -> device copies completed.
-    const cudaError_t in = cudaEventQuery(event(copied_in_));
-    if (in == cudaErrorNotReady) return false;
-    PIPER_CHECK_CUDA(in, what + ": cudaEventQuery");
+    // The pinned buffer is reused once the last batch's copies completed: its host -> device
+    // copies, and the device -> host ones of a batch that was cancelled before they ended.
+    for (void* e : {copied_in_, copied_out_}) {
+      const cudaError_t done = cudaEventQuery(event(e));
+      if (done == cudaErrorNotReady) return false;
+      PIPER_CHECK_CUDA(done, what + ": cudaEventQuery");
+    }
     int64_t total = 0;
     for (Posted& p : batch_) p.offset = total, total += p.bytes;
     if (total > pinned_bytes_) {
@@ -141,8 +144,27 @@ void StagedTransport::cancel_all() {
 }
 
 void StagedTransport::close(const std::string& what, double timeout_s) {
-  (void)what, (void)timeout_s;
+  // The last batch's host -> device copies may still read the pinned buffer: it is freed once
+  // they completed (bounded), else left to process exit.
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(timeout_s));
+  bool drained = true;
+  for (void* e : {copied_out_, copied_in_}) {
+    while (e != nullptr && cudaEventQuery(event(e)) == cudaErrorNotReady) {
+      if (std::chrono::steady_clock::now() >= deadline) {
+        drained = false;
+        break;
+      }
+      std::this_thread::sleep_for(kPoll);
+    }
+  }
+  if (!drained) pinned_ = nullptr, pinned_bytes_ = 0;
   release();
+  if (!drained)
+    throw Error(ErrorCode::kTimeout,
+                fmt("piper: ", what, ": rank ", host_->rank(), " timed out after ", timeout_s,
+                    " s waiting for the device's copies from the staging buffer"));
 }
 
 }  // namespace piper::cuda
