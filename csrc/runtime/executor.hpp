@@ -75,7 +75,8 @@ class Executor {
   void set_device_factory(DevicePlaneFactory factory) { device_factory_ = std::move(factory); }
   /// The CUDA device of this rank's calls, -1 before the first CUDA call.
   int device() const { return device_.device; }
-  /// The device plane's data transport ("nccl", "mpi-staged", ...), "" before the first CUDA call.
+  /// The device plane's data transport ("nccl 2.28.9", "host-staged over mpi", ...), "" before
+  /// the first CUDA call.
   std::string device_transport_name() const { return device_.data ? device_.data->name() : ""; }
   /// Releases the device plane collectively (CUDA IPC mappings, the NCCL communicator);
   /// nothing to do when no CUDA call ran. Every rank must call it (Communicator.close does).
