@@ -12,8 +12,9 @@
 # the device's name. A failing step is recorded and the next runs.
 #
 #   bash bench/gpu_check.sh            # PYTHON=python3 by default (torch with CUDA required)
-#   bash bench/gpu_check.sh --part 1   # environment, build, GPU tests, compute-sanitizer
-#   bash bench/gpu_check.sh --part 2   # environment, build, MoE layer/training, benchmarks
+#   bash bench/gpu_check.sh --part 1   # environment, build, GPU tests
+#   bash bench/gpu_check.sh --part 2   # environment, build, compute-sanitizer, MoE layer and
+#                                      # training on CUDA, benchmarks
 #   bash bench/gpu_check.sh --dry-run [--part N]  # prints every step; runs nothing
 # Under the device tool (its $OUT is a folder that comes back, also after a timeout) the
 # results file is written there; copy it into bench/results/ here.
@@ -216,7 +217,12 @@ step build_info 60 "$PY" -c "import piper_comm, torch; print(piper_comm.build_in
 #    all_to_all(_v) on CUDA tensors (tests/gpu/test_comm_cuda.py: 4 ranks as 2 nodes of 2 and
 #    1 node of 4, every algorithm and dtype against the host result, NCCL and host-staged,
 #    CuPy, CUDA-graph capture, bad input, the torch backend).
-step pytest_gpu 300 "$PY" -m pytest -ra -m gpu tests/gpu
+#    The context and kernels first: every collective on CUDA depends on the IPC segment and
+#    its fences.
+step pytest_gpu_context 240 "$PY" -m pytest -ra -m gpu tests/gpu --ignore=tests/gpu/test_comm_cuda.py
+step pytest_gpu_comm 300 "$PY" -m pytest -ra tests/gpu/test_comm_cuda.py
+
+SECTION=2
 
 # 4. compute-sanitizer: the kernels' driver, and the context's IPC round trip on 2 ranks.
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -225,7 +231,7 @@ if [ -n "$SAN" ]; then
   step memcheck 120 "$SAN" --tool memcheck --error-exitcode 1 "$PY" "$DRIVER" sanitize
   step racecheck 120 "$SAN" --tool racecheck --error-exitcode 1 "$PY" "$DRIVER" sanitize
   step memcheck_context 120 "$MPIRUN" -n 2 "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "from tests.gpu.cases import ipc_segment_round_trip as f; print(f(rows=256))"
-elif [ "${PART:-1}" = 1 ]; then
+elif [ "${PART:-2}" = 2 ]; then
   echo "### compute-sanitizer not found: memcheck/racecheck NOT run" | tee -a "$OUT"
   STATUS=1
 fi
@@ -233,7 +239,6 @@ if [ -n "$SAN" ]; then
   step memcheck_collective 120 "$MPIRUN" -n 2 "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "from tests.gpu.comm_cases import small; print(small(local_size=2))"
 fi
 
-SECTION=2
 # 5. Everything above the collective on CUDA.
 step moe_layer_cuda 180 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -n 4 "$PY" bench/gpu_moe_check.py layer
 step moe_layer_cuda_one_node 180 "$MPIRUN" -n 4 "$PY" bench/gpu_moe_check.py layer
