@@ -52,18 +52,37 @@ def dtype_info(dtype: Any) -> tuple[int, int]:
     return DTYPE_IDS.get(dtype_name(dtype), 0), itemsize
 
 
-def new_rows(like: Any, rows: int) -> Any:
-    """A new uninitialised array of `rows` rows with like's dtype, trailing shape, kind and
-    device (numpy array, torch tensor on CPU or CUDA, CuPy array). Called by the C++ call path
-    when no recv was given; the allocation is ordered on the current stream (torch's caching
-    allocator, CuPy's pool)."""
-    shape = (rows, *like.shape[1:])
+def caller_stream(like: Any) -> Any:
+    """The stream object a call on `like` is ordered on (torch's or CuPy's current stream of
+    like's device, read on the calling thread), or None for host arrays: what an async call
+    hands to new_rows, whose allocation runs on the communicator's worker thread."""
     torch = _torch()
     if torch is not None and isinstance(like, torch.Tensor):
-        return like.new_empty(shape)
+        return torch.cuda.current_stream(like.device) if like.is_cuda else None
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(like, cupy.ndarray):
         with like.device:
+            return cupy.cuda.get_current_stream()
+    return None
+
+
+def new_rows(like: Any, rows: int, stream: Any = None) -> Any:
+    """A new uninitialised array of `rows` rows with like's dtype, trailing shape, kind and
+    device (numpy array, torch tensor on CPU or CUDA, CuPy array). Called by the C++ call path
+    when no recv was given. The allocation is ordered on `stream` (caller_stream's result) or,
+    when None, on this thread's current stream: torch's caching allocator and CuPy's pool tie
+    a block to the stream it was allocated on, so the caller's stream must be named when this
+    runs on another thread (async calls)."""
+    shape = (rows, *like.shape[1:])
+    torch = _torch()
+    if torch is not None and isinstance(like, torch.Tensor):
+        if stream is None:
+            return like.new_empty(shape)
+        with torch.cuda.stream(stream):
+            return like.new_empty(shape)
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(like, cupy.ndarray):
+        with like.device, (stream if stream is not None else cupy.cuda.get_current_stream()):
             return cupy.empty(shape, dtype=like.dtype)
     if hasattr(like, "__cuda_array_interface__"):
         raise PiperUsageError("piper: pass recv for CUDA arrays other than torch tensors and "

@@ -285,9 +285,13 @@ class Communicator:
                          self.rank, algo, len(out), 1e6 * (time.perf_counter() - t0))
             return out if recv_only else (out, counts)
 
+        new_rows = A.new_rows
+        if async_op and recv is None and (stream := A.caller_stream(send)) is not None:
+            def new_rows(like, rows, _stream=stream):  # on the worker thread
+                return A.new_rows(like, rows, _stream)
         pending = self._guard(self._calls.call, op, send, send_counts, recv, recv_counts,
                               request, exact_recv, recv_only, self._check, seq, what,
-                              self.timeout, A.new_rows, async_op)
+                              self.timeout, new_rows, async_op)
         if not async_op:
             return finish(pending)
         calls = self._calls  # the Work may be waited for after close()

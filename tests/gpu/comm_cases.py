@@ -61,6 +61,7 @@ def exact(local_size: int | None, seed: int) -> dict:
     receiving everything. Returns the number of checked calls per algorithm."""
     comm, torch = _setup(local_size)
     checked = {a: _exact(comm, torch, a, seed) for a in ALGORITHMS}
+    _async_on_side_stream(comm, torch, seed)
     result = {"checked": checked, "device_transport": comm.device_transport}
     comm.close()
     return result
@@ -78,6 +79,28 @@ def small(local_size: int | None) -> dict:
     assert torch.equal(out.cpu(), ref)
     comm.close()
     return {"rows": int(sum(rc))}
+
+
+def _async_on_side_stream(comm, torch, seed: int) -> None:
+    """An async all_to_all_v without recv, issued on a side stream: the result equals the
+    host's, and the recv that the worker thread allocated belongs to the caller's stream in
+    torch's caching allocator (not the worker's default stream), so freeing it after use on
+    that stream cannot hand its memory to other work too early."""
+    P, me = comm.size, comm.rank
+    S = _counts(P, np.random.default_rng(seed + 99), "uneven")
+    host = _host_rows(torch, "float32", int(S[me].sum()), 3, np.random.default_rng(me))
+    ref, _ = comm.all_to_all_v(host, S[me].tolist())
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        dev = host.cuda()
+        out, _ = comm.all_to_all_v(dev, S[me].tolist(), async_op=True).wait()
+        got = out.cpu()
+    assert np.array_equal(_bits(torch, got), _bits(torch, ref)), "async on a side stream"
+    if out.numel():
+        ptr = out.data_ptr()
+        seg = [g for g in torch.cuda.memory_snapshot()
+               if g["address"] <= ptr < g["address"] + g["total_size"]]
+        assert seg and seg[0]["stream"] == side.cuda_stream, (seg[:1], side.cuda_stream)
 
 
 def _exact(comm, torch, algorithm: str, seed: int) -> int:

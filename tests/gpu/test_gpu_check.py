@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 EVERY_PART = ["environment", "build"]
 PARTS = {1: ["nvidia-smi", "build_info", "pytest_gpu_context", "pytest_gpu_comm"],
-         2: ["memcheck", "racecheck", "memcheck_context", "memcheck_collective", "moe_layer_cuda", "moe_layer_cuda_one_node", "train_cuda", "bench_moe_layer",
+         2: ["memcheck", "racecheck", "memcheck_context", "memcheck_collective",
+             "moe_layer_cuda", "moe_layer_cuda_one_node", "train_cuda", "bench_moe_layer",
              "bench_moe_layer_fp8", "bench_nccl", "bench_pack"]}
 GPU_TOOLS = ["nvidia-smi", "compute-sanitizer", "nvcc", "mpirun", "python3", "git"]
 
