@@ -108,7 +108,10 @@ int64_t parse_cuda_interface(py::handle obj, runtime::ArrayArg& out) {
   const auto ptr = data[0].cast<uintptr_t>();
   out.kind = 3;
   out.mem = Memory::kCuda;  // without a usable device the caller refuses it (kErrNoCuda)
-  if (emulated_cuda) out.device = 0;
+  // Emulated (tests): device 0, or the interface's "piper_emulated_device" entry.
+  if (emulated_cuda)
+    out.device = cai.contains("piper_emulated_device") ? cai["piper_emulated_device"].cast<int>()
+                                                       : 0;
 #ifdef PIPER_WITH_CUDA
   if (cuda_usable() && !emulated_cuda) {
     // An empty array may have no pointer: it is taken to be on the current device.

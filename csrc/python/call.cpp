@@ -56,9 +56,10 @@ std::shared_ptr<CallState> prepare(runtime::Executor& ex, int op, py::handle sen
       c.fail(e == kErrNonContig ? kErrRecvNonContig : e, 1);
     }
   }
-  // One device per rank: the first CUDA call fixes it (the executor's device plane).
-  if (c.send.mem == Memory::kCuda && ex.device() >= 0 && c.send.device != ex.device())
-    c.fail(kErrOtherDevice, c.send.device, ex.device());
+  // One device per rank: the first CUDA call issued fixes it (the executor's device plane).
+  if (c.send.mem == Memory::kCuda && c.send.device >= 0)
+    if (const int fixed = ex.claim_device(c.send.device); fixed != c.send.device)
+      c.fail(kErrOtherDevice, c.send.device, fixed);
   if (opt.request < 0) c.fail(kErrAlgorithm);
   if (c.op == Op::kV) {
     parse_counts(send_counts, P, 0, c.send_counts, c);

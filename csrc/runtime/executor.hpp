@@ -6,6 +6,7 @@
 // kPeer, both naming the operation, this rank, the peers still pending and their bytes.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -75,6 +76,13 @@ class Executor {
   void set_device_factory(DevicePlaneFactory factory) { device_factory_ = std::move(factory); }
   /// The CUDA device of this rank's calls, -1 before the first CUDA call.
   int device() const { return device_.device; }
+  /// Fixes this rank's CUDA device when a CUDA call is issued (on the issuing thread, before an
+  /// async call reaches the worker that builds the device plane): the first call's device;
+  /// returns the device fixed (`device` when this call fixed it). Thread-safe.
+  int claim_device(int device) {
+    int fixed = -1;
+    return claimed_device_.compare_exchange_strong(fixed, device) ? device : fixed;
+  }
   /// The device plane's data transport ("nccl 2.28.9", "host-staged over mpi", ...), "" before
   /// the first CUDA call.
   std::string device_transport_name() const { return device_.data ? device_.data->name() : ""; }
@@ -141,6 +149,7 @@ class Executor {
   std::vector<uint8_t> same_host_;
   DevicePlaneFactory device_factory_;
   DevicePlane device_;
+  std::atomic<int> claimed_device_{-1};  // claim_device
   ExecContext* ctx_;  // the plane of the call being exchanged: context_ or device_.context
   Transport* data_;   // its data transport: transport_ or device_.data
   int64_t me_;

@@ -191,12 +191,13 @@ def _expect_usage_error(comm, fn, must_contain: str) -> str:
 
 class FakeCudaArray:
     """Exports __cuda_array_interface__ for host memory: what a CUDA array looks like to the
-    argument checks, without a device."""
+    argument checks, without a device. device: the device it claims under
+    _C.emulate_cuda_arrays (the emulation reads "piper_emulated_device")."""
 
-    def __init__(self, like: np.ndarray):
+    def __init__(self, like: np.ndarray, device: int = 0):
         self.__cuda_array_interface__ = {
             "shape": like.shape, "typestr": like.dtype.str, "strides": None, "version": 3,
-            "data": (like.ctypes.data, False)}
+            "data": (like.ctypes.data, False), "piper_emulated_device": device}
 
 
 def bad_input(local_size: int | None = None) -> dict:
@@ -406,6 +407,15 @@ def _emulated_device(comm) -> dict:
     P, me = comm.size, comm.rank
     rng = np.random.default_rng(5)
     assert comm.device is None and comm.device_transport is None
+    # The first CUDA call fixes the device when it is issued: a call on another device right
+    # behind an async first call (whose plane is still being built on the worker) is refused
+    # on every rank, and the first call completes.
+    a, b = np.ones((P * 2, 2), np.float32), np.zeros((P * 2, 2), np.float32)
+    first = comm.all_to_all(FakeCudaArray(a), recv=FakeCudaArray(b), async_op=True)
+    other = _expect_usage_error(comm, lambda: comm.all_to_all(
+        FakeCudaArray(a, device=1), recv=FakeCudaArray(np.zeros_like(a), device=1)), "device")
+    first.wait()
+    assert np.array_equal(b, a) and comm.device == 0, other
     checked = 0
     for algo in ("halo", "flat", "pairwise", "auto"):
         for _ in range(2):
