@@ -107,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{m['rss_before_model_bytes'] / 2**20:.0f} MiB of it before the model "
                       f"(interpreter, torch, MPI)")
             log.info("piper_moe.train: step %d loss %.4f (floor %s); measured %.3f s/step, "
-                     "predicted %s s/step; %s; predicted tensor memory %s MiB",
+                     "predicted %s s/step on platform %s (its figures, not this machine's, "
+                     "unless calibrated: python -m piper_moe.cli.calibrate); %s; predicted "
+                     "tensor memory %s MiB",
                      trainer.step, last["loss"], result["floor"], m["step_s"],
-                     _fmt(report["predicted"].get("step_s")), memory,
+                     _fmt(report["predicted"].get("step_s")), cfg["platform"], memory,
                      _fmt(report["predicted"].get("memory_bytes"), 2**-20))
         if args.plot:
             from ..train.plots import plot_run
