@@ -9,6 +9,7 @@ from torch import nn
 from .config import MoEConfig
 from .fp8_gemm import ScaledLinear, native_scaled_gemm
 from .init import SHARED_ID, generator, swiglu_weights
+from .precision import quantize_fp8
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -82,15 +83,18 @@ class Experts(nn.Module):
                         scales: torch.Tensor) -> torch.Tensor:
         """forward with fp8_rows: per non-empty expert j, [h1 | h3] = ScaledLinear(rows,
         [w1_j | w3_j]) (one FP8 GEMM of width 2 * ffn), then silu(h1) * h3 @ w2_j in x's
-        dtype."""
+        dtype. Every expert's [w1 | w3] is quantized in one call."""
         native = native_scaled_gemm(x.device)
-        ffn = self.w1.shape[2]
+        E, hidden, ffn = self.w1.shape
+        w13 = torch.cat([self.w1, self.w3], dim=2)  # [E, hidden, 2 ffn]
+        # every expert's w13^T as rows [E * 2 ffn, hidden]: quantize_weight of each, at once
+        wq, sw = quantize_fp8(w13.detach().transpose(1, 2).reshape(E * 2 * ffn, hidden))
+        wq, sw = wq.view(E, 2 * ffn, hidden), sw.view(E, 2 * ffn, -1)
         outs, start = [], 0
         for j, n in enumerate(counts):
             if n:
                 r = slice(start, start + n)
-                h13 = ScaledLinear.apply(x[r], q[r], scales[r],
-                                         torch.cat([self.w1[j], self.w3[j]], dim=1), native)
+                h13 = ScaledLinear.apply(x[r], q[r], scales[r], w13[j], wq[j], sw[j], native)
                 h = F.silu(h13[:, :ffn]) * h13[:, ffn:]
                 outs.append(h @ _as(self.w2[j], x.dtype))
             start += n

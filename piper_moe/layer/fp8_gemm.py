@@ -112,19 +112,19 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ScaledLinear(torch.autograd.Function):
-    """y = x @ w computed as scaled_mm_1x128(q, sa, quantize_weight(w)).
+    """y = x @ w computed as scaled_mm_1x128(q, sa, wq, sw), (wq, sw) = quantize_weight(w).
 
-    apply(x, q, sa, w, native) -> [M, N] in x's dtype (bfloat16). x [M, K]: the dequantized
-    rows, exactly q * sa (they carry the gradient); q e4m3 [M, K], sa float32 [M, K/128]: the
-    same rows as delivered by the FP8 dispatch; w [K, N] (float32 master or bf16). Backward,
+    apply(x, q, sa, w, wq, sw, native) -> [M, N] in x's dtype (bfloat16). x [M, K]: the
+    dequantized rows, exactly q * sa (they carry the gradient); q e4m3 [M, K], sa float32
+    [M, K/128]: the same rows as delivered by the FP8 dispatch; w [K, N] (float32 master or
+    bf16) and its quantization (made by the caller: one call for all experts). Backward,
     in x's dtype: grad_x = g @ w8^T with w8 the e4m3-rounded weight the forward used (exact
     in bf16), the gradient of the function computed; grad_w = x^T @ g, the gradient with
     respect to w8 passed straight through to w (in w's dtype). Saved for backward: x and the
     e4m3 weight with its scales (1 byte per weight)."""
 
     @staticmethod
-    def forward(ctx, x, q, sa, w, native):
-        wq, sw = quantize_weight(w)
+    def forward(ctx, x, q, sa, w, wq, sw, native):
         ctx.save_for_backward(x, wq, sw)
         ctx.w_dtype = w.dtype
         return scaled_mm_1x128(q, sa, wq, sw, x.dtype, native)
@@ -134,4 +134,4 @@ class ScaledLinear(torch.autograd.Function):
         x, wq, sw = ctx.saved_tensors
         gx = g @ dequantize_fp8(wq, sw, g.dtype) if ctx.needs_input_grad[0] else None
         gw = (x.t() @ g).to(ctx.w_dtype) if ctx.needs_input_grad[3] else None
-        return gx, None, None, gw, None
+        return gx, None, None, gw, None, None, None

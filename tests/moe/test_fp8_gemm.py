@@ -89,7 +89,7 @@ def test_scaled_linear_is_the_product_with_rounded_weights():
     xd = P.dequantize_fp8(q, sa, torch.bfloat16)
     g = torch.randn(48, 96, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     a, wa = xd.clone().requires_grad_(), w.clone().requires_grad_()
-    y = G.ScaledLinear.apply(a, q, sa, wa, False)
+    y = G.ScaledLinear.apply(a, q, sa, wa, *G.quantize_weight(wa), False)
     assert y.dtype == torch.bfloat16
     y.backward(g)
     w8 = P.fake_quantize_fp8(w.t(), torch.float32).t()
