@@ -15,7 +15,9 @@ cases that share a launch shape run one after another in one job:
    PIPER_TIMEOUT (its peers wait for timeouts and leave broken state), is marked own_job
    (its assertions are about the job itself: /dev/shm before and after, exit statuses,
    elapsed time), or its case module sets BATCH = False (its cases set up and destroy
-   process-wide state, such as torch.distributed's default group).
+   process-wide state, such as torch.distributed's default group). A case module that sets
+   BATCH to a launcher's name ("mpirun") is batched under that launcher only, and only with
+   its own cases (they leave process-wide state that others must not inherit).
 3. Run: just before the first test of a job runs (outside that test's pytest-timeout), the
    job runs all its cases (tests/worker.py --batch); each case has its own timeout, counted
    from the end of the previous case, and a hang is killed with every stuck rank's stacks.
@@ -70,8 +72,11 @@ class Call:
                     expect_ok)
 
     def own_job_reason(self) -> str | None:
-        if _module_globals(self.func.split(":")[0]).get("BATCH", True) is False:
+        flag = _module_globals(self.func.split(":")[0]).get("BATCH", True)
+        if flag is False:
             return "its case module says BATCH = False"
+        if isinstance(flag, str) and flag != self.launcher:
+            return f"its case module batches under {flag} only"
         if not self.expect_ok:
             return "expects failing ranks"
         if self.mpi_args:
@@ -82,11 +87,12 @@ class Call:
 
     def shape(self) -> tuple:
         """Calls of one shape may share a job. A case module that owns its process's exit
-        (a `finish` function: torch.distributed set up once per process) only shares with
-        itself."""
+        (a `finish` function: torch.distributed set up once per process), or that is batched
+        under one launcher only (BATCH = "mpirun"), only shares with itself."""
         module = self.func.split(":")[0]
-        return (self.launcher, self.nprocs, self.env,
-                module if "finish" in _module_globals(module) else None)
+        names = _module_globals(module)
+        alone = "finish" in names or isinstance(names.get("BATCH"), str)
+        return (self.launcher, self.nprocs, self.env, module if alone else None)
 
 
 @functools.cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -12,14 +14,30 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int
           torch.int32, torch.int8, torch.uint8, torch.bool]
 
 
-# Each case sets up and destroys torch.distributed's default group: a second one in the same
-# process is not reliable (gloo under torchrun), so tests/batch.py gives every case its own job.
-BATCH = False
+# Each case sets up and destroys torch.distributed's default group. Under mpirun the cases of
+# one rank count share a job (tests/batch.py), each with a group of its own (_setup); under
+# torchrun a second group in the same process is not reliable (gloo), so there every case has
+# its own job. Cases of this module share jobs with each other only: fill_from_mpi leaves
+# torch's variables in the process's environment.
+BATCH = "mpirun"
+
+_FROM_MPI = False  # this process's torch variables were set by fill_from_mpi
 
 
-def _setup():
+def _setup(local_size: int | None = None):
+    """Sets torch.distributed's default group up (backend "piper"), PIPER_LOCAL_SIZE set to
+    local_size first when given (a case that shares a job with others gives it). The variables
+    an earlier case's fill_from_mpi set in this process (RANK, MASTER_PORT, ...) are cleared
+    first, so that every group has a rendezvous of its own, on a new port."""
+    global _FROM_MPI
+    if local_size is not None:
+        os.environ["PIPER_LOCAL_SIZE"] = str(local_size)
     if not dist.is_initialized():
-        pt.fill_from_mpi()
+        if _FROM_MPI:
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT"):
+                os.environ.pop(key, None)
+        _FROM_MPI = pt.fill_from_mpi()
         dist.init_process_group("piper")
     return dist.get_rank(), dist.get_world_size()
 
@@ -45,10 +63,10 @@ def _random(shape, dtype, gen):
     return torch.randint(-100 if dtype.is_signed else 0, 100, shape, generator=gen).to(dtype)
 
 
-def side_by_side(seed: int = 0) -> int:
+def side_by_side(seed: int = 0, local_size: int | None = None) -> int:
     """dist.all_to_all_single and dist.all_to_all on the "piper" group vs a gloo group:
     bitwise equal for random split sizes (zeros, None, one receiver), every dtype."""
-    rank, P = _setup()
+    rank, P = _setup(local_size)
     gloo = dist.new_group(backend="gloo")
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
@@ -101,13 +119,13 @@ def side_by_side(seed: int = 0) -> int:
     return checked + 1
 
 
-def gradcheck(seed: int = 0) -> int:
+def gradcheck(seed: int = 0, local_size: int | None = None) -> int:
     """torch.autograd.gradcheck in float64 through AllToAll and all_to_all_single.
 
     Each rank checks f(x) = A2A^-1(w * A2A(x)): the rows come back to their owner, so this
     rank's output depends on this rank's input only and a per-rank gradcheck is exact. Every
     rank holds the same number of rows, so all ranks make the same number of calls."""
-    rank, P = _setup()
+    rank, P = _setup(local_size)
     rng = np.random.default_rng(seed)
     m = np.zeros((P, P), dtype=np.int64)
     for r in range(P):  # 6 rows per rank, split randomly (zeros allowed)
@@ -138,10 +156,10 @@ BAD_CASES = ("split_len", "split_sum", "mismatch", "output_rows", "dtype", "nonc
              "not_divisible", "list_len")
 
 
-def bad_inputs() -> dict[str, str]:
+def bad_inputs(local_size: int | None = None) -> dict[str, str]:
     """Every bad call of BAD_CASES in turn; each must raise a RuntimeError on every rank, and
     the group must still work afterwards. Returns {case: error text}."""
-    rank, P = _setup()
+    rank, P = _setup(local_size)
     x = torch.arange(4 * P, dtype=torch.float32).reshape(2 * P, 2)
     out = torch.empty_like(x)
     ss = [2] * P

@@ -20,16 +20,15 @@ LAYOUTS = [(2, 1), (2, 2), (4, 1), (4, 2), (8, 1), (8, 2)]
 @pytest.mark.parametrize(("nprocs", "local_size"), LAYOUTS,
                          ids=[f"np{n}-ls{ls}" for n, ls in LAYOUTS])
 def test_side_by_side_with_gloo_mpirun(nprocs, local_size):
-    run = run_mpi(nprocs, "dist.cases:side_by_side", {"seed": nprocs + local_size},
-                  env={"PIPER_LOCAL_SIZE": str(local_size)})
+    run = run_mpi(nprocs, "dist.cases:side_by_side",
+                  {"seed": nprocs + local_size, "local_size": local_size})
     assert all(r["result"] == 82 for r in run.ranks)  # 3 patterns x 9 dtypes x 3 + 1 each
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize(("nprocs", "local_size"), [(2, 1), (4, 2)])
 def test_side_by_side_with_gloo_torchrun(nprocs, local_size):
-    run = run_torchrun(nprocs, "dist.cases:side_by_side", {"seed": 7},
-                       env={"PIPER_LOCAL_SIZE": str(local_size)})
+    run = run_torchrun(nprocs, "dist.cases:side_by_side", {"seed": 7, "local_size": local_size})
     assert all(r["result"] == 82 for r in run.ranks)
 
 
@@ -37,7 +36,7 @@ def test_side_by_side_with_gloo_torchrun(nprocs, local_size):
 @pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
 def test_gradcheck_float64_4_ranks(launcher):
     run = (run_mpi if launcher == "mpirun" else run_torchrun)(
-        4, "dist.cases:gradcheck", {"seed": 3}, env={"PIPER_LOCAL_SIZE": "2"})
+        4, "dist.cases:gradcheck", {"seed": 3, "local_size": 2})
     assert all(r["result"] == 1 for r in run.ranks)
 
 
@@ -45,7 +44,7 @@ def test_gradcheck_float64_4_ranks(launcher):
 @pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
 def test_bad_input_raises_on_every_rank(launcher):
     run = (run_mpi if launcher == "mpirun" else run_torchrun)(
-        4, "dist.cases:bad_inputs", env={"PIPER_LOCAL_SIZE": "2"})
+        4, "dist.cases:bad_inputs", {"local_size": 2})
     for r in run.ranks:
         assert sorted(r["result"]) == sorted(BAD_CASES), r["result"]
         assert all(e.startswith("PiperUsageError") for e in r["result"].values())

@@ -13,19 +13,27 @@ def _call(func="comm.cases:exactness", nprocs=4, env=None, args=None, timeout=30
 
 def test_plan_groups_by_shape_and_keeps_fault_cases_alone():
     engine = "runtime.cases:engine_matches_reference"  # a module with `finish`
+    suite = "dist.torch_suite_cases:run"  # BATCH = False
     probed = [("a", _call()), ("b", _call(env={"PIPER_LOCAL_SIZE": "2"})), ("c", _call()),
               ("d", _call(expect_ok=False)), ("e", _call(mpi_args=("-disable-auto-cleanup",))),
               ("f", _call(env={"PIPER_TIMEOUT": "3"})), ("g", _call("dist.cases:gradcheck")),
               ("h", _call("dist.cases:gradcheck")), ("i", _call(engine)), ("j", _call(engine)),
-              ("k", _call(nprocs=2)), ("l", _call(args={"local_size": 2}))]
+              ("k", _call(nprocs=2)), ("l", _call(args={"local_size": 2})),
+              ("m", _call(suite)), ("n", _call(suite)),
+              ("o", batch.Call.of("torchrun", 4, "dist.cases:gradcheck", None, None, 300)),
+              ("p", batch.Call.of("torchrun", 4, "dist.cases:gradcheck", None, None, 300))]
     plan = batch.Plan.build(probed)
-    assert [[n for n, _ in job.calls] for job in plan.jobs] == [["a", "c", "l"], ["i", "j"]]
+    # dist.cases (BATCH = "mpirun"): its own jobs under mpirun, a job per case under torchrun
+    assert [[n for n, _ in job.calls] for job in plan.jobs] == [["a", "c", "l"], ["g", "h"],
+                                                                 ["i", "j"]]
     assert plan.own == {"b": "only case of its shape", "d": "expects failing ranks",
                         "e": "launcher options", "f": "waits for timeouts",
-                        "g": "its case module says BATCH = False",
-                        "h": "its case module says BATCH = False",
-                        "k": "only case of its shape"}
-    assert set(plan.of_test) == {"a", "c", "l", "i", "j"}
+                        "k": "only case of its shape",
+                        "m": "its case module says BATCH = False",
+                        "n": "its case module says BATCH = False",
+                        "o": "its case module batches under mpirun only",
+                        "p": "its case module batches under mpirun only"}
+    assert set(plan.of_test) == {"a", "c", "l", "g", "h", "i", "j"}
     # a test's repeated launch (a loop) is planned once: the repeats run alone
     repeated = batch.Plan.build([("a", _call()), ("a", _call()), ("b", _call())])
     assert len(repeated.jobs[0].calls) == 2
