@@ -415,9 +415,9 @@ def chunked_forward(layer, x: torch.Tensor, routing, keep: torch.Tensor | None,
             if fp8:
                 q, scales = unpack_fp8(recv_buf[r_off[c]:r_off[c + 1]], H)
                 rows_buf[r_off[c]:r_off[c + 1]] = dequantize_fp8(q, scales, x.dtype)
-                if scaled:
-                    fp8_rows = (q.index_select(0, plan.to_expert_c[c]),
-                                scales.index_select(0, plan.to_expert_c[c]))
+                if scaled:  # gathered as bytes: index_select need not know float8
+                    fp8_rows = (q.view(torch.uint8).index_select(0, plan.to_expert_c[c])
+                                .view(q.dtype), scales.index_select(0, plan.to_expert_c[c]))
             rows = torch.index_select(rows_buf[r_off[c]:r_off[c + 1]], 0, plan.to_expert_c[c],
                                       out=scratch[:n])
             out = layer.experts(rows, [int(v) for v in plan.recv_counts[c].sum(axis=0)],
