@@ -225,7 +225,8 @@ class Communicator:
                 (see piper_comm/work.py for the whole contract).
         Returns:
             recv's first size * m rows: block i (rows i*m .. (i+1)*m) came from rank i
-            (or a Work whose wait() returns them).
+            (or a Work whose wait() returns them). A recv given with more rows that cannot
+            be sliced (an object with only __cuda_array_interface__) is returned whole.
         """
         return self._run(1, "all_to_all", send, None, recv, None, algorithm, async_op=async_op,
                          recv_only=True)
@@ -249,7 +250,8 @@ class Communicator:
                 (torch.distributed's rule; the torch functions use it).
         Returns:
             (recv rows ordered by source rank, recv_counts as a list of ints), or a Work whose
-            wait() returns that tuple.
+            wait() returns that tuple. A recv given with more rows that cannot be sliced (an
+            object with only __cuda_array_interface__) is returned whole.
         """
         return self._run(2, "all_to_all_v", send, send_counts, recv, recv_counts, algorithm,
                          exact_recv=exact_recv, async_op=async_op)

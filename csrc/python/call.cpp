@@ -121,7 +121,9 @@ py::tuple finish(CallState& st) {
   if (!st.mismatch.empty()) raise_mismatch(st.mismatch, st.size, c.what);
   py::object out = st.out;
   const int64_t rows = ag.recv_rows();
-  if (rows != c.recv.rows) out = out[py::slice(0, rows, 1)];
+  // recv longer than what arrived: its first rows, or recv itself for an array that cannot be
+  // sliced (a bare __cuda_array_interface__ exporter); the rows after them are untouched.
+  if (rows != c.recv.rows && py::hasattr(out, "__getitem__")) out = out[py::slice(0, rows, 1)];
   py::object counts = py::none();
   if (!st.opt.recv_only) counts = py::cast(ag.recv_counts);
   return py::make_tuple(out, counts, algorithm_name(ag.algo));

@@ -433,6 +433,11 @@ def _emulated_device(comm) -> dict:
         FakeCudaArray(a, device=1), recv=FakeCudaArray(np.zeros_like(a), device=1)), "device")
     first.wait()
     assert np.array_equal(b, a) and comm.device == 0, other
+    # a recv longer than what arrives that cannot be sliced comes back whole, filled in front
+    long = np.full((P * 2 + 3, 2), -1, np.float32)
+    got_long = FakeCudaArray(long)
+    assert comm.all_to_all(FakeCudaArray(a), recv=got_long) is got_long
+    assert np.array_equal(long[:P * 2], a) and (long[P * 2:] == -1).all()
     checked = 0
     for algo in ("halo", "flat", "pairwise", "auto"):
         for _ in range(2):
