@@ -189,12 +189,24 @@ EOF
 NCCL_OK=1
 if [ $DRY -eq 0 ]; then
   step environment 60 "$PY" -c "
-import importlib.util, shutil, torch, torch.nn.functional as F
-from mpi4py import MPI
-print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.is_available() and torch.cuda.get_device_name(), 'capability', torch.cuda.is_available() and torch.cuda.get_device_capability())
-print('nccl (torch)', torch.cuda.nccl.version())
-print('mpi', MPI.Get_library_version().splitlines()[0], 'mpirun', shutil.which('mpirun'))
-print('F.scaled_mm', hasattr(F, 'scaled_mm'), 'cupy', importlib.util.find_spec('cupy') is not None)"
+import importlib.util
+facts = {  # each read on its own: one that fails does not hide the others
+    'torch': 'torch.__version__, torch.version.cuda',
+    'device': 'torch.cuda.get_device_name(), torch.cuda.get_device_capability()',
+    'nccl (torch)': 'torch.cuda.nccl.version()',
+    'mpi': 'importlib.import_module(\"mpi4py.MPI\").Get_library_version().splitlines()[0]',
+    'F.scaled_mm': 'hasattr(importlib.import_module(\"torch.nn.functional\"), \"scaled_mm\")',
+    'cupy': 'importlib.util.find_spec(\"cupy\") is not None'}
+import importlib, torch
+bad = 0
+for name, expr in facts.items():
+    try:
+        print(name, eval(expr))
+    except Exception as e:
+        bad += 1
+        print(name, 'FAILED:', type(e).__name__, e)
+raise SystemExit(bad > 0)"
+  echo "### mpirun: $MPIRUN" | tee -a "$OUT"
   "$PY" -c "import sys, torch; sys.exit(tuple(torch.cuda.nccl.version()) < (2, 30, 0))" || NCCL_OK=0
   if [ $NCCL_OK -eq 0 ]; then
     export PIPER_INTER=mpi
