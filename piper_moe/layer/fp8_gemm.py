@@ -120,18 +120,21 @@ class ScaledLinear(torch.autograd.Function):
     bf16) and its quantization (made by the caller: one call for all experts). Backward,
     in x's dtype: grad_x = g @ w8^T with w8 the e4m3-rounded weight the forward used (exact
     in bf16), the gradient of the function computed; grad_w = x^T @ g, the gradient with
-    respect to w8 passed straight through to w (in w's dtype). Saved for backward: x and the
-    e4m3 weight with its scales (1 byte per weight)."""
+    respect to w8 passed straight through to w (in w's dtype). Saved for backward: the e4m3
+    rows and weights with their scales (about 1 byte per element, half of the bf16 rows; x
+    is dequantized again in backward, exactly)."""
 
     @staticmethod
     def forward(ctx, x, q, sa, w, wq, sw, native):
-        ctx.save_for_backward(x, wq, sw)
+        ctx.save_for_backward(q, sa, wq, sw)
         ctx.w_dtype = w.dtype
         return scaled_mm_1x128(q, sa, wq, sw, x.dtype, native)
 
     @staticmethod
     def backward(ctx, g):
-        x, wq, sw = ctx.saved_tensors
+        q, sa, wq, sw = ctx.saved_tensors
         gx = g @ dequantize_fp8(wq, sw, g.dtype) if ctx.needs_input_grad[0] else None
-        gw = (x.t() @ g).to(ctx.w_dtype) if ctx.needs_input_grad[3] else None
+        gw = None
+        if ctx.needs_input_grad[3]:
+            gw = (dequantize_fp8(q, sa, g.dtype).t() @ g).to(ctx.w_dtype)
         return gx, None, None, gw, None, None, None

@@ -47,7 +47,8 @@ smaller than the bf16 buffers it replaces and gone before the backward peak pric
 dequantized bf16 ones, so nothing here changes with it (its bytes enter the all-to-all time,
 ``estimate._stage_time``), except with scaled FP8 expert GEMMs (``fp8_gemm``,
 ``strategy.resolve_fp8_gemm``): the routed experts' up-projection weights are then kept as
-e4m3 + a float32 scale per 128 (1.03 bytes per parameter) instead of a bf16 copy.
+e4m3 + a float32 scale per 128 (1.03 bytes per parameter) instead of a bf16 copy, and the
+expert input rows as the delivered e4m3 rows and scales (``fp8_row_bytes``) instead of bf16.
 
 Recompute "full" keeps only each layer's input T*h/t_sp; "selective" drops norm outputs and
 activation-function outputs (recomputed in backward). In-flight micro-batches per stage come from
@@ -218,8 +219,9 @@ def moe_activations(model: ModelSpec, s: Strategy) -> dict[str, float]:
         # four int64 row maps of the received rows; the rows themselves per chunk_memory
         experts = 0.0
         dispatch = R * (4 * INDEX_BYTES + (h * e if s.chunk_memory == "save" else 0))
-    else:
-        dispatch = R * (h * e + 2 * INDEX_BYTES)
+    else:  # the expert input rows; e4m3 + scales when the scaled FP8 GEMMs keep them
+        fp8 = s.fp8_dispatch and s.fp8_gemm == "scaled"
+        dispatch = R * ((fp8_row_bytes(h) if fp8 else h * e) + 2 * INDEX_BYTES)
     return {"activations": norms + experts + shared, "moe_buffers": router + dispatch + combine}
 
 

@@ -17,7 +17,9 @@ VARIANTS = {"alltoall": {},
             "chunks4-save": {"pipeline_chunks": 4, "chunk_memory": "save"},
             "chunks4-recompute": {"pipeline_chunks": 4, "chunk_memory": "recompute"},
             "ppmoe": {"dispatcher": "ppmoe", "sequence_sharded": True},
-            "alltoall-bf16-mixed": {"precision": "bf16-mixed"}}
+            "alltoall-bf16-mixed": {"precision": "bf16-mixed"},
+            "alltoall-bf16-mixed-fp8-scaled": {"precision": "bf16-mixed", "fp8_dispatch": True,
+                                               "fp8_gemm": "scaled"}}
 
 
 def _saved(layer, x: torch.Tensor) -> int:

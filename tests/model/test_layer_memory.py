@@ -33,10 +33,13 @@ def _layer_prediction(variant: str, rows: int) -> float:
     a few tenths of a percent high)."""
     model, ranks, k = _model(), 2, LAYER["top_k"]
     imbalance = max(1.0, rows / (TOKENS * k))
+    fp8 = variant.endswith("-fp8-scaled")
+    variant = variant.removesuffix("-fp8-scaled")
     precision = "bf16-mixed" if variant.endswith("-bf16-mixed") else "fp32"
     variant = variant.removesuffix("-bf16-mixed")
     common = dict(pp=1, micro_batch=1, global_batch=2, seq_len=TOKENS, precision=precision,
-                  expert_imbalance=imbalance)
+                  expert_imbalance=imbalance,
+                  **({"fp8_dispatch": True, "fp8_gemm": "scaled"} if fp8 else {}))
     if variant == "ppmoe":  # the EP group is the TP group: each rank routes T / tp of T
         s = Strategy(dp=1, tp=ranks, ep=ranks, dispatcher="ppmoe", **{
             **common, "seq_len": TOKENS * ranks, "global_batch": 1})
@@ -96,3 +99,15 @@ def test_formulas_match_the_layer():
                 f"{m['saved'] / 2**20:.3f} MiB ({m})")
         assert r["result"]["chunks4-save"]["chunks"] == 4
         assert r["result"]["chunks4-recompute"]["chunk_memory"] == "recompute"
+
+
+def test_scaled_fp8_terms():
+    """bf16-mixed with FP8 dispatch and scaled expert GEMMs keeps the expert input rows as the
+    delivered e4m3 rows + a float32 scale per 128 (h + 4 h/128 bytes instead of 2h) and this
+    rank's 8 experts' [w1 | w3] as e4m3 + scales (1 + 4/128 bytes instead of 2)."""
+    T, k, h, f, nE = TOKENS, 4, 256, 128, 16
+    R = T * k
+    drop = (_layer_prediction("alltoall-bf16-mixed", R)
+            - _layer_prediction("alltoall-bf16-mixed-fp8-scaled", R))
+    assert drop == pytest.approx(R * (2 * h - (h + 4 * h // 128))
+                                 + nE // 2 * h * 2 * f * (2 - (1 + 4 / 128)), rel=1e-12)
