@@ -30,6 +30,8 @@ the dispatch's quantization is).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -85,16 +87,25 @@ def scaled_mm_1x128(q: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, sw: tor
     [M, N] in out_dtype: sum over blocks b of sa[:, b] sw[:, b]^T * (q_b @ wq_b^T), accumulated
     in float32. native (None: native_scaled_gemm(q.device)): one block-scaled GEMM
     (F.scaled_mm, BlockWise1x128 x BlockWise1x128); else K/128 row-wise scaled GEMMs summed
-    in float32 (the same products; the summation order over blocks may differ)."""
+    in float32 (the same products; the summation order over blocks may differ). With native
+    None, a shape the native GEMM refuses (RuntimeError, ValueError) runs composed, logged
+    once; with native True the error is raised."""
     M, K = q.shape
     if K % FP8_BLOCK:
         raise ValueError(f"scaled_mm_1x128: K={K} is not a multiple of {FP8_BLOCK}")
+    forced = native is not None
     if native is None:
         native = native_scaled_gemm(q.device)
     if native:
         st = F.ScalingType.BlockWise1x128
-        return F.scaled_mm(q, wq.t(), _outer_major(sa), st, _outer_major(sw), st,
-                           output_dtype=out_dtype)
+        try:
+            return F.scaled_mm(q, wq.t(), _outer_major(sa), st, _outer_major(sw), st,
+                               output_dtype=out_dtype)
+        except (RuntimeError, ValueError) as e:
+            if forced:
+                raise
+            _warn_once(f"piper.moe: the native block-scaled FP8 GEMM refused [{M}, {K}] x "
+                       f"[{K}, {wq.shape[0]}] ({e}); running the composed form")
     out = torch.zeros(M, wq.shape[0], dtype=torch.float32, device=q.device)
     for b in range(K // FP8_BLOCK):
         cols = slice(b * FP8_BLOCK, (b + 1) * FP8_BLOCK)
@@ -103,6 +114,16 @@ def scaled_mm_1x128(q: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, sw: tor
                                 scale_b=sw[:, b].reshape(1, -1).contiguous(),
                                 out_dtype=torch.float32)
     return out.to(out_dtype)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Logs the first native-GEMM refusal of this process (later ones only differ in shape)."""
+    if not _WARNED:
+        _WARNED.add(message)
+        logging.getLogger("piper.moe").warning("%s", message)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

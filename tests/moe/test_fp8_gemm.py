@@ -142,3 +142,21 @@ def test_single_process_layer_equals_scaled_reference():
         a, b = getattr(layer.experts, name).grad, getattr(ref.experts, name).grad
         torch.testing.assert_close(a, b, rtol=0, atol=tol * float(b.abs().max()))
     assert not torch.equal(ys[0], ys[2])
+
+
+def test_native_refusal_falls_back_when_chosen_automatically(monkeypatch, caplog):
+    """Where the native GEMM was picked by capability and refuses a shape, the composed form
+    runs (logged once); asked for explicitly, the refusal is raised. (Here the "native" call
+    is torch's CPU scaled_mm, which refuses block scaling.)"""
+    x, w = _operands(16, 256, 32)
+    q, sa = P.quantize_fp8(x)
+    wq, sw = G.quantize_weight(w)
+    monkeypatch.setattr(G, "native_scaled_gemm", lambda device: True)
+    G._WARNED.clear()
+    with caplog.at_level("WARNING", logger="piper.moe"):
+        out = G.scaled_mm_1x128(q, sa, wq, sw, torch.float32)
+        G.scaled_mm_1x128(q, sa, wq, sw, torch.float32)
+    assert torch.equal(out, G.scaled_mm_1x128(q, sa, wq, sw, torch.float32, native=False))
+    assert sum("refused" in r.message for r in caplog.records) == 1
+    with pytest.raises((RuntimeError, ValueError)):
+        G.scaled_mm_1x128(q, sa, wq, sw, torch.float32, native=True)
