@@ -89,7 +89,8 @@ def resume(root: str, steps: int, stop: int) -> dict:
     from piper_moe.train.checkpoint import load
 
     got = load(root, rank=b.rank, world=b.world)
-    assert got is not None and got[0] == steps - steps % stop
+    assert got is not None and got[0] == steps - steps % stop, (got and got[0])
+    b._barrier()  # every rank has read `latest` before rank 0 repoints it below
     # resume from step `stop` exactly: load that directory's state
     from pathlib import Path
 
