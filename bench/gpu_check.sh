@@ -75,10 +75,11 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, records outpu
     return
   fi
   echo "### $name: $*" | tee -a "$OUT"
+  local t0=$SECONDS
   timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 124 ] && echo "### $name: TIMED OUT after ${limit} s" | tee -a "$OUT"
-  echo "### $name: exit $rc" | tee -a "$OUT"
+  echo "### $name: exit $rc after $((SECONDS - t0)) s (script at ${SECONDS} s)" | tee -a "$OUT"
   [ "$rc" -eq 0 ] || STATUS=1
 }
 
