@@ -37,8 +37,9 @@ PY=${PYTHON:-python3}
 PYDIR=$(dirname "$(command -v "$PY" || echo "$PY")")
 # MPI: the GPU machine's image has mpi4py but may have no MPI library or mpirun (nothing can be
 # downloaded there). A carried MPICH wheel (.whl/mpich-*.whl, ignored by git, named in the
-# device call's carry) is then installed under /tmp/piper-mpi: mpirun, mpicc and libmpi for
-# mpi4py and the build.
+# device call's carry; `make gpu-wheels`) is then installed under /tmp/piper-mpi: mpirun, mpicc
+# and libmpi for mpi4py and the build; where the image's mpi4py still cannot load it, the
+# carried mpi4py wheel goes in front of it.
 if [ $DRY -eq 0 ] && ! { "$PY" -c "from mpi4py import MPI" >/dev/null 2>&1 \
                           && { [ -x "$PYDIR/mpirun" ] || command -v mpirun >/dev/null; }; }; then
   WHL=$(ls .whl/mpich-*.whl 2>/dev/null | head -1)
@@ -46,11 +47,22 @@ if [ $DRY -eq 0 ] && ! { "$PY" -c "from mpi4py import MPI" >/dev/null 2>&1 \
     "$PY" -m pip install -q --no-index --no-deps --no-compile --prefix /tmp/piper-mpi "$WHL"
     export PATH=/tmp/piper-mpi/bin:$PATH LD_LIBRARY_PATH=/tmp/piper-mpi/lib:${LD_LIBRARY_PATH:-}
   fi
+  M4PY=$(ls .whl/mpi4py-*.whl 2>/dev/null | head -1)
+  if ! "$PY" -c "from mpi4py import MPI" >/dev/null 2>&1 && [ -n "$M4PY" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/piper-mpi/site "$M4PY"
+    export PYTHONPATH=/tmp/piper-mpi/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+fi
+# CUDA: the build must have the CUDA backend (PIPER_CUDA=ON fails it loudly otherwise)
+if [ $DRY -eq 0 ]; then
+  command -v nvcc >/dev/null || { [ -x /usr/local/cuda/bin/nvcc ] && export PATH=$PATH:/usr/local/cuda/bin; }
+  export PIPER_CUDA=${PIPER_CUDA:-ON}
 fi
 MPIRUN=$(command -v "$PYDIR/mpirun" || command -v mpirun || echo mpirun)  # the venv's MPICH first
 STAMP=$(date -u +%Y%m%d_%H%M%S)
 OUT="${BACK:-bench/results}/gpu_${STAMP}${PART:+_part$PART}.txt"
 STATUS=0
+LANE=""  # the lane a step runs in (lanes below); empty outside one
 export NCCL_MULTI_RANK_GPU_ENABLE=1  # several ranks on the one GPU (NCCL >= 2.30, experimental)
 if [ $DRY -eq 1 ]; then
   echo "# piper GPU check, dry run: nothing below is executed"
@@ -61,7 +73,13 @@ else
   set -x
   mkdir -p bench/results
   DRIVER=$(mktemp /tmp/piper_gpu_driver.XXXXXX.py)
-  trap 'rm -f "$DRIVER"' EXIT
+  LANES=$(mktemp -d /tmp/piper_gpu_lanes.XXXXXX)  # each lane's status
+  trap 'rm -rf "$DRIVER" "$LANES"' EXIT
+  export PYTHONUNBUFFERED=1
+  if [ -z "${CMAKE_CUDA_ARCHITECTURES:-}" ]; then  # build for this device only: half the compile
+    CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+    [ -n "$CC" ] && export CMAKE_CUDA_ARCHITECTURES=$CC
+  fi
 fi
 
 step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, records output and status
@@ -74,13 +92,39 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, records outpu
     echo "### $name (limit ${limit} s): $(printf '%q ' "$@")"
     return
   fi
-  echo "### $name: $*" | tee -a "$OUT"
-  local t0=$SECONDS
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT"
-  local rc=${PIPESTATUS[0]}
+  local t0=$SECONDS rc
+  if [ -n "$LANE" ]; then  # in a lane: the output to the lane's file, only the verdict shown
+    echo "### $name: $*" >> "$OUT"
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" >> "$OUT" 2>&1
+    rc=$?
+  else
+    echo "### $name: $*" | tee -a "$OUT"
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT"
+    rc=${PIPESTATUS[0]}
+  fi
   [ "$rc" -eq 124 ] && echo "### $name: TIMED OUT after ${limit} s" | tee -a "$OUT"
-  echo "### $name: exit $rc after $((SECONDS - t0)) s (script at ${SECONDS} s)" | tee -a "$OUT"
+  echo "### $name: exit $rc after $((SECONDS - t0)) s (script at ${SECONDS} s)${LANE:+ [lane $LANE]}" \
+    | tee -a "$OUT"
   [ "$rc" -eq 0 ] || STATUS=1
+}
+
+lanes() {  # lanes FUNC...: the steps of each FUNC in a lane of its own, all at once; each lane
+  # writes its own results file (beside the main one, so that it comes back after a timeout too),
+  # merged into the main one in order once every lane ended. Only for checks of correctness:
+  # the lanes share the GPU and the cores, so nothing timed runs in one.
+  local f i=0 main=$OUT
+  if [ $DRY -eq 1 ]; then
+    for f in "$@"; do "$f"; done
+    return
+  fi
+  for f in "$@"; do
+    ( LANE=$f OUT="${main%.txt}_$f.txt" STATUS=0; : > "$OUT"; "$f"; echo $STATUS > "$LANES/$f" ) &
+  done
+  wait
+  for f in "$@"; do
+    cat "${main%.txt}_$f.txt" >> "$main" && rm -f "${main%.txt}_$f.txt"
+    [ "$(cat "$LANES/$f" 2>/dev/null)" = 0 ] || STATUS=1
+  done
 }
 
 if [ $DRY -eq 0 ]; then
@@ -222,51 +266,59 @@ NCCL_ALGOS=$([ $NCCL_OK -eq 1 ] && echo halo,flat,nccl || echo halo,flat)
 step build 300 "$PY" -m pip install --no-build-isolation --no-deps -e .
 
 SECTION=1
-# 2. Device and build.
-step nvidia-smi 30 nvidia-smi
-step build_info 60 "$PY" -c "import piper_comm, torch; print(piper_comm.build_info()); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
-
-# 3. GPU tests: pack kernels; CUDA context over IPC, 2 and 4 ranks on the one device (1 node);
-#    all_to_all(_v) on CUDA tensors (tests/gpu/test_comm_cuda.py: 4 ranks as 2 nodes of 2 and
-#    1 node of 4, every algorithm and dtype against the host result, NCCL and host-staged,
-#    CuPy, CUDA-graph capture, bad input, the torch backend).
-#    The context and kernels first: every collective on CUDA depends on the IPC segment and
-#    its fences.
-step pytest_gpu_context 240 "$PY" -m pytest -ra -m gpu tests/gpu --ignore=tests/gpu/test_comm_cuda.py
-step pytest_gpu_comm 300 "$PY" -m pytest -ra tests/gpu/test_comm_cuda.py
-
-SECTION=2
-
-# 4. compute-sanitizer: the kernels' driver, and the context's IPC round trip on 2 ranks.
+# Part 1: correctness, in three lanes at once (they share the GPU and the 16 cores; nothing in
+# them is timed).
+#  collectives: the GPU tests: pack kernels; the CUDA context over IPC, 2 and 4 ranks on the
+#    one device (1 node); all_to_all(_v) on CUDA tensors (tests/gpu/test_comm_cuda.py: 4 ranks
+#    as 2 nodes of 2 and 1 node of 4, every algorithm and dtype against the host result, NCCL
+#    and host-staged, CuPy, CUDA-graph capture, bad input, the torch backend). The context and
+#    kernels first: every collective on CUDA depends on the IPC segment and its fences.
+collectives() {
+  step nvidia-smi 30 nvidia-smi
+  step build_info 60 "$PY" -c "import piper_comm, torch; print(piper_comm.build_info()); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+  step pytest_gpu_context 200 "$PY" -m pytest -ra -m gpu tests/gpu --ignore=tests/gpu/test_comm_cuda.py
+  step pytest_gpu_comm 240 "$PY" -m pytest -ra tests/gpu/test_comm_cuda.py
+}
+#  moe: everything above the collective on CUDA against CPU: the MoE layer (every dispatcher,
+#    dedup, chunked with offload, fp32, bf16-mixed, FP8 dispatch) on 2 nodes of 2 and 1 node of
+#    4, 20 training steps.
+moe() {
+  step moe_layer_cuda 180 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -genv OMP_NUM_THREADS 2 -n 4 "$PY" bench/gpu_moe_check.py layer
+  step moe_layer_cuda_one_node 180 "$MPIRUN" -genv OMP_NUM_THREADS 2 -n 4 "$PY" bench/gpu_moe_check.py layer
+  step train_cuda 240 "$PY" bench/gpu_moe_check.py train --steps 20 --ranks 4
+}
+#  sanitizer: compute-sanitizer on the kernels' driver, the context's IPC round trip and one
+#    small collective (2 ranks).
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
 [ $DRY -eq 1 ] && SAN=${SAN:-compute-sanitizer}
-if [ -n "$SAN" ]; then
+sanitizer() {
+  if [ -z "$SAN" ]; then
+    echo "### compute-sanitizer not found: memcheck/racecheck NOT run" | tee -a "$OUT"
+    STATUS=1
+    return
+  fi
   step memcheck 120 "$SAN" --tool memcheck --error-exitcode 1 "$PY" "$DRIVER" sanitize
   step racecheck 120 "$SAN" --tool racecheck --error-exitcode 1 "$PY" "$DRIVER" sanitize
-  step memcheck_context 120 "$MPIRUN" -n 2 "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "from tests.gpu.cases import ipc_segment_round_trip as f; print(f(rows=256))"
-elif [ "${PART:-2}" = 2 ]; then
-  echo "### compute-sanitizer not found: memcheck/racecheck NOT run" | tee -a "$OUT"
-  STATUS=1
-fi
-if [ -n "$SAN" ]; then
-  step memcheck_collective 120 "$MPIRUN" -n 2 "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "from tests.gpu.comm_cases import small; print(small(local_size=2))"
-fi
+  step memcheck_context 150 "$MPIRUN" -n 2 "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "from tests.gpu.cases import ipc_segment_round_trip as f; print(f(rows=256))"
+  step memcheck_collective 150 "$MPIRUN" -n 2 "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "from tests.gpu.comm_cases import small; print(small(local_size=2))"
+}
+[ -n "$PART" ] && [ "$PART" != 1 ] || lanes collectives moe sanitizer
 
-# 5. Everything above the collective on CUDA.
-step moe_layer_cuda 180 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -n 4 "$PY" bench/gpu_moe_check.py layer
-step moe_layer_cuda_one_node 180 "$MPIRUN" -n 4 "$PY" bench/gpu_moe_check.py layer
-step train_cuda 300 "$PY" bench/gpu_moe_check.py train --steps 20 --ranks 4
-step bench_moe_layer 180 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2
-step bench_moe_layer_fp8 180 "$MPIRUN" -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2 --hidden 2048 --ffn-hidden 1024 --tokens 4096 --variants reference,piper-nodedup --precisions bf16-mixed,bf16-mixed+fp8-dequantize,bf16-mixed+fp8-scaled
-step bench_nccl 180 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --local-size 2 --algos "$NCCL_ALGOS" -b 1K -e 64M -f 4 -n 10 -w 3
-
-# 6. Timing of the kernels against the copy ceiling.
-step bench_pack 180 "$PY" "$DRIVER" bench
+SECTION=2
+# Part 2: the benchmarks, one at a time with nothing beside them: the collective against torch's
+# NCCL, the MoE layer in every precision, the kernels against a device copy (the HBM ceiling).
+step bench_nccl 150 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --local-size 2 --algos "$NCCL_ALGOS" -b 1K -e 64M -f 4 -n 10 -w 3
+step bench_pack 90 "$PY" "$DRIVER" bench
+step bench_moe_layer 150 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2
+step bench_moe_layer_fp8 150 "$MPIRUN" -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2 --hidden 2048 --ffn-hidden 1024 --tokens 4096 --variants reference,piper-nodedup --precisions bf16-mixed,bf16-mixed+fp8-dequantize,bf16-mixed+fp8-scaled
 
 if [ $DRY -eq 1 ]; then
   echo "# dry run: nothing was run"
   exit 0
 fi
+set +x
 VERDICT=$([ $STATUS -eq 0 ] && echo "OK" || echo "SOME STEP FAILED")
+SUMMARY=$(grep -E '^### .*(: exit [0-9]+ after|TIMED OUT|NOT run)' "$OUT" | sed 's/^### /  /')
+printf '### summary\n%s\n' "$SUMMARY" | tee -a "$OUT"
 echo "### overall${PART:+ (part $PART)}: $VERDICT -> $OUT" | tee -a "$OUT"
 exit $STATUS

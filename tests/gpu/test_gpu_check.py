@@ -15,10 +15,10 @@ from piper_comm import _C
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 EVERY_PART = ["environment", "build"]
-PARTS = {1: ["nvidia-smi", "build_info", "pytest_gpu_context", "pytest_gpu_comm"],
-         2: ["memcheck", "racecheck", "memcheck_context", "memcheck_collective",
-             "moe_layer_cuda", "moe_layer_cuda_one_node", "train_cuda", "bench_moe_layer",
-             "bench_moe_layer_fp8", "bench_nccl", "bench_pack"]}
+PARTS = {1: ["nvidia-smi", "build_info", "pytest_gpu_context", "pytest_gpu_comm",
+             "moe_layer_cuda", "moe_layer_cuda_one_node", "train_cuda",
+             "memcheck", "racecheck", "memcheck_context", "memcheck_collective"],
+         2: ["bench_nccl", "bench_pack", "bench_moe_layer", "bench_moe_layer_fp8"]}
 GPU_TOOLS = ["nvidia-smi", "compute-sanitizer", "nvcc", "mpirun", "python3", "git"]
 
 
