@@ -15,7 +15,9 @@
 #   bash bench/gpu_check.sh --part 1   # environment, build, GPU tests
 #   bash bench/gpu_check.sh --part 2   # environment, build, compute-sanitizer, MoE layer and
 #                                      # training on CUDA, benchmarks
+#   bash bench/gpu_check.sh --steps a,b  # only the named steps (after the environment and build)
 #   bash bench/gpu_check.sh --dry-run [--part N]  # prints every step; runs nothing
+# PIPER_BUILD_TYPE=RelWithDebInfo keeps the symbols (Release strips them) for a backtrace.
 # Under the device tool (its $OUT is a folder that comes back, also after a timeout) the
 # results file is written there; copy it into bench/results/ here.
 cd "$(dirname "$0")/.." || exit 1
@@ -23,33 +25,32 @@ BACK=""  # the device tool's folder that comes back, when there is one
 [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] && BACK=$OUT
 DRY=0
 PART=""
+ONLY=""  # --steps: ",a,b," (the environment and the build always run)
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --part) PART=${2:-}; shift
             case "$PART" in 1|2) ;; *) echo "--part takes 1 or 2" >&2; exit 2 ;; esac ;;
-    *) echo "usage: bash bench/gpu_check.sh [--dry-run] [--part 1|2]" >&2; exit 2 ;;
+    --steps) ONLY=",${2:-},"; shift ;;
+    *) echo "usage: bash bench/gpu_check.sh [--dry-run] [--part 1|2] [--steps NAME,...]" >&2; exit 2 ;;
   esac
   shift
 done
 SECTION=0  # the part of the steps that follow: 0 (every part), 1 or 2
 PY=${PYTHON:-python3}
 PYDIR=$(dirname "$(command -v "$PY" || echo "$PY")")
-# MPI: the GPU machine's image has mpi4py but may have no MPI library or mpirun (nothing can be
-# downloaded there). A carried MPICH wheel (.whl/mpich-*.whl, ignored by git, named in the
-# device call's carry; `make gpu-wheels`) is then installed under /tmp/piper-mpi: mpirun, mpicc
-# and libmpi for mpi4py and the build; where the image's mpi4py still cannot load it, the
-# carried mpi4py wheel goes in front of it.
-if [ $DRY -eq 0 ] && ! { "$PY" -c "from mpi4py import MPI" >/dev/null 2>&1 \
-                          && { [ -x "$PYDIR/mpirun" ] || command -v mpirun >/dev/null; }; }; then
+# MPI: the GPU machine's image has Debian's Open MPI 4.1 and an mpi4py built on it; Piper's
+# launchers and tests use MPICH (as `make venv` installs). The carried wheels (`make gpu-wheels`:
+# .whl/mpich-*.whl and .whl/mpi4py-*.whl, ignored by git, named in the device call's carry) are
+# installed under /tmp/piper-mpi and put in front: mpirun, mpicc and libmpi, and an mpi4py that
+# loads MPICH, for the build and every rank.
+if [ $DRY -eq 0 ] && [ ! -x "$PYDIR/mpirun" ]; then
   WHL=$(ls .whl/mpich-*.whl 2>/dev/null | head -1)
-  if [ -n "$WHL" ]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --prefix /tmp/piper-mpi "$WHL"
-    export PATH=/tmp/piper-mpi/bin:$PATH LD_LIBRARY_PATH=/tmp/piper-mpi/lib:${LD_LIBRARY_PATH:-}
-  fi
   M4PY=$(ls .whl/mpi4py-*.whl 2>/dev/null | head -1)
-  if ! "$PY" -c "from mpi4py import MPI" >/dev/null 2>&1 && [ -n "$M4PY" ]; then
+  if [ -n "$WHL" ] && [ -n "$M4PY" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --prefix /tmp/piper-mpi "$WHL"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/piper-mpi/site "$M4PY"
+    export PATH=/tmp/piper-mpi/bin:$PATH LD_LIBRARY_PATH=/tmp/piper-mpi/lib:${LD_LIBRARY_PATH:-}
     export PYTHONPATH=/tmp/piper-mpi/site${PYTHONPATH:+:$PYTHONPATH}
   fi
 fi
@@ -77,8 +78,8 @@ else
   trap 'rm -rf "$DRIVER" "$LANES"' EXIT
   export PYTHONUNBUFFERED=1
   if [ -z "${CMAKE_CUDA_ARCHITECTURES:-}" ]; then  # build for this device only: half the compile
-    CC=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
-    [ -n "$CC" ] && export CMAKE_CUDA_ARCHITECTURES=$CC
+    CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+    [ -n "$CAP" ] && export CMAKE_CUDA_ARCHITECTURES=$CAP
   fi
 fi
 
@@ -86,6 +87,9 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, records outpu
   local name=$1 limit=$2
   shift 2
   if [ -n "$PART" ] && [ "$SECTION" != 0 ] && [ "$SECTION" != "$PART" ]; then
+    return
+  fi
+  if [ -n "$ONLY" ] && [ "$SECTION" != 0 ] && [[ "$ONLY" != *",$name,"* ]]; then
     return
   fi
   if [ $DRY -eq 1 ]; then
@@ -263,6 +267,9 @@ fi
 NCCL_ALGOS=$([ $NCCL_OK -eq 1 ] && echo halo,flat,nccl || echo halo,flat)
 
 # 1. Build (what `make build` runs; no network: pybind11, cmake, ninja must be installed).
+#    A fresh build directory: CMake caches the MPI wrapper it found, and the MPI in front may
+#    have changed since (the carried MPICH over the image's Open MPI).
+[ $DRY -eq 1 ] || rm -rf build
 step build 300 "$PY" -m pip install --no-build-isolation --no-deps -e .
 
 SECTION=1
@@ -275,7 +282,11 @@ SECTION=1
 #    kernels first: every collective on CUDA depends on the IPC segment and its fences.
 collectives() {
   step nvidia-smi 30 nvidia-smi
+  step build_config 10 grep -E '^(MPI_C_COMPILER|MPI_C_HEADER_DIR|MPI_mpi_LIBRARY|NCCL_INCLUDE_DIR|CMAKE_CUDA_ARCHITECTURES|CMAKE_CUDA_COMPILER):' build/CMakeCache.txt
   step build_info 60 "$PY" -c "import piper_comm, torch; print(piper_comm.build_info()); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
+  # one rank (no IPC peer), then 2 nodes of one rank (no IPC peer; the device transport)
+  step smoke_one_rank 60 "$MPIRUN" -n 1 "$PY" -c "from tests.gpu.comm_cases import small; print(small(local_size=1))"
+  step smoke_two_nodes_of_one 60 "$MPIRUN" -n 2 "$PY" -c "from tests.gpu.comm_cases import small; print(small(local_size=1))"
   step pytest_gpu_context 200 "$PY" -m pytest -ra -m gpu tests/gpu --ignore=tests/gpu/test_comm_cuda.py
   step pytest_gpu_comm 240 "$PY" -m pytest -ra tests/gpu/test_comm_cuda.py
 }
@@ -318,7 +329,7 @@ if [ $DRY -eq 1 ]; then
 fi
 set +x
 VERDICT=$([ $STATUS -eq 0 ] && echo "OK" || echo "SOME STEP FAILED")
-SUMMARY=$(grep -E '^### .*(: exit [0-9]+ after|TIMED OUT|NOT run)' "$OUT" | sed 's/^### /  /')
+SUMMARY=$(grep -aE '^### .*(: exit [0-9]+ after|TIMED OUT|NOT run)' "$OUT" | sed 's/^### /  /')
 printf '### summary\n%s\n' "$SUMMARY" | tee -a "$OUT"
 echo "### overall${PART:+ (part $PART)}: $VERDICT -> $OUT" | tee -a "$OUT"
 exit $STATUS

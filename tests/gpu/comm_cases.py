@@ -230,7 +230,16 @@ def torch_backend(local_size: int | None) -> dict:
 
     init_piper_backend()  # as the CPU cases of the backend do
     pg = dist.distributed_c10d._get_default_group()
-    comm = pg._get_backend(torch.device("cpu")).piper_communicator
+    # the PiperProcessGroup behind the default group: registered for both device types, though
+    # a CUDA build of torch may name only one of them
+    comm = None
+    for device in ("cuda", "cpu"):
+        try:
+            comm = pg._get_backend(torch.device(device)).piper_communicator
+            break
+        except RuntimeError:
+            continue
+    assert comm is not None, "no Piper backend behind the default process group"
     torch.cuda.set_device(comm.local_rank % torch.cuda.device_count())
     P, me = dist.get_world_size(), dist.get_rank()
     x = (torch.arange(P * 3, dtype=torch.float32, device="cuda") + 100 * me).reshape(P * 3, 1)

@@ -15,7 +15,8 @@ from piper_comm import _C
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 EVERY_PART = ["environment", "build"]
-PARTS = {1: ["nvidia-smi", "build_info", "pytest_gpu_context", "pytest_gpu_comm",
+PARTS = {1: ["nvidia-smi", "build_config", "build_info", "smoke_one_rank",
+             "smoke_two_nodes_of_one", "pytest_gpu_context", "pytest_gpu_comm",
              "moe_layer_cuda", "moe_layer_cuda_one_node", "train_cuda",
              "memcheck", "racecheck", "memcheck_context", "memcheck_collective"],
          2: ["bench_nccl", "bench_pack", "bench_moe_layer", "bench_moe_layer_fp8"]}

@@ -202,7 +202,9 @@ def test_pack_unpack_random_counts_with_zeros(dtype, num_peers, hidden):
     rows = int(counts.sum())
     row_bytes = hidden * torch.empty(0, dtype=torch_dtype(dtype)).element_size()
     src_np = rng.integers(0, 256, size=rows * row_bytes, dtype=np.uint8)  # every bit pattern
-    x = torch.from_numpy(src_np.copy()).view(torch_dtype(dtype)).reshape(rows, hidden)
+    # bytes viewed as dtype (no rows: torch cannot view an empty byte tensor, which has stride 0)
+    x = (torch.from_numpy(src_np.copy()).view(torch_dtype(dtype)) if rows
+         else torch.empty(0, dtype=torch_dtype(dtype))).reshape(rows, hidden)
     slot_bytes = int(counts.max(initial=0)) * row_bytes + 24  # padded, unaligned slots
     counts_dev = torch.from_numpy(counts).cuda()
 
