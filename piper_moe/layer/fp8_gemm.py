@@ -74,6 +74,9 @@ def resolve_fp8_gemm(setting: str, device, hidden: int) -> str:
     return setting
 
 
+CUBLAS_FP8_ALIGN = 16  # cuBLASLt FP8 GEMMs: M and N multiples of 16 (K is one of 128 here)
+
+
 def _outer_major(s: torch.Tensor) -> torch.Tensor:
     """s [R, C] with strides (1, R): the scale layout cuBLASLt's block scaling reads."""
     return s.t().contiguous().t()
@@ -93,6 +96,16 @@ def scaled_mm_1x128(q: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, sw: tor
     M, K = q.shape
     if K % FP8_BLOCK:
         raise ValueError(f"scaled_mm_1x128: K={K} is not a multiple of {FP8_BLOCK}")
+    N = wq.shape[0]
+    if q.is_cuda and (M % CUBLAS_FP8_ALIGN or N % CUBLAS_FP8_ALIGN):
+        # cuBLASLt's FP8 GEMMs (block-scaled and row-wise) refuse dimensions off a multiple of
+        # 16: zero rows with unit scales in, sliced off the result
+        pm, pn = -M % CUBLAS_FP8_ALIGN, -N % CUBLAS_FP8_ALIGN
+        out = scaled_mm_1x128(F.pad(q.view(torch.uint8), (0, 0, 0, pm)).view(q.dtype),
+                              F.pad(sa, (0, 0, 0, pm), value=1.0),
+                              F.pad(wq.view(torch.uint8), (0, 0, 0, pn)).view(wq.dtype),
+                              F.pad(sw, (0, 0, 0, pn), value=1.0), out_dtype, native)
+        return out[:M, :N]
     forced = native is not None
     if native is None:
         native = native_scaled_gemm(q.device)

@@ -26,8 +26,16 @@ else:
 needs_native = pytest.mark.skipif(bool(SKIP_REASON), reason=SKIP_REASON)
 
 
+# Hopper's FP8 tensor cores sum the products of a 128-wide block with a reduced-precision
+# accumulator (about 14 bits, DeepSeek-V3 report section 3.3.2) before the block's scales are
+# applied in float32: measured 1.3e-4 of sum |a||b| at K = 1024 on an H200 (float32 sums stay
+# near K * 2^-24)
+CUDA_FP8_TOL = 5e-4
+
+
 @needs_native
-@pytest.mark.parametrize(("M", "K", "N"), [(1, 128, 128), (77, 256, 384), (1024, 1024, 2048)])
+@pytest.mark.parametrize(("M", "K", "N"), [(1, 128, 128), (77, 256, 384), (1024, 1024, 2048),
+                                           (33, 128, 200)])
 def test_native_equals_reference_and_composed(M, K, N):
     g = torch.Generator().manual_seed(M)
     x = (torch.randn(M, K, generator=g) * torch.logspace(-3, 2, K)).cuda()
@@ -41,6 +49,7 @@ def test_native_equals_reference_and_composed(M, K, N):
     ref, scale = a @ b.t(), a.abs() @ b.abs().t()
     for name, out in (("native", native), ("composed", composed)):
         err = float(((out.double() - ref).abs() / (scale + 1e-30)).max())
-        assert err <= 1e-5, f"{name}: max error {err:.3g} of sum |a||b|"
+        assert err <= CUDA_FP8_TOL, f"{name}: max error {err:.3g} of sum |a||b|"
+    # shapes off cuBLASLt's multiple of 16 (M = 1, 33, 77; N = 200) run padded
     bf = G.scaled_mm_1x128(q, sa, wq, sw, torch.bfloat16, native=True)
     assert bf.dtype == torch.bfloat16 and bf.shape == (M, N)
