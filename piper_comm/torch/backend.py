@@ -3,7 +3,9 @@
 A Python ProcessGroup whose all_to_all_single / all_to_all run on Piper (HALO or flat, chosen
 per call) for CPU and CUDA tensors; every other collective (all_reduce, broadcast, all_gather,
 reduce_scatter, barrier, send/recv, ...) is delegated to a gloo backend (CPU tensors) or an
-nccl backend (CUDA tensors) built on the same store.
+nccl backend (CUDA tensors) built on the same store. With PIPER_INTER=mpi (a machine whose
+NCCL cannot serve these ranks) CUDA tensors go to gloo too, staged through host copies and
+synchronous: a fallback that works anywhere, not a fast path.
 
 Piper's collectives run when called: `async_op=True` returns a Work that is already complete
 on the host side. For CUDA tensors the data moves in order on the caller's current stream
@@ -92,11 +94,14 @@ class PiperProcessGroup(dist.ProcessGroup):
         return self._nccl
 
     def _delegate(self, tensors: Any):
-        """gloo for CPU tensors, nccl for CUDA tensors (first tensor found decides)."""
+        """gloo for CPU tensors; for CUDA tensors nccl, or gloo through host copies with
+        PIPER_INTER=mpi (first tensor found decides)."""
         t = tensors
         while isinstance(t, (list, tuple)) and t:
             t = t[0]
-        return self.nccl if isinstance(t, torch.Tensor) and t.is_cuda else self.gloo
+        if not (isinstance(t, torch.Tensor) and t.is_cuda):
+            return self.gloo
+        return _HostStaged(self.gloo) if envs.inter() == "mpi" else self.nccl
 
     # -- Piper's collectives
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,
@@ -135,6 +140,46 @@ class PiperProcessGroup(dist.ProcessGroup):
     def abort(self) -> None:
         self.piper_communicator.close()
         self.gloo.abort()
+
+
+def _map_tensors(value: Any, fn) -> Any:
+    """value with every tensor t inside its lists and tuples replaced by fn(t)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    return value
+
+
+class _HostStaged:
+    """A delegate for CUDA tensors over gloo: each call copies its CUDA tensors to host
+    tensors, runs gloo's method on those, waits, and copies every host tensor back into its
+    CUDA tensor (outputs and in-place inputs; two copies per tensor and a host wait)."""
+
+    def __init__(self, gloo: Any):
+        self._gloo = gloo
+
+    def __getattr__(self, name: str):
+        method = getattr(self._gloo, name)
+
+        def staged(*args, **kwargs):
+            pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            def to_host(t: torch.Tensor) -> torch.Tensor:
+                if not t.is_cuda:
+                    return t
+                host = t.detach().cpu()
+                pairs.append((t, host))
+                return host
+
+            host_args = _map_tensors(args, to_host)
+            host_kwargs = {k: _map_tensors(v, to_host) for k, v in kwargs.items()}
+            method(*host_args, **host_kwargs).wait()
+            for dev, host in pairs:
+                dev.detach().copy_(host)
+            return _done_work([dev for dev, _ in pairs])
+
+        return staged
 
 
 def _delegated(name: str):

@@ -14,8 +14,8 @@ float32 scale per 128 hidden elements (layer/precision.py). Two ways to compute
   float32, returned in bfloat16. On Hopper (CUDA capability 9.x, torch built with CUDA >=
   12.9) this is one cuBLASLt block-scaled FP8 GEMM (``torch.nn.functional.scaled_mm`` with
   ``BlockWise1x128`` on both operands: FP8 tensor cores, twice bf16's rate); elsewhere it is
-  composed of one row-wise scaled GEMM per 128-element block of K (torch's CPU
-  ``_scaled_mm``), the same sum, for tests and CPUs. Only the first GEMMs take FP8 inputs:
+  composed of one row-wise scaled GEMM per 128-element block of K (``_scaled_mm`` on CUDA;
+  a float32 GEMM of the e4m3 values on CPU), the same sum, for tests and CPUs. Only the first GEMMs take FP8 inputs:
   their outputs (the SwiGLU hidden) and the second GEMM stay bfloat16.
 - ``auto``: ``scaled`` where the native block-scaled GEMM exists (``native_scaled_gemm``) and
   the hidden size is a multiple of 128, else ``dequantize``.
@@ -122,10 +122,14 @@ def scaled_mm_1x128(q: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, sw: tor
     out = torch.zeros(M, wq.shape[0], dtype=torch.float32, device=q.device)
     for b in range(K // FP8_BLOCK):
         cols = slice(b * FP8_BLOCK, (b + 1) * FP8_BLOCK)
-        out += torch._scaled_mm(q[:, cols].contiguous(), wq[:, cols].contiguous().t(),
-                                scale_a=sa[:, b:b + 1].contiguous(),
-                                scale_b=sw[:, b].reshape(1, -1).contiguous(),
-                                out_dtype=torch.float32)
+        if q.is_cuda:  # FP8 tensor cores, row-wise scales
+            out += torch._scaled_mm(q[:, cols].contiguous(), wq[:, cols].contiguous().t(),
+                                    scale_a=sa[:, b:b + 1].contiguous(),
+                                    scale_b=sw[:, b].reshape(1, -1).contiguous(),
+                                    out_dtype=torch.float32)
+        else:  # the same products in float32 (every e4m3 x e4m3 product is exact there;
+            # torch's CPU _scaled_mm takes row-wise scales only from torch 2.12 on)
+            out += (q[:, cols].float() @ wq[:, cols].float().t()) * sa[:, b:b + 1] * sw[:, b]
     return out.to(out_dtype)
 
 

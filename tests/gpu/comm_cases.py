@@ -230,15 +230,15 @@ def torch_backend(local_size: int | None) -> dict:
 
     init_piper_backend()  # as the CPU cases of the backend do
     pg = dist.distributed_c10d._get_default_group()
-    # the PiperProcessGroup behind the default group: registered for both device types, though
-    # a CUDA build of torch may name only one of them
-    comm = None
+    # the PiperProcessGroup: the default group itself where torch takes the creator's
+    # ProcessGroup as the group, else the group's backend for a device type
+    comm = getattr(pg, "piper_communicator", None)
     for device in ("cuda", "cpu"):
-        try:
-            comm = pg._get_backend(torch.device(device)).piper_communicator
-            break
-        except RuntimeError:
-            continue
+        if comm is None:
+            try:
+                comm = pg._get_backend(torch.device(device)).piper_communicator
+            except RuntimeError:
+                continue
     assert comm is not None, "no Piper backend behind the default process group"
     torch.cuda.set_device(comm.local_rank % torch.cuda.device_count())
     P, me = dist.get_world_size(), dist.get_rank()
