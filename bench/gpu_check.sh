@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of the GPU path, for the lent GPU machine (one H100/H200, no network, ~15 minutes;
-# this script aims at 8): builds the extension, names the device, runs the GPU tests (the pack
+# The GPU check of the GPU path, for the lent GPU machine (one H100/H200, no network, ~15 minutes
+# of device time; this script takes about 100 s when everything passes): builds the extension, names the device, runs the GPU tests (the pack
 # kernels; the CUDA execution context over CUDA IPC; comm.all_to_all(_v) on CUDA tensors under
 # every algorithm, 4 ranks on the one device as 2 emulated nodes of 2 and as 1 node of 4, over
 # NCCL and host-staged, every dtype, CuPy, CUDA-graph capture, bad input, the torch backend),
@@ -12,9 +12,9 @@
 # the device's name. A failing step is recorded and the next runs.
 #
 #   bash bench/gpu_check.sh            # PYTHON=python3 by default (torch with CUDA required)
-#   bash bench/gpu_check.sh --part 1   # environment, build, GPU tests
-#   bash bench/gpu_check.sh --part 2   # environment, build, compute-sanitizer, MoE layer and
-#                                      # training on CUDA, benchmarks
+#   bash bench/gpu_check.sh --part 1   # environment, build, the correctness lanes (GPU tests,
+#                                      # MoE layer and training on CUDA, compute-sanitizer)
+#   bash bench/gpu_check.sh --part 2   # environment, build, the benchmarks
 #   bash bench/gpu_check.sh --steps a,b  # only the named steps (after the environment and build)
 #   bash bench/gpu_check.sh --dry-run [--part N]  # prints every step; runs nothing
 # PIPER_BUILD_TYPE=RelWithDebInfo keeps the symbols (Release strips them) for a backtrace.

@@ -243,14 +243,18 @@ def summary(rows: list[dict], algos: list[str]) -> tuple[list[str], dict]:
     sizes = sorted({r["size"] for r in rows})
     pairs = [(p, b) for p in ("halo", "flat") for b in ("mpi", "gloo", "nccl")
              if {p, b} <= set(algos)]
-    out = ["#", "# SUMMARY: time(baseline) / time(piper); > 1 = Piper faster",
-           "# " + f"{'size':>10}" + "".join(f"{p + ' vs ' + b:>15}" for p, b in pairs)]
     ratios = {f"{p}_vs_{b}": [t[b, s] / t[p, s] for s in sizes] for p, b in pairs}
-    for i, s in enumerate(sizes):
-        out.append("# " + f"{s:>10}" + "".join(f"{ratios[f'{p}_vs_{b}'][i]:>15.3f}"
-                                               for p, b in pairs))
     geo = {k: math.exp(sum(map(math.log, v)) / len(v)) for k, v in ratios.items() if v}
-    out.append("# " + f"{'geomean':>10}" + "".join(f"{geo[k]:>15.3f}" for k in geo))
+    if pairs:
+        out = ["#", "# SUMMARY: time(baseline) / time(piper); > 1 = Piper faster",
+               "# " + f"{'size':>10}" + "".join(f"{p + ' vs ' + b:>15}" for p, b in pairs)]
+        for i, s in enumerate(sizes):
+            out.append("# " + f"{s:>10}" + "".join(f"{ratios[f'{p}_vs_{b}'][i]:>15.3f}"
+                                                   for p, b in pairs))
+        out.append("# " + f"{'geomean':>10}" + "".join(f"{geo[k]:>15.3f}" for k in geo))
+    else:
+        out = ["#", f"# SUMMARY: no baseline among the algorithms ({','.join(algos)}): no "
+               f"Piper/baseline ratios"]
     cross = {}
     for p, b in (("halo", "flat"), ("halo", "mpi"), ("halo", "gloo"), ("flat", "mpi"),
                  ("halo", "nccl"), ("flat", "nccl")):

@@ -153,11 +153,13 @@ def _map_tensors(value: Any, fn) -> Any:
 
 class _HostStaged:
     """A delegate for CUDA tensors over gloo: each call copies its CUDA tensors to host
-    tensors, runs gloo's method on those, waits, and copies every host tensor back into its
-    CUDA tensor (outputs and in-place inputs; two copies per tensor and a host wait)."""
+    tensors and runs gloo's method on those; the Work's wait() copies the host tensors back
+    into their CUDA tensors (outputs and in-place inputs; not a send's). Two copies per tensor
+    and host waits: the fallback where NCCL cannot serve the ranks. staged: which tensors to
+    stage (CUDA tensors; a test passes another predicate to run this on CPU)."""
 
-    def __init__(self, gloo: Any):
-        self._gloo = gloo
+    def __init__(self, gloo: Any, staged=lambda t: t.is_cuda):
+        self._gloo, self._staged = gloo, staged
 
     def __getattr__(self, name: str):
         method = getattr(self._gloo, name)
@@ -166,20 +168,41 @@ class _HostStaged:
             pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
             def to_host(t: torch.Tensor) -> torch.Tensor:
-                if not t.is_cuda:
+                if not self._staged(t):
                     return t
-                host = t.detach().cpu()
+                host = t.detach().to("cpu", copy=True)
                 pairs.append((t, host))
                 return host
 
             host_args = _map_tensors(args, to_host)
             host_kwargs = {k: _map_tensors(v, to_host) for k, v in kwargs.items()}
-            method(*host_args, **host_kwargs).wait()
-            for dev, host in pairs:
-                dev.detach().copy_(host)
-            return _done_work([dev for dev, _ in pairs])
+            work = method(*host_args, **host_kwargs)
+            return _StagedWork(work, [] if name == "send" else pairs)
 
         return staged
+
+
+class _StagedWork(dist.Work):
+    """gloo's Work of a staged call; wait() (with or without a timeout) copies the results
+    back to the device once the host tensors hold them. Returned as is by the point-to-point
+    calls (dist.isend/irecv) and waited on by the synchronous collectives."""
+
+    def __init__(self, inner: dist.Work, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self._inner, self._pairs = inner, pairs
+
+    def is_completed(self) -> bool:
+        return self._inner.is_completed() and not self._pairs
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        if timeout is None:
+            self._inner.wait()
+        else:
+            self._inner.wait(timeout)
+        for dev, host in self._pairs:
+            dev.detach().copy_(host)
+        self._pairs = []
+        return True
 
 
 def _delegated(name: str):

@@ -206,3 +206,32 @@ def local_torch_check() -> str:
     except (ValueError, dist.DistBackendError) as e:
         return type(e).__name__
     raise AssertionError("no error")
+
+
+def host_staged() -> dict:
+    """The host-staged delegate (CUDA tensors over gloo where NCCL cannot serve the ranks),
+    with every tensor treated as a device tensor so that it runs on CPU: a ring of
+    isend/irecv waited with a timeout, and an all_reduce whose result reaches the caller's
+    tensor only at wait()."""
+    from datetime import timedelta
+
+    from piper_comm.torch.backend import _HostStaged
+
+    rank, P = _setup()
+    staged = _HostStaged(dist.new_group(backend="gloo"), staged=lambda t: True)
+    mine = torch.full((5,), float(rank + 1))
+    got = torch.zeros(5)
+    send = staged.send([mine], (rank + 1) % P, 7)
+    recv = staged.recv([got], (rank - 1) % P, 7)
+    assert recv.wait(timedelta(seconds=30)) and send.wait(timedelta(seconds=30))
+    assert torch.equal(got, torch.full((5,), float((rank - 1) % P + 1))), got
+    assert torch.equal(mine, torch.full((5,), float(rank + 1))), "the send buffer changed"
+    x = torch.full((3,), float(rank + 1))
+    work = staged.allreduce([x])
+    before = x.clone()
+    work.wait()
+    assert torch.equal(before, torch.full((3,), float(rank + 1))), "staged before wait()"
+    assert torch.equal(x, torch.full((3,), float(P * (P + 1) // 2))), x
+    assert work.is_completed()
+    dist.destroy_process_group()
+    return {"received": got[0].item()}

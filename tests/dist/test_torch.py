@@ -115,3 +115,12 @@ def test_pytorch_own_all_to_all_tests_pass_on_piper():
     for r in run.ranks:
         failed = {k: v for k, v in r["result"].items() if v != "ok"}
         assert not failed, failed
+
+
+@pytest.mark.mpi
+def test_host_staged_delegate_copies_results_back_at_wait():
+    """The delegate for CUDA tensors with PIPER_INTER=mpi (gloo through host copies), run on
+    CPU: point-to-point with a finite wait timeout (as the pipeline engine waits) and an
+    all_reduce whose result lands in the caller's tensor at wait()."""
+    run = run_mpi(3, "dist.cases:host_staged", timeout=120)
+    assert [r["result"]["received"] for r in run.ranks] == [3.0, 1.0, 2.0]
