@@ -15,8 +15,9 @@ float32 scale per 128 hidden elements (layer/precision.py). Two ways to compute
   12.9) this is one cuBLASLt block-scaled FP8 GEMM (``torch.nn.functional.scaled_mm`` with
   ``BlockWise1x128`` on both operands: FP8 tensor cores, twice bf16's rate); elsewhere it is
   composed of one row-wise scaled GEMM per 128-element block of K (``_scaled_mm`` on CUDA;
-  a float32 GEMM of the e4m3 values on CPU), the same sum, for tests and CPUs. Only the first GEMMs take FP8 inputs:
-  their outputs (the SwiGLU hidden) and the second GEMM stay bfloat16.
+  a float32 GEMM of the e4m3 values on CPU), the same sum, for tests and CPUs. Only the
+  first GEMMs take FP8 inputs: their outputs (the SwiGLU hidden) and the second GEMM stay
+  bfloat16.
 - ``auto``: ``scaled`` where the native block-scaled GEMM exists (``native_scaled_gemm``) and
   the hidden size is a multiple of 128, else ``dequantize``.
 
