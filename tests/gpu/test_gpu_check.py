@@ -107,3 +107,18 @@ def test_moe_layer_check_script_runs_cpu_against_cpu():
     assert out.returncode == 0, out.stdout + out.stderr
     lines = [x for x in out.stdout.splitlines() if x.startswith(("ok", "FAIL"))]
     assert len(lines) == 11 and all(x.startswith("ok") for x in lines), out.stdout
+
+
+@pytest.mark.mpi
+def test_train_check_script_runs_cpu_against_cpu():
+    """bench/gpu_moe_check.py's training step, with CPU in place of CUDA (identical losses):
+    both precisions run and pass; an unknown precision is refused before anything runs."""
+    script = [sys.executable, str(ROOT / "bench" / "gpu_moe_check.py"), "train"]
+    out = subprocess.run([*script, "--device", "cpu", "--steps", "2", "--ranks", "4"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = [x for x in out.stdout.splitlines() if x.startswith(("ok", "FAIL"))]
+    assert [x.split(",")[0] for x in lines] == ["ok   fp32", "ok   bf16-mixed"], out.stdout
+    bad = subprocess.run([*script, "--precisions", "fp16"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown ['fp16']" in bad.stderr, bad.stderr
