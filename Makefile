@@ -61,7 +61,7 @@ gpu-wheels: venv
 	    --implementation cp --platform manylinux_2_28_x86_64 -d .whl "mpich>=4.2"
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_5_x86_64 \
-	    -d .whl "mpi4py>=4.1"
+	    -d .whl "mpi4py>=4.1" "py-spy>=0.4"
 
 clean:
 	rm -rf build $(VENV) piper_comm/_C*.so *.egg-info

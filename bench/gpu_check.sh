@@ -53,6 +53,8 @@ if [ $DRY -eq 0 ] && [ ! -x "$PYDIR/mpirun" ]; then
     export PATH=/tmp/piper-mpi/bin:$PATH LD_LIBRARY_PATH=/tmp/piper-mpi/lib:${LD_LIBRARY_PATH:-}
     export PYTHONPATH=/tmp/piper-mpi/site${PYTHONPATH:+:$PYTHONPATH}
   fi
+  SPY=$(ls .whl/py_spy-*.whl 2>/dev/null | head -1)  # the profiles of part 2
+  [ -n "$SPY" ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --prefix /tmp/piper-mpi "$SPY"
 fi
 # CUDA: the build must have the CUDA backend (PIPER_CUDA=ON fails it loudly otherwise)
 if [ $DRY -eq 0 ]; then
@@ -322,6 +324,10 @@ step bench_nccl 150 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --loc
 step bench_pack 90 "$PY" "$DRIVER" bench
 step bench_moe_layer 150 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2
 step bench_moe_layer_fp8 150 "$MPIRUN" -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2 --hidden 2048 --ffn-hidden 1024 --tokens 4096 --variants reference,piper-nodedup --precisions bf16-mixed,bf16-mixed+fp8-dequantize,bf16-mixed+fp8-scaled
+# Where a small call's time goes on the device (py-spy --native on rank 0, from the carried
+# wheel): the host-staged path's floor, flat and HALO, 1 KiB per rank.
+step profile_flat_1k 60 "$PY" bench/profile_call.py -n 4 --local-size 2 --algo flat --bytes 1024 --seconds 4 --device cuda
+step profile_halo_1k 60 "$PY" bench/profile_call.py -n 4 --local-size 2 --algo halo --bytes 1024 --seconds 4 --device cuda
 
 if [ $DRY -eq 1 ]; then
   echo "# dry run: nothing was run"

@@ -2,6 +2,7 @@
 
     python bench/profile_call.py -n 4 --local-size 2 --algo halo --bytes 1024 \
         --out bench/results/profile_np4_halo_1k.txt
+    python bench/profile_call.py -n 4 --local-size 2 --device cuda ...   # torch CUDA tensors
 
 Launches `mpirun -n N python bench/profile_call.py --loop ...` (every rank calls
 comm.all_to_all of --bytes per rank, recv given, for --seconds), attaches `py-spy record
@@ -23,6 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def _tool(name: str) -> str:
+    """name beside this Python (a venv), else on PATH (the GPU machine's carried wheels)."""
+    import shutil
+
+    return str(BIN / name) if (BIN / name).exists() else (shutil.which(name) or name)
+
+
 def loop(a) -> None:
     import numpy as np
 
@@ -31,14 +39,23 @@ def loop(a) -> None:
     comm = pc.init(local_size=a.local_size)
     P = comm.size
     x = np.ones(P * a.bytes // 4, np.float32)
-    r = np.empty_like(x)
+    sync = lambda: None  # noqa: E731
+    if a.device == "cuda":  # CUDA tensors; the timed loop ends when the device is done
+        import torch
+
+        torch.cuda.set_device(comm.local_rank % torch.cuda.device_count())
+        x = torch.from_numpy(x).cuda()
+        sync = torch.cuda.synchronize
+    r = np.empty_like(x) if a.device == "cpu" else x.new_empty(x.shape)
     for _ in range(200):
         comm.all_to_all(x, recv=r, algorithm=a.algo)
+    sync()
     comm.barrier()
     n = 2000  # every rank makes the same number of calls (a time-based loop would not)
     t0 = time.perf_counter()
     for _ in range(n):  # unprofiled: the per-call time
         comm.all_to_all(x, recv=r, algorithm=a.algo)
+    sync()
     per_call = (time.perf_counter() - t0) / n * 1e6
     algo = comm.last_algorithm
     mine = np.full(comm.size, int(a.seconds * 1e6 / per_call))
@@ -47,6 +64,7 @@ def loop(a) -> None:
         Path(a.pid_file).write_text(f"{os.getpid()} {per_call:.2f} {algo}")
     for _ in range(calls):  # profiled
         comm.all_to_all(x, recv=r, algorithm=a.algo)
+    sync()
     comm.close()
 
 
@@ -57,6 +75,7 @@ def main() -> None:
     ap.add_argument("--algo", default="flat")
     ap.add_argument("--bytes", type=int, default=1024, help="bytes each rank sends in all")
     ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", type=Path)
     ap.add_argument("--loop", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pid-file", help=argparse.SUPPRESS)
@@ -65,9 +84,9 @@ def main() -> None:
         return loop(a)
     with tempfile.TemporaryDirectory() as tmp:
         pid_file, raw = Path(tmp) / "pid", Path(tmp) / "raw.txt"
-        cmd = [str(BIN / "mpirun"), "-n", str(a.n), sys.executable, __file__, "--loop",
+        cmd = [_tool("mpirun"), "-n", str(a.n), sys.executable, __file__, "--loop",
                "--local-size", str(a.local_size), "--algo", a.algo, "--bytes", str(a.bytes),
-               "--seconds", str(a.seconds), "--pid-file", str(pid_file)]
+               "--seconds", str(a.seconds), "--device", a.device, "--pid-file", str(pid_file)]
         job = subprocess.Popen(cmd, cwd=ROOT)
         deadline = time.monotonic() + 120
         while not pid_file.exists() or not pid_file.read_text():
@@ -75,7 +94,7 @@ def main() -> None:
                 sys.exit(f"the loop did not start (exit {job.poll()})")
             time.sleep(0.1)
         pid, per_call, algo = pid_file.read_text().split()
-        subprocess.run([str(BIN / "py-spy"), "record", "--native", "-r", "400", "-d",
+        subprocess.run([_tool("py-spy"), "record", "--native", "-r", "400", "-d",
                         str(int(a.seconds - 1)), "-p", pid, "-f", "raw", "-o", str(raw)],
                        check=True, capture_output=True)
         job.wait(timeout=120)
@@ -92,7 +111,8 @@ def main() -> None:
     rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                          cwd=ROOT).stdout.strip()
     lines = [f"# py-spy record --native -r 400 on rank 0 of `{' '.join(cmd[:3])} ... --loop`: "
-             f"comm.all_to_all of {a.bytes} B per rank, recv given, algorithm={a.algo} "
+             f"comm.all_to_all of {a.bytes} B per rank ({a.device}), recv given, "
+             f"algorithm={a.algo} "
              f"(ran: {algo}), {a.n} ranks, local size {a.local_size}; {total} samples",
              f"# per call without the profiler (rank 0): {per_call} us",
              f"# git {rev}  date {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", "#",

@@ -19,7 +19,8 @@ PARTS = {1: ["nvidia-smi", "build_config", "build_info", "smoke_one_rank",
              "smoke_two_nodes_of_one", "pytest_gpu_context", "pytest_gpu_comm",
              "moe_layer_cuda", "moe_layer_cuda_one_node", "train_cuda",
              "memcheck", "racecheck", "memcheck_context", "memcheck_collective"],
-         2: ["bench_nccl", "bench_pack", "bench_moe_layer", "bench_moe_layer_fp8"]}
+         2: ["bench_nccl", "bench_pack", "bench_moe_layer", "bench_moe_layer_fp8",
+             "profile_flat_1k", "profile_halo_1k"]}
 GPU_TOOLS = ["nvidia-smi", "compute-sanitizer", "nvcc", "mpirun", "python3", "git"]
 
 
