@@ -137,7 +137,9 @@ if [ $DRY -eq 0 ]; then
   {
     echo "# piper GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "# device $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
-    echo "# host $(hostname)  commit $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+    # the device tool's copy keeps the session's first commit as HEAD with the rest as changes:
+    # PIPER_SOURCE_COMMIT (given in the call's command) names the commit the tree really is
+    echo "# host $(hostname)  source ${PIPER_SOURCE_COMMIT:-unnamed (PIPER_SOURCE_COMMIT unset)}  git HEAD $(git rev-parse --short HEAD 2>/dev/null) + $(git status --porcelain 2>/dev/null | wc -l) changed files"
   } | tee "$OUT"
 fi
 
