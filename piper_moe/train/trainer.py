@@ -1,7 +1,8 @@
-"""Trainer: one rank's part of a PP x DP x EP training run, built from a config dict.
+"""Trainer: one rank's part of a PP x DP x EP training run, built from a TrainConfig.
 
     cfg = piper_moe.train.config.load("tiny")
     t = Trainer(cfg)            # collective: mesh, model chunks, AdamW, data, pipeline engine
+    t.cfg                       # the run's TrainConfig (strategy auto: the strategy chosen)
     t.train(steps)              # every rank; history of per-step records on t.history
     t.save(dir) / t.resume(dir) # collective checkpoints (piper_moe/train/checkpoint.py)
     t.report()                  # measured step time / memory next to the resource model's
@@ -14,6 +15,8 @@ an uninterrupted one bitwise.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -60,9 +63,10 @@ class Trainer:
 
     def __init__(self, cfg: C.TrainConfig | dict, out_dir: str | Path | None = None, *,
                  progress: bool = True):
-        """cfg: a TrainConfig, or the same as a dict (config.load's result), validated here;
-        with strategy "auto" the dict given is updated with the strategy chosen. Collective
-        over the job's ranks."""
+        """cfg: a TrainConfig, or the same as a dict (config.load's result), copied and
+        validated by TrainConfig.from_dict; neither is changed. self.cfg is the run's
+        TrainConfig: with strategy "auto", the strategy and MoE layer options chosen in place
+        of "auto". Collective over the job's ranks."""
         import torch.distributed as dist
 
         from ..data import make_source
@@ -70,38 +74,35 @@ class Trainer:
 
         self._rss_before_model = _peak_rss()
 
-        if isinstance(cfg, C.TrainConfig):
-            cfg = cfg.to_dict()
-        else:
-            C.TrainConfig.from_dict(cfg)
-        self.cfg = cfg
+        if not isinstance(cfg, C.TrainConfig):
+            cfg = C.TrainConfig.from_dict(copy.deepcopy(cfg))
         self.dist = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if self.dist else 1
-        st = cfg["strategy"]
+        st = cfg.strategy
         if st == "auto":
-            st = C.plan_for_world(cfg, world)
+            st = C.plan_for_world(cfg.to_dict(), world)
             chosen = st.pop("moe_layer")
-            cfg["moe_layer"] = {**cfg["moe_layer"], **{
+            cfg = dataclasses.replace(cfg, strategy=st, moe_layer={**cfg.moe_layer, **{
                 k: chosen[k] for k in ("dispatcher", "pipeline_chunks", "chunk_memory")
-                if k in chosen}}
-            cfg["strategy"] = st
+                if k in chosen}})
             log.info("piper_moe.train: strategy auto: MoE dispatcher %s (predicted per layer "
                      "forward: all-to-all %s s, ppmoe %s s), pipeline_chunks %s, chunk_memory "
                      "%s", chosen["dispatcher"], _fmt(chosen.get("predicted_a2a_s")),
                      _fmt(chosen.get("predicted_ppmoe_s")), chosen["pipeline_chunks"],
-                     chosen.get("chunk_memory", cfg["moe_layer"]["chunk_memory"]))
+                     chosen.get("chunk_memory", cfg.moe_layer["chunk_memory"]))
             log.info("piper_moe.train: strategy auto: the resource model picked pp=%d dp=%d "
                      "ep=%d %s (vpp %d) for %d ranks, predicted %.3g s/step on %s", st["pp"],
                      st["dp"], st["ep"], st["schedule"], st["vpp"], world,
-                     st["predicted_step_s"], cfg["platform"])
+                     st["predicted_step_s"], cfg.platform)
+        self.cfg: C.TrainConfig = cfg
         self.strategy = st
         order = st.get("order", "ep,edp,pp")
         self.mesh: Mesh = build_mesh(int(st["pp"]), int(st["dp"]), int(st["ep"]), order) \
             if self.dist else Mesh(int(st["pp"]), int(st["dp"]), int(st["ep"]), order=order)
         m = self.mesh
         self.rank, self.world = m.rank, m.world
-        self.spec = load_model(cfg["model"])
-        self.device = torch.device(cfg["device"])
+        self.spec = load_model(cfg.model)
+        self.device = torch.device(cfg.device)
         if self.device.type == "cuda" and self.device.index is None:
             # one device per rank of a node: the local rank's (several ranks share one when
             # the node has fewer devices, as the one-GPU check does)
@@ -112,30 +113,30 @@ class Trainer:
             torch.cuda.set_device(self.device)
         # precision: parameters, AdamW state, gradient buffers (so the data-parallel
         # all-reduce) and inter-stage activations in self.dtype (float32 under bf16-mixed)
-        self.precision = C.resolve_precision(cfg, self.device)
-        self.dtype = param_dtype(self.precision, DTYPES[cfg["dtype"]])
+        self.precision = C.resolve_precision(cfg.to_dict(), self.device)
+        self.dtype = param_dtype(self.precision, DTYPES[cfg.dtype])
         self.vpp = int(st.get("vpp", 1))
         self.schedule = st.get("schedule", "1f1b")
-        b = cfg["batch"]
-        self.micro_batch, self.global_batch, self.seq_len = (b["micro_batch"],
-                                                             b["global_batch"], b["seq_len"])
-        self.num_micro = C.num_micro(cfg, m.dp)
+        b = cfg.batch
+        self.micro_batch, self.global_batch, self.seq_len = (b.micro_batch, b.global_batch,
+                                                             b.seq_len)
+        self.num_micro = C.num_micro(cfg.to_dict(), m.dp)
         ranges = layer_ranges(self.spec.num_layers, m.pp * self.vpp)
         last = m.pp * self.vpp - 1
         self.chunks: dict[int, torch.nn.Module] = {}
-        moe_kwargs = self._moe_kwargs(cfg["moe_layer"])
+        moe_kwargs = self._moe_kwargs(cfg.moe_layer)
         for v in range(m.pp_rank, m.pp * self.vpp, m.pp):
             self.chunks[v] = Stage(self.spec, ranges[v], first=v == 0, last=v == last,
-                                   ep_comm=m.ep_comm, seed=cfg["seed"], dtype=self.dtype,
-                                   device=self.device, moe_overrides=dict(cfg["moe"]),
+                                   ep_comm=m.ep_comm, seed=cfg.seed, dtype=self.dtype,
+                                   device=self.device, moe_overrides=dict(cfg.moe),
                                    moe_kwargs=moe_kwargs, precision=self.precision)
         self.params = [(f"{v}.{n}", p) for v, ch in self.chunks.items()
                        for n, p in ch.named_parameters()]
-        o = cfg["optim"]
-        self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=o["lr"],
-                                           betas=tuple(o["betas"]), eps=o["eps"],
-                                           weight_decay=o["weight_decay"], foreach=False)
-        self.source = make_source(cfg["data"], self.spec.vocab)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW([p for _, p in self.params], lr=o.lr,
+                                           betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay, foreach=False)
+        self.source = make_source(cfg.data, self.spec.vocab)
         self.engine = PipelineEngine(
             self.chunks, m, schedule=self.schedule, num_micro=self.num_micro,
             act_shape=(self.micro_batch, self.seq_len, self.spec.hidden),
@@ -152,14 +153,14 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir else None
         # A bar on an interactive terminal; a log line every log_every steps otherwise.
         self.progress = progress and self.rank == 0 and sys.stderr.isatty()
-        self.log_every = int(cfg["log_every"]) if progress else 0
+        self.log_every = int(cfg.log_every) if progress else 0
         self.migrations: list[dict] = []
         self._trackers: list = []
-        rb = cfg["rebalance"]
-        if rb["enabled"] and self.moe_layers:
+        rb = cfg.rebalance
+        if rb.enabled and self.moe_layers:
             from ..layer.rebalance import LoadTracker
 
-            self._trackers = [LoadTracker(self.spec.moe.num_experts, window=rb["window"])
+            self._trackers = [LoadTracker(self.spec.moe.num_experts, window=rb.window)
                               for _ in self.moe_layers]
         self._above = 0
 
@@ -238,12 +239,12 @@ class Trainer:
         return ins, tgs
 
     def lr_at(self, step: int) -> float:
-        o = self.cfg["optim"]
-        total = max(1, self.cfg["steps"])
-        if step < o["warmup"]:
-            return o["lr"] * (step + 1) / o["warmup"]
-        frac = min(1.0, (step - o["warmup"]) / max(1, total - o["warmup"]))
-        return o["min_lr"] + 0.5 * (o["lr"] - o["min_lr"]) * (1 + math.cos(math.pi * frac))
+        o = self.cfg.optim
+        total = max(1, self.cfg.steps)
+        if step < o.warmup:
+            return o.lr * (step + 1) / o.warmup
+        frac = min(1.0, (step - o.warmup) / max(1, total - o.warmup))
+        return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * frac))
 
     # -- gradient reduction
     def _bind_grad_buffers(self) -> dict[bool, torch.Tensor]:
@@ -307,7 +308,7 @@ class Trainer:
         if self.dist:
             dist.all_reduce(sq)
         norm = float(sq.sqrt())
-        clip = self.cfg["optim"]["clip"]
+        clip = self.cfg.optim.clip
         if clip and norm > clip:
             for _, p in self.params:
                 if p.grad is not None:
@@ -360,7 +361,7 @@ class Trainer:
             return
         from ..layer.rebalance import migrate, plan_swaps
 
-        rb = self.cfg["rebalance"]
+        rb = self.cfg.rebalance
         worst = 0.0
         imb = []
         for tr, layer, load in zip(self._trackers, self.moe_layers, self._step_load):
@@ -368,15 +369,15 @@ class Trainer:
             imb.append(tr.imbalance(layer.slot_of, layer.e_local, layer.ep))
         worst = self._max_over_world(max(imb) if imb else 0.0)
         rec["imbalance"] = worst
-        self._above = self._above + 1 if worst > rb["threshold"] else 0
-        if self._above < rb["patience"]:
+        self._above = self._above + 1 if worst > rb.threshold else 0
+        if self._above < rb.patience:
             return
         self._above = 0
         node_of_rank = [self.mesh.node_of[r] for r in self.mesh.ep_ranks()]
         for i, (tr, layer) in enumerate(zip(self._trackers, self.moe_layers)):
             swaps = plan_swaps(tr.total(), layer.slot_of, layer.e_local, layer.ep,
-                               node_of_rank, threshold=rb["threshold"],
-                               max_swaps=rb["max_swaps"])
+                               node_of_rank, threshold=rb.threshold,
+                               max_swaps=rb.max_swaps)
             if swaps:
                 migrate(layer, swaps, self.optimizer)
                 tr.reset()
@@ -404,7 +405,7 @@ class Trainer:
                        file=sys.stderr, dynamic_ncols=True)
         peak = self._peak_flops()
         flops_tok = 3 * self._flops_per_token()
-        ck = self.cfg["checkpoint"]
+        ck = self.cfg.checkpoint
         saved = True
         while self.step < steps:
             rec = self.train_step()
@@ -418,13 +419,13 @@ class Trainer:
                 log.info("step %d/%d loss %.4f aux %.4f grad-norm %.3f lr %.2e %.0f tok/s "
                          "MFU %.2f%%", self.step, steps, rec["loss"], rec["aux"],
                          rec["grad_norm"], rec["lr"], rec["tokens_per_s"], 100 * rec["mfu"])
-            saved = ck["dir"] and ck["every"] and self.step % ck["every"] == 0
+            saved = ck.dir and ck.every and self.step % ck.every == 0
             if saved:
-                self.save(ck["dir"])
+                self.save(ck.dir)
         if bar is not None:
             bar.close()
-        if ck["dir"] and self.history and not saved:
-            self.save(ck["dir"])  # the final state, whatever `every` is
+        if ck.dir and self.history and not saved:
+            self.save(ck.dir)  # the final state, whatever `every` is
         return self.history
 
     def _flops_per_token(self) -> float:
@@ -436,7 +437,7 @@ class Trainer:
         from ..resource_model import load_platform
 
         try:
-            return load_platform(self.cfg["platform"]).peak_flops
+            return load_platform(self.cfg.platform).peak_flops
         except Exception:  # a platform file is optional for training
             return 0.0
 
@@ -478,8 +479,8 @@ class Trainer:
         from .checkpoint import save
 
         save(root, self.step, self.state(), rank=self.rank, world=self.world,
-             barrier=self._barrier, meta={"config": self.cfg, "layout": self.layout()},
-             keep=self.cfg["checkpoint"]["keep"])
+             barrier=self._barrier, meta={"config": self.cfg.to_dict(), "layout": self.layout()},
+             keep=self.cfg.checkpoint.keep)
 
     def resume(self, root: str | Path) -> bool:
         from .checkpoint import load
@@ -543,11 +544,11 @@ class Trainer:
                          # the model's "bf16" is Megatron's (bf16 weights, fp32 master and
                          # Adam): the nearest it has to Piper's all-bf16 runs
                          precision=self.precision,
-                         fp8_dispatch=bool(self.cfg["moe_layer"]["fp8_dispatch"]),
+                         fp8_dispatch=bool(self.cfg.moe_layer["fp8_dispatch"]),
                          fp8_gemm=(self.moe_layers[0].fp8_gemm or "auto") if self.moe_layers
                          else "auto",
                          **chunked)
-            e = estimate(self.spec, load_platform(self.cfg["platform"]), s)
+            e = estimate(self.spec, load_platform(self.cfg.platform), s)
             out["predicted"] = {"step_s": e.time["step"], "memory_bytes": e.memory["total"],
                                 "mfu": e.mfu, "bottleneck": e.bottleneck}
         except Exception as exc:  # the report must not fail a finished run
