@@ -43,6 +43,9 @@ def loop(a) -> None:
     if a.device == "cuda":  # CUDA tensors; the timed loop ends when the device is done
         import torch
 
+        if not torch.cuda.is_available():
+            sys.exit("profile_call.py --device cuda: no CUDA device here "
+                     "(torch.cuda.is_available() is False)")
         torch.cuda.set_device(comm.local_rank % torch.cuda.device_count())
         x = torch.from_numpy(x).cuda()
         sync = torch.cuda.synchronize
