@@ -4,8 +4,9 @@ as a fraction of sum |a||b| (the bound of a float32-accumulated sum is ~K * 2^-2
 
     python bench/fp8_gemm_shapes.py          # a CUDA device with a native block-scaled GEMM
 
-Prints one line per shape: accepted or the library's refusal, and both errors. For the choice
-of padding in piper_moe/layer/fp8_gemm.py and the tolerances of tests/gpu/test_fp8_gemm_cuda.py.
+Prints one line per shape: the unpadded native GEMM's verdict (accepted, or the library's
+refusal) and error, and the error of scaled_mm_1x128's composed form (padded on CUDA). For the
+padding in piper_moe/layer/fp8_gemm.py and the tolerances of tests/gpu/test_fp8_gemm_cuda.py.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from piper_moe.layer import fp8_gemm as G
 from piper_moe.layer import precision as P
 
 SHAPES = [(m, 256, 384) for m in (1, 2, 4, 8, 15, 16, 32, 64, 77, 128, 256)] + \
-         [(128, 128, 128), (128, 256, 130), (128, 1024, 2048), (1024, 1024, 2048),
-          (1000, 2048, 1024)]
+         [(128, 256, n) for n in (8, 16, 100, 130, 200)] + \
+         [(128, 128, 128), (128, 1024, 2048), (1024, 1024, 2048), (1000, 2048, 1024)]
 
 
 def main() -> None:
@@ -38,8 +39,8 @@ def main() -> None:
             return float(((out.double() - ref).abs() / scale).max())
 
         composed = err(G.scaled_mm_1x128(q, sa, wq, sw, torch.float32, native=False))
-        try:
-            native = G.scaled_mm_1x128(q, sa, wq, sw, torch.float32, native=True)
+        try:  # the library's own verdict: no padding here
+            native = G.native_block_scaled_mm(q, sa, wq, sw, torch.float32)
             verdict, e_native = "accepted", f"{err(native):10.2e}"
         except (RuntimeError, ValueError) as e:
             verdict, e_native = f"refused: {str(e).split(' when ')[0][:30]}", f"{'-':>10}"

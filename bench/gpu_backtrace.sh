@@ -7,7 +7,7 @@
 # Turns core dumps on (this shell's limit and the VM's core_pattern, /tmp/core.<exe>.<pid>),
 # builds with symbols (PIPER_BUILD_TYPE=RelWithDebInfo: Release strips them), runs the steps
 # through bench/gpu_check.sh --steps, then prints the first 40 frames of every core's crashing
-# thread. PYTEST_ADDOPTS narrows a pytest step ("-x -k name").
+# thread (also into the device tool's $OUT). PYTEST_ADDOPTS narrows a pytest step ("-x -k name").
 cd "$(dirname "$0")/.." || exit 1
 [ $# -gt 0 ] || { echo "usage: bash bench/gpu_backtrace.sh STEP [STEP...]" >&2; exit 2; }
 ulimit -c unlimited
@@ -17,9 +17,13 @@ STEPS=$(IFS=,; echo "$*")
 PIPER_BUILD_TYPE=${PIPER_BUILD_TYPE:-RelWithDebInfo} bash bench/gpu_check.sh --steps "$STEPS"
 GDB=$(command -v cuda-gdb || ls /usr/local/cuda/bin/cuda-gdb 2>/dev/null)
 PY=${PYTHON:-python3}
-for core in $(ls /tmp/core.* 2>/dev/null | head -4); do
-  echo "### backtrace of $core"
-  timeout 120 "$GDB" -q -batch -ex "set pagination off" -ex "bt 40" "$(command -v "$PY")" "$core" \
-    2>&1 | grep -v "^\[New LWP\|^warning: \|Reading symbols\|^Downloading" | tail -60
-done
-[ -n "$(ls /tmp/core.* 2>/dev/null)" ] || echo "### no core file was written"
+TRACES=/dev/null  # under the device tool, a file in its $OUT folder (it comes back)
+[ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] && TRACES=$OUT/backtraces_$(date -u +%Y%m%d_%H%M%S).txt
+{
+  for core in $(ls /tmp/core.* 2>/dev/null | head -4); do
+    echo "### backtrace of $core"
+    timeout 120 "$GDB" -q -batch -ex "set pagination off" -ex "bt 40" "$(command -v "$PY")" \
+      "$core" 2>&1 | grep -v "^\[New LWP\|^warning: \|Reading symbols\|^Downloading" | tail -60
+  done
+  [ -n "$(ls /tmp/core.* 2>/dev/null)" ] || echo "### no core file was written"
+} | tee "$TRACES"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check of the GPU path, for the lent GPU machine (one H100/H200, no network, ~15 minutes
-# of device time; this script takes about 100 s when everything passes): builds the extension, names the device, runs the GPU tests (the pack
-# kernels; the CUDA execution context over CUDA IPC; comm.all_to_all(_v) on CUDA tensors under
+# The GPU check of the GPU path, for the lent GPU machine (one H100/H200, no network, ~15
+# minutes of device time; the script took 100 s in its first run on an H200, before training in
+# two precisions and the profiles were added): builds the extension, names the device, runs
+# the GPU tests (the pack kernels; the CUDA execution context over CUDA IPC; comm.all_to_all(_v) on CUDA tensors under
 # every algorithm, 4 ranks on the one device as 2 emulated nodes of 2 and as 1 node of 4, over
 # NCCL and host-staged, every dtype, CuPy, CUDA-graph capture, bad input, the torch backend),
 # compute-sanitizer on the kernels, the context's IPC round trip and one small collective, the
@@ -54,11 +55,15 @@ if [ $DRY -eq 0 ] && [ ! -x "$PYDIR/mpirun" ]; then
     export PYTHONPATH=/tmp/piper-mpi/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   SPY=$(ls .whl/py_spy-*.whl 2>/dev/null | head -1)  # the profiles of part 2
-  [ -n "$SPY" ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --prefix /tmp/piper-mpi "$SPY"
+  if [ -n "$SPY" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --prefix /tmp/piper-mpi "$SPY"
+    export PATH=/tmp/piper-mpi/bin:$PATH
+  fi
 fi
 # CUDA: the build must have the CUDA backend (PIPER_CUDA=ON fails it loudly otherwise)
 if [ $DRY -eq 0 ]; then
-  command -v nvcc >/dev/null || { [ -x /usr/local/cuda/bin/nvcc ] && export PATH=$PATH:/usr/local/cuda/bin; }
+  command -v nvcc >/dev/null \
+    || { [ -x /usr/local/cuda/bin/nvcc ] && export PATH=$PATH:/usr/local/cuda/bin; }
   export PIPER_CUDA=${PIPER_CUDA:-ON}
 fi
 MPIRUN=$(command -v "$PYDIR/mpirun" || command -v mpirun || echo mpirun)  # the venv's MPICH first
@@ -88,6 +93,7 @@ fi
 step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, records output and status
   local name=$1 limit=$2
   shift 2
+  [ $DRY -eq 1 ] || echo "$name" >> "$LANES/known"
   if [ -n "$PART" ] && [ "$SECTION" != 0 ] && [ "$SECTION" != "$PART" ]; then
     return
   fi
@@ -136,10 +142,13 @@ lanes() {  # lanes FUNC...: the steps of each FUNC in a lane of its own, all at 
 if [ $DRY -eq 0 ]; then
   {
     echo "# piper GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "# device $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+    echo "# device $(nvidia-smi --query-gpu=name,driver_version,memory.total \
+                     --format=csv,noheader 2>&1 | head -1)"
     # the device tool's copy keeps the session's first commit as HEAD with the rest as changes:
     # PIPER_SOURCE_COMMIT (given in the call's command) names the commit the tree really is
-    echo "# host $(hostname)  source ${PIPER_SOURCE_COMMIT:-unnamed (PIPER_SOURCE_COMMIT unset)}  git HEAD $(git rev-parse --short HEAD 2>/dev/null) + $(git status --porcelain 2>/dev/null | wc -l) changed files"
+    echo "# host $(hostname)  source ${PIPER_SOURCE_COMMIT:-unnamed (PIPER_SOURCE_COMMIT unset)}" \
+         " git HEAD $(git rev-parse --short HEAD 2>/dev/null)" \
+         "+ $(git status --porcelain 2>/dev/null | wc -l) changed files"
   } | tee "$OUT"
 fi
 
@@ -273,7 +282,8 @@ NCCL_ALGOS=$([ $NCCL_OK -eq 1 ] && echo halo,flat,nccl || echo halo,flat)
 # 1. Build (what `make build` runs; no network: pybind11, cmake, ninja must be installed).
 #    A fresh build directory: CMake caches the MPI wrapper it found, and the MPI in front may
 #    have changed since (the carried MPICH over the image's Open MPI).
-[ $DRY -eq 1 ] || rm -rf build
+BUILD_DIR=${PIPER_BUILD_DIR:-build}
+[ $DRY -eq 1 ] || rm -rf "$BUILD_DIR"
 step build 300 "$PY" -m pip install --no-build-isolation --no-deps -e .
 
 SECTION=1
@@ -286,7 +296,7 @@ SECTION=1
 #    kernels first: every collective on CUDA depends on the IPC segment and its fences.
 collectives() {
   step nvidia-smi 30 nvidia-smi
-  step build_config 10 grep -E '^(MPI_C_COMPILER|MPI_C_HEADER_DIR|MPI_mpi_LIBRARY|NCCL_INCLUDE_DIR|CMAKE_CUDA_ARCHITECTURES|CMAKE_CUDA_COMPILER):' build/CMakeCache.txt
+  step build_config 10 grep -E '^(MPI_C_COMPILER|MPI_C_HEADER_DIR|MPI_mpi_LIBRARY|NCCL_INCLUDE_DIR|CMAKE_CUDA_ARCHITECTURES|CMAKE_CUDA_COMPILER):' "$BUILD_DIR/CMakeCache.txt"
   step build_info 60 "$PY" -c "import piper_comm, torch; print(piper_comm.build_info()); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
   # one rank (no IPC peer), then 2 nodes of one rank (no IPC peer; the device transport)
   step smoke_one_rank 60 "$MPIRUN" -n 1 "$PY" -c "from tests.gpu.comm_cases import small; print(small(local_size=1))"
@@ -308,8 +318,13 @@ SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2
 [ $DRY -eq 1 ] && SAN=${SAN:-compute-sanitizer}
 sanitizer() {
   if [ -z "$SAN" ]; then
-    echo "### compute-sanitizer not found: memcheck/racecheck NOT run" | tee -a "$OUT"
-    STATUS=1
+    [ $DRY -eq 1 ] || printf '%s\n' memcheck racecheck memcheck_context memcheck_collective \
+      >> "$LANES/known"
+    if [ -z "$ONLY" ] || [[ "$ONLY" =~ ,(memcheck|racecheck|memcheck_context|memcheck_collective), ]]
+    then
+      echo "### compute-sanitizer not found: memcheck/racecheck NOT run" | tee -a "$OUT"
+      STATUS=1
+    fi
     return
   fi
   step memcheck 120 "$SAN" --tool memcheck --error-exitcode 1 "$PY" "$DRIVER" sanitize
@@ -336,6 +351,14 @@ if [ $DRY -eq 1 ]; then
   exit 0
 fi
 set +x
+if [ -n "$ONLY" ]; then  # a name --steps gave that no step has
+  for name in ${ONLY//,/ }; do
+    if ! grep -qx "$name" "$LANES/known"; then
+      echo "### --steps: no step is named $name NOT run" | tee -a "$OUT"
+      STATUS=1
+    fi
+  done
+fi
 VERDICT=$([ $STATUS -eq 0 ] && echo "OK" || echo "SOME STEP FAILED")
 SUMMARY=$(grep -aE '^### .*(: exit [0-9]+ after|TIMED OUT|NOT run)' "$OUT" | sed 's/^### /  /')
 printf '### summary\n%s\n' "$SUMMARY" | tee -a "$OUT"

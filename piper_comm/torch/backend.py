@@ -95,11 +95,9 @@ class PiperProcessGroup(dist.ProcessGroup):
 
     def _delegate(self, tensors: Any):
         """gloo for CPU tensors; for CUDA tensors nccl, or gloo through host copies with
-        PIPER_INTER=mpi (first tensor found decides)."""
-        t = tensors
-        while isinstance(t, (list, tuple)) and t:
-            t = t[0]
-        if not (isinstance(t, torch.Tensor) and t.is_cuda):
+        PIPER_INTER=mpi (the first tensor found in the arguments decides)."""
+        t = _first_tensor(tensors)
+        if not (t is not None and t.is_cuda):
             return self.gloo
         return _HostStaged(self.gloo) if envs.inter() == "mpi" else self.nccl
 
@@ -151,12 +149,26 @@ def _map_tensors(value: Any, fn) -> Any:
     return value
 
 
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor inside value's lists and tuples (depth first), or None."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
 class _HostStaged:
     """A delegate for CUDA tensors over gloo: each call copies its CUDA tensors to host
-    tensors and runs gloo's method on those; the Work's wait() copies the host tensors back
-    into their CUDA tensors (outputs and in-place inputs; not a send's). Two copies per tensor
-    and host waits: the fallback where NCCL cannot serve the ranks. staged: which tensors to
-    stage (CUDA tensors; a test passes another predicate to run this on CPU)."""
+    tensors (synchronously, at the call) and runs gloo's method on those; the results reach
+    the CUDA tensors when the Work completes (wait(), is_completed(), its future). Outputs are
+    the tensors of the first argument in every delegated call (in-place ones included: all
+    reduce, broadcast, recv), none for send. Two copies per tensor and host waits: the
+    fallback where NCCL cannot serve the ranks. staged: which tensors to stage (CUDA tensors;
+    a test passes another predicate to run this on CPU)."""
 
     def __init__(self, gloo: Any, staged=lambda t: t.is_cuda):
         self._gloo, self._staged = gloo, staged
@@ -165,49 +177,85 @@ class _HostStaged:
         method = getattr(self._gloo, name)
 
         def staged(*args, **kwargs):
-            pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+            outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-            def to_host(t: torch.Tensor) -> torch.Tensor:
+            def to_host(t: torch.Tensor, keep: list | None) -> torch.Tensor:
                 if not self._staged(t):
                     return t
                 host = t.detach().to("cpu", copy=True)
-                pairs.append((t, host))
+                if keep is not None:
+                    keep.append((t, host))
                 return host
 
-            host_args = _map_tensors(args, to_host)
-            host_kwargs = {k: _map_tensors(v, to_host) for k, v in kwargs.items()}
-            work = method(*host_args, **host_kwargs)
-            return _StagedWork(work, [] if name == "send" else pairs)
+            first = outputs if name != "send" else None
+            host_args = [_map_tensors(a, lambda t, k=(first if i == 0 else None): to_host(t, k))
+                         for i, a in enumerate(args)]
+            host_kwargs = {k: _map_tensors(v, lambda t: to_host(t, None))
+                           for k, v in kwargs.items()}
+            return _StagedWork(method(*host_args, **host_kwargs), outputs)
 
         return staged
 
 
 class _StagedWork(dist.Work):
-    """gloo's Work of a staged call; wait() (with or without a timeout) copies the results
-    back to the device once the host tensors hold them. Returned as is by the point-to-point
-    calls (dist.isend/irecv) and waited on by the synchronous collectives."""
+    """gloo's Work of a staged call, with the copy of its outputs back to their CUDA tensors
+    once gloo completed: at wait() (with or without a timeout), at the first is_completed()
+    that sees it done, or through get_future(). Returned as is by dist.isend/irecv and the
+    async collectives; the rest of the Work API (source rank, exception) is gloo's."""
 
-    def __init__(self, inner: dist.Work, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, inner: dist.Work, outputs: list[tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
-        self._inner, self._pairs = inner, pairs
+        self._inner, self._outputs = inner, outputs
+
+    def _copy_back(self) -> None:
+        for dev, host in self._outputs:
+            dev.detach().copy_(host)
+        self._outputs = []
 
     def is_completed(self) -> bool:
-        return self._inner.is_completed() and not self._pairs
+        if not self._inner.is_completed():
+            return False
+        self._copy_back()
+        return True
+
+    def is_success(self) -> bool:
+        return self._inner.is_success()
+
+    def exception(self):
+        return self._inner.exception()
+
+    def source_rank(self) -> int:
+        return self._inner.source_rank()
+
+    def _source_rank(self) -> int:
+        return self._inner._source_rank()
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         if timeout is None:
             self._inner.wait()
         else:
             self._inner.wait(timeout)
-        for dev, host in self._pairs:
-            dev.detach().copy_(host)
-        self._pairs = []
+        self._copy_back()
         return True
 
+    def get_future(self) -> Future:
+        devices = [dev for dev, _ in self._outputs]
 
-def _delegated(name: str):
+        def done(fut: Future) -> list[torch.Tensor]:
+            fut.value()  # raises gloo's error, if any
+            self._copy_back()
+            return devices
+
+        return self._inner.get_future().then(done)
+
+
+def _delegated(name: str, target: str | None = None):
+    """A PiperProcessGroup method `name` that calls the delegate's `target` (default: name)
+    with the same arguments; the first tensor among them picks the delegate."""
+
     def method(self, *args, **kwargs):
-        return getattr(self._delegate(args[0] if args else []), name)(*args, **kwargs)
+        return getattr(self._delegate((args, tuple(kwargs.values()))), target or name)(
+            *args, **kwargs)
 
     method.__name__ = name
     method.__doc__ = f"Delegated to gloo (CPU tensors) or nccl (CUDA tensors): {name}."
@@ -219,6 +267,10 @@ for _name in ("allreduce", "allreduce_coalesced", "broadcast", "allgather", "_al
               "reduce", "reduce_scatter", "_reduce_scatter_base",
               "reduce_scatter_tensor_coalesced", "send", "recv", "recv_anysource"):
     setattr(PiperProcessGroup, _name, _delegated(_name))
+# the names torch >= 2.13 calls for dist.all_gather_into_tensor / reduce_scatter_tensor
+PiperProcessGroup.all_gather_single = _delegated("all_gather_single", "_allgather_base")
+PiperProcessGroup.reduce_scatter_single = _delegated("reduce_scatter_single",
+                                                     "_reduce_scatter_base")
 
 
 def _barrier(self, opts: Any = None) -> dist.Work:

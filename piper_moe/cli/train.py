@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     loads = trainer.all_expert_loads()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        result = {"config": trainer.cfg.to_dict(), "floor": trainer.source.entropy_rate(),
+        result = {"config": trainer.cfg.to_dict(), "precision": trainer.precision,
+                  "device": str(trainer.device), "floor": trainer.source.entropy_rate(),
                   "history": trainer.history, "migrations": trainer.migrations,
                   "expert_load": {str(k): v for k, v in sorted(loads.items())},
                   "report": report}

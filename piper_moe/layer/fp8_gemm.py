@@ -40,8 +40,8 @@ from ..common import FP8_GEMMS
 from .config import FP8_BLOCK
 from .precision import dequantize_fp8, quantize_fp8
 
-__all__ = ["FP8_GEMMS", "ScaledLinear", "native_scaled_gemm", "resolve_fp8_gemm",
-           "scaled_mm_1x128"]
+__all__ = ["FP8_GEMMS", "ScaledLinear", "native_block_scaled_mm", "native_scaled_gemm",
+           "resolve_fp8_gemm", "scaled_mm_1x128"]
 
 # torch's block-scaled cuBLASLt path (sm_90) needs CUDA 12.9+ (torch's own tests' condition).
 _BLOCKWISE_CUDA = (12, 9)
@@ -83,6 +83,16 @@ def _outer_major(s: torch.Tensor) -> torch.Tensor:
     return s.t().contiguous().t()
 
 
+def native_block_scaled_mm(q: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor,
+                           sw: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The one cuBLASLt block-scaled FP8 GEMM (F.scaled_mm, BlockWise1x128 on both operands)
+    of scaled_mm_1x128's operands, as they are: no padding, so a shape the library refuses
+    raises (RuntimeError)."""
+    st = F.ScalingType.BlockWise1x128
+    return F.scaled_mm(q, wq.t(), _outer_major(sa), st, _outer_major(sw), st,
+                       output_dtype=out_dtype)
+
+
 def scaled_mm_1x128(q: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, sw: torch.Tensor,
                     out_dtype: torch.dtype = torch.bfloat16, native: bool | None = None
                     ) -> torch.Tensor:
@@ -106,15 +116,13 @@ def scaled_mm_1x128(q: torch.Tensor, sa: torch.Tensor, wq: torch.Tensor, sw: tor
                               F.pad(sa, (0, 0, 0, pm), value=1.0),
                               F.pad(wq.view(torch.uint8), (0, 0, 0, pn)).view(wq.dtype),
                               F.pad(sw, (0, 0, 0, pn), value=1.0), out_dtype, native)
-        return out[:M, :N]
+        return out[:M, :N].contiguous() if pn else out[:M]
     forced = native is not None
     if native is None:
         native = native_scaled_gemm(q.device)
     if native:
-        st = F.ScalingType.BlockWise1x128
         try:
-            return F.scaled_mm(q, wq.t(), _outer_major(sa), st, _outer_major(sw), st,
-                               output_dtype=out_dtype)
+            return native_block_scaled_mm(q, sa, wq, sw, out_dtype)
         except (RuntimeError, ValueError) as e:
             if forced:
                 raise

@@ -211,8 +211,11 @@ def local_torch_check() -> str:
 def host_staged() -> dict:
     """The host-staged delegate (CUDA tensors over gloo where NCCL cannot serve the ranks),
     with every tensor treated as a device tensor so that it runs on CPU: a ring of
-    isend/irecv waited with a timeout, and an all_reduce whose result reaches the caller's
-    tensor only at wait()."""
+    isend/irecv waited with a timeout; an all_reduce whose result reaches the caller's tensor
+    only when the Work completes; an all_gather polled with is_completed() whose input,
+    changed after the call, is not written back; a future; a receive from any source. And
+    dist.all_gather_into_tensor / reduce_scatter_tensor on the "piper" group itself."""
+    import time
     from datetime import timedelta
 
     from piper_comm.torch.backend import _HostStaged
@@ -233,5 +236,33 @@ def host_staged() -> dict:
     assert torch.equal(before, torch.full((3,), float(rank + 1))), "staged before wait()"
     assert torch.equal(x, torch.full((3,), float(P * (P + 1) // 2))), x
     assert work.is_completed()
+    inp, outs = torch.full((2,), float(rank)), [torch.zeros(2) for _ in range(P)]
+    work = staged.allgather([outs], [inp])
+    inp.fill_(-1.0)
+    deadline = time.monotonic() + 30
+    while not work.is_completed():
+        assert time.monotonic() < deadline, "is_completed() never turned True"
+        time.sleep(0.001)
+    assert all(torch.equal(outs[r], torch.full((2,), float(r))) for r in range(P)), outs
+    assert torch.equal(inp, torch.full((2,), -1.0)), "an input was written back"
+    y = torch.ones(3)
+    assert staged.allreduce([y]).get_future().wait()[0] is y
+    assert torch.equal(y, torch.full((3,), float(P))), y
+    source = None
+    if rank == 0:
+        buf = torch.zeros(1)
+        w = staged.recv_anysource([buf], 9)
+        w.wait()
+        source = w._source_rank()
+        assert buf.item() == float(source)
+    elif rank == 1:
+        staged.send([torch.ones(1)], 0, 9).wait()
+    # the group's own all_gather_into_tensor / reduce_scatter_tensor (delegated to gloo)
+    out = torch.zeros(2 * P)
+    dist.all_gather_into_tensor(out, torch.full((2,), float(rank)))
+    assert torch.equal(out, torch.arange(P, dtype=torch.float32).repeat_interleave(2)), out
+    part = torch.zeros(2)
+    dist.reduce_scatter_tensor(part, torch.ones(2 * P))
+    assert torch.equal(part, torch.full((2,), float(P))), part
     dist.destroy_process_group()
-    return {"received": got[0].item()}
+    return {"received": got[0].item(), "source": source}

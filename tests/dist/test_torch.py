@@ -120,7 +120,9 @@ def test_pytorch_own_all_to_all_tests_pass_on_piper():
 @pytest.mark.mpi
 def test_host_staged_delegate_copies_results_back_at_wait():
     """The delegate for CUDA tensors with PIPER_INTER=mpi (gloo through host copies), run on
-    CPU: point-to-point with a finite wait timeout (as the pipeline engine waits) and an
-    all_reduce whose result lands in the caller's tensor at wait()."""
+    CPU: point-to-point with a finite wait timeout (as the pipeline engine waits), results
+    landing at completion (wait, is_completed, future) and only in outputs, a receive from
+    any source; and the group's all_gather_into_tensor / reduce_scatter_tensor."""
     run = run_mpi(3, "dist.cases:host_staged", timeout=120)
     assert [r["result"]["received"] for r in run.ranks] == [3.0, 1.0, 2.0]
+    assert run.ranks[0]["result"]["source"] == 1
