@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 MPIRUN := $(VENV)/bin/mpirun
 SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: test unit demo venv build lint bench stress clean gpu-wheels
+.PHONY: test unit demo venv build lint bench stress clean gpu-wheels gpu-nccl
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: requirements.txt
@@ -62,6 +62,19 @@ gpu-wheels: venv
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_5_x86_64 \
 	    -d .whl "mpi4py>=4.1" "py-spy>=0.4"
+
+# NCCL >= 2.30 (several ranks on one GPU) for the one-GPU check, whose machine's torch has an
+# older NCCL: built from a source tree (NCCL_SRC; no registry here has it) for sm_90 only, so
+# that it fits a device call's carry, into .whl/libnccl.so.2 (docs/gpu.md).
+CUDA_HOME ?= /usr/local/cuda
+gpu-nccl:
+	@test -n "$(NCCL_SRC)" || { echo "usage: make gpu-nccl NCCL_SRC=<NCCL source tree, >= 2.30>"; exit 2; }
+	$(MAKE) -C $(NCCL_SRC) -j$$(nproc) src.build CUDA_HOME=$(CUDA_HOME) \
+	    NVCC_GENCODE="-gencode=arch=compute_90,code=sm_90"
+	mkdir -p .whl
+	cp -L $(NCCL_SRC)/build/lib/libnccl.so.2 .whl/libnccl.so.2
+	strip --strip-unneeded .whl/libnccl.so.2
+	ls -l .whl/libnccl.so.2
 
 clean:
 	rm -rf build $(VENV) piper_comm/_C*.so *.egg-info

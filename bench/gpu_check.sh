@@ -60,6 +60,13 @@ if [ $DRY -eq 0 ] && [ ! -x "$PYDIR/mpirun" ]; then
     export PATH=/tmp/piper-mpi/bin:$PATH
   fi
 fi
+# NCCL: a carried NCCL >= 2.30 (`make gpu-nccl`: .whl/libnccl.so.2, sm_90) stands in for the
+# older one of the machine's torch in every process (LD_PRELOAD: torch and Piper then load the
+# same library), so that several ranks can share the one GPU over NCCL.
+if [ $DRY -eq 0 ] && [ -f .whl/libnccl.so.2 ]; then
+  export LD_PRELOAD=$PWD/.whl/libnccl.so.2${LD_PRELOAD:+:$LD_PRELOAD}
+  export PIPER_NCCL_LIBRARY=$PWD/.whl/libnccl.so.2
+fi
 # CUDA: the build must have the CUDA backend (PIPER_CUDA=ON fails it loudly otherwise)
 if [ $DRY -eq 0 ]; then
   command -v nvcc >/dev/null \
@@ -275,7 +282,7 @@ raise SystemExit(bad > 0)"
     echo "### note: torch's NCCL < 2.30 cannot run several ranks on one GPU: multi-rank steps use PIPER_INTER=mpi (host-staged), NCCL tests skip, no NCCL baseline" | tee -a "$OUT"
   fi
 else
-  echo "### environment (limit 60 s): torch, CUDA, torch's NCCL version, MPI, F.scaled_mm, CuPy; NCCL < 2.30 -> PIPER_INTER=mpi and no NCCL baseline"
+  echo "### environment (limit 60 s): torch, CUDA, torch's NCCL version (a carried .whl/libnccl.so.2 preloaded), MPI, F.scaled_mm, CuPy; NCCL < 2.30 -> PIPER_INTER=mpi and no NCCL baseline"
 fi
 NCCL_ALGOS=$([ $NCCL_OK -eq 1 ] && echo halo,flat,nccl || echo halo,flat)
 
