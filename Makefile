@@ -65,12 +65,15 @@ gpu-wheels: venv
 
 # NCCL >= 2.30 (several ranks on one GPU) for the one-GPU check, whose machine's torch has an
 # older NCCL: built from a source tree (NCCL_SRC; no registry here has it) for sm_90 only, so
-# that it fits a device call's carry, into .whl/libnccl.so.2 (docs/gpu.md).
+# that it fits a device call's carry, into .whl/libnccl.so.2 (docs/gpu.md). NCCL_ONLY_FUNCS
+# (NCCL's ONLY_FUNCS, e.g. "SendRecv|AllReduce Sum * * *") compiles fewer device kernels:
+# every collective's kernels for every type take most of an hour on 2 cores.
 CUDA_HOME ?= /usr/local/cuda
+NCCL_ONLY_FUNCS ?=
 gpu-nccl:
 	@test -n "$(NCCL_SRC)" || { echo "usage: make gpu-nccl NCCL_SRC=<NCCL source tree, >= 2.30>"; exit 2; }
 	$(MAKE) -C $(NCCL_SRC) -j$$(nproc) src.build CUDA_HOME=$(CUDA_HOME) \
-	    NVCC_GENCODE="-gencode=arch=compute_90,code=sm_90"
+	    NVCC_GENCODE="-gencode=arch=compute_90,code=sm_90" ONLY_FUNCS="$(NCCL_ONLY_FUNCS)"
 	mkdir -p .whl
 	cp -L $(NCCL_SRC)/build/lib/libnccl.so.2 .whl/libnccl.so.2
 	strip --strip-unneeded .whl/libnccl.so.2
