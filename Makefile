@@ -67,7 +67,7 @@ gpu-wheels: venv
 # older NCCL: built from a source tree (NCCL_SRC; no registry here has it) for sm_90 only, so
 # that it fits a device call's carry, into .whl/libnccl.so.2 (docs/gpu.md). NCCL_ONLY_FUNCS
 # (NCCL's ONLY_FUNCS, e.g. "SendRecv|AllReduce Sum * * *") compiles fewer device kernels:
-# every collective's kernels for every type take most of an hour on 2 cores.
+# all of them took 25 minutes of this 2-core machine (NCCL 2.30.7: 33 MB once stripped).
 CUDA_HOME ?= /usr/local/cuda
 NCCL_ONLY_FUNCS ?=
 gpu-nccl:
