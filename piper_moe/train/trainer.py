@@ -113,14 +113,15 @@ class Trainer:
             torch.cuda.set_device(self.device)
         # precision: parameters, AdamW state, gradient buffers (so the data-parallel
         # all-reduce) and inter-stage activations in self.dtype (float32 under bf16-mixed)
-        self.precision = C.resolve_precision(cfg.to_dict(), self.device)
+        plain = cfg.to_dict()  # what the config helpers below take
+        self.precision = C.resolve_precision(plain, self.device)
         self.dtype = param_dtype(self.precision, DTYPES[cfg.dtype])
         self.vpp = int(st.get("vpp", 1))
         self.schedule = st.get("schedule", "1f1b")
         b = cfg.batch
         self.micro_batch, self.global_batch, self.seq_len = (b.micro_batch, b.global_batch,
                                                              b.seq_len)
-        self.num_micro = C.num_micro(cfg.to_dict(), m.dp)
+        self.num_micro = C.num_micro(plain, m.dp)
         ranges = layer_ranges(self.spec.num_layers, m.pp * self.vpp)
         last = m.pp * self.vpp - 1
         self.chunks: dict[int, torch.nn.Module] = {}
