@@ -162,6 +162,38 @@ std::unique_ptr<piper::runtime::Executor> executor_over_python(
   return ex;
 }
 
+// Executor.emulate_device_plane (tests): a device plane on host memory, its messages over the
+// host transport, or over an NcclTransport on a mock NCCL when nccl_library is given.
+void emulate_device_plane(piper::runtime::Executor& ex, piper::host::NodeChannel* channel,
+                          const std::string& nccl_library) {
+  using piper::runtime::Deadline;
+  using piper::runtime::Executor;
+  if (!nccl_library.empty()) {
+#ifdef PIPER_WITH_NCCL
+    piper::cuda::DeviceOptions opt;
+    opt.nccl_library = nccl_library;
+    opt.channel = channel;
+    opt.host = ex.shared_transport();
+    ex.set_device_factory(piper::cuda::host_memory_nccl_plane_factory(std::move(opt)));
+    return;
+#else
+    throw piper::Error(piper::ErrorCode::kUsage,
+                       "piper: emulate_device_plane(nccl_library=...): piper_comm._C was built "
+                       "without NCCL's header");
+#endif
+  }
+  const int64_t P = ex.topology().size();
+  ex.set_device_factory([channel, P](Executor& e, int device, const Deadline& d) {
+    const int64_t mine = device;  // a set-up round, as the real plane's
+    e.allgather(&mine, 1, piper::runtime::kDeviceTag, "emulated device plane", d);
+    piper::runtime::DevicePlane plane;
+    plane.context = std::make_unique<piper::runtime::HostContext>(channel, P);
+    plane.data = e.shared_transport();
+    plane.device = device;
+    return plane;
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -350,25 +382,14 @@ PYBIND11_MODULE(_C, m) {
       .def("close_device", &Executor::close_device, py::arg("what"), py::arg("timeout_s"),
            py::call_guard<py::gil_scoped_release>(),
            "Releases the device plane collectively (no-op when no CUDA call ran).")
-      .def(
-          "emulate_device_plane",
-          [](Executor& ex, piper::host::NodeChannel* channel) {
-            const int64_t P = ex.topology().size();
-            ex.set_device_factory([channel, P](Executor& e, int device, const Deadline& d) {
-              const int64_t mine = device;  // a set-up round, as the real plane's
-              e.allgather(&mine, 1, piper::runtime::kDeviceTag, "emulated device plane", d);
-              piper::runtime::DevicePlane plane;
-              plane.context = std::make_unique<piper::runtime::HostContext>(channel, P);
-              plane.data = e.shared_transport();
-              plane.device = device;
-              return plane;
-            });
-          },
-          py::arg("channel").none(true), py::keep_alive<1, 2>(),
-          "Tests on hosts without a device: the device plane becomes a host context over the\n"
-          "host transport; with emulate_cuda_arrays(True) the device plane's plumbing (memory\n"
-          "kind in the header, set-up on the first call, one device per rank, close) runs on\n"
-          "host memory.")
+      .def("emulate_device_plane", &emulate_device_plane, py::arg("channel").none(true),
+           py::arg("nccl_library") = "", py::keep_alive<1, 2>(),
+           "Tests on hosts without a device: the device plane becomes a host context over the\n"
+           "host transport; with emulate_cuda_arrays(True) the device plane's plumbing (memory\n"
+           "kind in the header, set-up on the first call, one device per rank, close) runs on\n"
+           "host memory. nccl_library (a mock NCCL moving host bytes, tests/comm/mock_nccl.c):\n"
+           "the plane's messages go through Piper's NCCL transport over it instead, set up as\n"
+           "with PIPER_INTER=nccl.")
       .def_property_readonly(
           "check_counts",
           [](const Executor& ex) {

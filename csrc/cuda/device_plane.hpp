@@ -29,4 +29,12 @@ struct DeviceOptions {
 
 runtime::DevicePlaneFactory device_plane_factory(DeviceOptions options);
 
+#ifdef PIPER_WITH_NCCL
+/// Tests on hosts without a device: the same set-up round with PIPER_INTER=nccl, then a host
+/// context (CUDA-interface arrays taken as host memory, _C.emulate_cuda_arrays) and an
+/// NcclTransport on host memory, for a mock NCCL that moves host bytes
+/// (tests/comm/mock_nccl.c): Piper's NCCL transport without a GPU.
+runtime::DevicePlaneFactory host_memory_nccl_plane_factory(DeviceOptions options);
+#endif
+
 }  // namespace piper::cuda

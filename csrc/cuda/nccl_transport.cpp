@@ -113,7 +113,7 @@ NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t
   PIPER_HOST_ASSERT(api.version != 0 && unique_id.size() == sizeof(ncclUniqueId));
   const std::string what = fmt("NCCL communicator set-up on rank ", rank_, " (device ", device_,
                                ", ", size_, " ranks)");
-  PIPER_CHECK_CUDA(cudaSetDevice(device_), what + ": cudaSetDevice");
+  set_device(what);
   ncclUniqueId id;
   std::memcpy(&id, unique_id.data(), sizeof(id));
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
@@ -157,6 +157,11 @@ void NcclTransport::check_usable(const char* what) const {
                     comm_ == nullptr ? "closed" : "aborted after an error"));
 }
 
+void NcclTransport::set_device(const std::string& what) const {
+  if (device_ != kNcclHostMemory)
+    PIPER_CHECK_CUDA(cudaSetDevice(device_), what + ": cudaSetDevice");
+}
+
 bool NcclTransport::settled(const std::string& what) {
   ncclResult_t state = ncclSuccess;
   const ncclResult_t r = api.get_async_error(static_cast<ncclComm_t>(comm_), &state);
@@ -187,7 +192,7 @@ bool NcclTransport::test_all() {
   const std::string what = fmt("rank ", rank_, ": NCCL group of ", batch_.size(), " messages");
   if (!enqueued_) {
     check_usable("a group");
-    PIPER_CHECK_CUDA(cudaSetDevice(device_), what + ": cudaSetDevice");
+    set_device(what);
     auto comm = static_cast<ncclComm_t>(comm_);
     auto stream = reinterpret_cast<cudaStream_t>(stream_);
     ncclResult_t r = api.group_start();
@@ -233,7 +238,7 @@ void NcclTransport::close(const std::string& what, double timeout_s) {
     comm_ = nullptr;
     return;
   }
-  cudaSetDevice(device_);
+  if (device_ != kNcclHostMemory) cudaSetDevice(device_);
   // ncclCommFinalize flushes the communicator's work, collectively; bounded here.
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::duration_cast<std::chrono::steady_clock::duration>(

@@ -30,6 +30,10 @@ namespace piper::cuda {
 /// NCCL's unique id (ncclUniqueId): 128 bytes that rank 0 makes and every rank needs.
 constexpr int64_t kNcclIdBytes = 128;
 
+/// The `device` of an NcclTransport whose buffers are host memory: tests only, over a mock
+/// NCCL that moves host bytes (tests/comm/mock_nccl.c); no CUDA call is made then.
+constexpr int kNcclHostMemory = -1;
+
 /// Loads NCCL (once per process). library: a path, or "" for the loader's search. Returns
 /// NCCL's version code (e.g. 23207), or throws kUsage saying what was tried.
 int load_nccl(const std::string& library);
@@ -39,8 +43,9 @@ std::string nccl_unique_id();
 
 class NcclTransport final : public runtime::Transport {
  public:
-  /// Collective over all `size` ranks: joins the NCCL communicator of `unique_id` on `device`,
-  /// bounded by the deadline (ncclCommAbort and kTimeout when a peer does not join).
+  /// Collective over all `size` ranks: joins the NCCL communicator of `unique_id` on `device`
+  /// (or kNcclHostMemory), bounded by the deadline (ncclCommAbort and kTimeout when a peer
+  /// does not join).
   NcclTransport(const std::string& unique_id, int64_t size, int64_t rank, int device,
                 const runtime::Deadline& deadline);
   ~NcclTransport() override;
@@ -63,6 +68,7 @@ class NcclTransport final : public runtime::Transport {
     void* buf;
   };
   void check_usable(const char* what) const;
+  void set_device(const std::string& what) const;  // cudaSetDevice, unless host memory
   /// NCCL's state of the communicator: true when idle, false while work is in progress;
   /// throws kPeer on an error.
   bool settled(const std::string& what);
