@@ -236,13 +236,12 @@ def load(name_or_path: str | Path | None = None, overrides: dict | None = None) 
     return cfg
 
 
-def resolve_precision(cfg: dict, device) -> str:
-    """The run's precision (fp32 | bf16-mixed | bf16) from cfg["precision"] and cfg["dtype"]:
+def resolve_precision(p: str, dtype: str, device) -> str:
+    """The run's precision (fp32 | bf16-mixed | bf16) from a config's precision and dtype:
     dtype bfloat16 means bf16; float64 means fp32 (auto) and refuses a bf16 precision;
     auto is precision.resolve's choice for device. ValueError on a conflict."""
     from ..layer.precision import resolve
 
-    p, dtype = cfg["precision"], cfg["dtype"]
     if dtype not in ("float32", "float64", "bfloat16"):
         raise ValueError(f"train config: dtype must be float32, float64 or bfloat16, got "
                          f"{dtype!r}")
@@ -259,13 +258,13 @@ def resolve_precision(cfg: dict, device) -> str:
     return resolve(p, device)
 
 
-def num_micro(cfg: dict, dp: int) -> int:
-    b = cfg["batch"]
-    per = b["micro_batch"] * dp
-    if b["global_batch"] % per:
-        raise ValueError(f"train config: global_batch={b['global_batch']} must be a multiple "
-                         f"of micro_batch * dp = {b['micro_batch']} * {dp}")
-    return b["global_batch"] // per
+def num_micro(batch: Batch, dp: int) -> int:
+    """Micro-batches per step of each of dp replicas; ValueError unless they divide evenly."""
+    per = batch.micro_batch * dp
+    if batch.global_batch % per:
+        raise ValueError(f"train config: global_batch={batch.global_batch} must be a multiple "
+                         f"of micro_batch * dp = {batch.micro_batch} * {dp}")
+    return batch.global_batch // per
 
 
 def choose_dispatcher(model, platform, st: dict, micro_batch: int, seq_len: int,
@@ -291,7 +290,7 @@ def choose_dispatcher(model, platform, st: dict, micro_batch: int, seq_len: int,
     return choice
 
 
-def plan_for_world(cfg: dict, world: int) -> dict:
+def plan_for_world(cfg: TrainConfig, world: int) -> dict:
     """strategy: auto -> the fastest strategy the runtime can run (tp=1, recompute none) that
     the resource model predicts for this world size, and its MoE dispatcher
     (choose_dispatcher); a plan of the chunked MoE layer (a candidate the planner weighs on
@@ -301,14 +300,14 @@ def plan_for_world(cfg: dict, world: int) -> dict:
     from ..resource_model import load_model, load_platform
     from ..resource_model.planner import plan
 
-    model, platform = load_model(cfg["model"]), load_platform(cfg["platform"])
-    b = cfg["batch"]
-    result = plan(model, platform, world, global_batch=b["global_batch"],
-                  seq_len=b["seq_len"], top=10_000)
+    model, platform = load_model(cfg.model), load_platform(cfg.platform)
+    b = cfg.batch
+    result = plan(model, platform, world, global_batch=b.global_batch, seq_len=b.seq_len,
+                  top=10_000)
     for e in result.plans:
         s = e.strategy
         if s.tp == 1 and s.etp == 1 and s.recompute == "none" and s.global_batch % (
-                b["micro_batch"] * s.dp) == 0 and s.micro_batch == b["micro_batch"]:
+                b.micro_batch * s.dp) == 0 and s.micro_batch == b.micro_batch:
             out = {"pp": s.pp, "dp": s.dp, "ep": s.ep, "schedule": s.schedule, "vpp": s.vpp,
                    "order": "ep,edp,pp", "predicted_step_s": e.time["step"]}
             if s.moe_chunks > 1:
@@ -317,8 +316,8 @@ def plan_for_world(cfg: dict, world: int) -> dict:
                 out["moe_layer"] = {"dispatcher": "alltoall", "pipeline_chunks": s.moe_chunks,
                                     "chunk_memory": s.chunk_memory}
             else:
-                out["moe_layer"] = choose_dispatcher(model, platform, out, b["micro_batch"],
-                                                     b["seq_len"], cfg["dtype"])
+                out["moe_layer"] = choose_dispatcher(model, platform, out, b.micro_batch,
+                                                     b.seq_len, cfg.dtype)
             return out
     raise ValueError(f"strategy: auto found no runnable strategy for {world} ranks "
                      f"({result.num_fit} fit of {result.num_candidates})")

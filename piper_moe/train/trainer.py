@@ -80,7 +80,7 @@ class Trainer:
         world = dist.get_world_size() if self.dist else 1
         st = cfg.strategy
         if st == "auto":
-            st = C.plan_for_world(cfg.to_dict(), world)
+            st = C.plan_for_world(cfg, world)
             chosen = st.pop("moe_layer")
             cfg = dataclasses.replace(cfg, strategy=st, moe_layer={**cfg.moe_layer, **{
                 k: chosen[k] for k in ("dispatcher", "pipeline_chunks", "chunk_memory")
@@ -113,15 +113,14 @@ class Trainer:
             torch.cuda.set_device(self.device)
         # precision: parameters, AdamW state, gradient buffers (so the data-parallel
         # all-reduce) and inter-stage activations in self.dtype (float32 under bf16-mixed)
-        plain = cfg.to_dict()  # what the config helpers below take
-        self.precision = C.resolve_precision(plain, self.device)
+        self.precision = C.resolve_precision(cfg.precision, cfg.dtype, self.device)
         self.dtype = param_dtype(self.precision, DTYPES[cfg.dtype])
         self.vpp = int(st.get("vpp", 1))
         self.schedule = st.get("schedule", "1f1b")
         b = cfg.batch
         self.micro_batch, self.global_batch, self.seq_len = (b.micro_batch, b.global_batch,
                                                              b.seq_len)
-        self.num_micro = C.num_micro(plain, m.dp)
+        self.num_micro = C.num_micro(b, m.dp)
         ranges = layer_ranges(self.spec.num_layers, m.pp * self.vpp)
         last = m.pp * self.vpp - 1
         self.chunks: dict[int, torch.nn.Module] = {}

@@ -17,7 +17,8 @@ def test_unknown_keys_are_errors():
     with pytest.raises(FileNotFoundError, match="shipped"):
         C.load("no-such-config")
     with pytest.raises(ValueError, match="multiple of micro_batch"):
-        C.num_micro(C.load("tiny", {"batch": {"global_batch": 30}}), dp=2)
+        C.num_micro(C.TrainConfig.from_dict(C.load("tiny", {"batch": {"global_batch": 30}})).batch,
+                    dp=2)
 
 
 def test_dispatcher_choice_follows_the_model():
@@ -40,7 +41,7 @@ def test_dispatcher_choice_follows_the_model():
 def test_auto_plans_a_runnable_strategy():
     cfg = C.load("tiny", {"strategy": "auto", "batch": {"micro_batch": 2, "global_batch": 8,
                                                         "seq_len": 32}})
-    st = C.plan_for_world(cfg, 4)
+    st = C.plan_for_world(C.TrainConfig.from_dict(cfg), 4)
     assert st["pp"] * st["dp"] == 4 and st["dp"] % st["ep"] == 0
     assert st["moe_layer"]["dispatcher"] in ("alltoall", "ppmoe")
 
@@ -60,7 +61,7 @@ def test_auto_hands_a_chunked_plan_to_the_layer(monkeypatch):
                                  seq_len=32, moe_chunks=4, chunk_memory="recompute")
     picked = planner.PlanResult(plans=[model_pkg.estimate(model, cpu, chunked)])
     monkeypatch.setattr(planner, "plan", lambda *a, **k: picked)
-    st = C.plan_for_world(cfg, 4)
+    st = C.plan_for_world(C.TrainConfig.from_dict(cfg), 4)
     assert (st["pp"], st["dp"], st["ep"]) == (2, 2, 2)
     layer = st["moe_layer"]
     assert layer["dispatcher"] == "alltoall", st
@@ -95,14 +96,14 @@ def test_precision_key():
         C.load("tiny", {"precision": "fp16"})
     resolve = C.resolve_precision
     native = "bf16-mixed" if P.bf16_native("cpu") else "fp32"
-    assert resolve({"precision": "auto", "dtype": "float32"}, "cpu") == native
-    assert resolve({"precision": "auto", "dtype": "float64"}, "cpu") == "fp32"
-    assert resolve({"precision": "auto", "dtype": "bfloat16"}, "cpu") == "bf16"
-    assert resolve({"precision": "bf16-mixed", "dtype": "float32"}, "cpu") == "bf16-mixed"
+    assert resolve("auto", "float32", "cpu") == native
+    assert resolve("auto", "float64", "cpu") == "fp32"
+    assert resolve("auto", "bfloat16", "cpu") == "bf16"
+    assert resolve("bf16-mixed", "float32", "cpu") == "bf16-mixed"
     with pytest.raises(ValueError, match="float64 needs precision fp32"):
-        resolve({"precision": "bf16-mixed", "dtype": "float64"}, "cpu")
+        resolve("bf16-mixed", "float64", "cpu")
     with pytest.raises(ValueError, match="bfloat16 is precision bf16"):
-        resolve({"precision": "bf16-mixed", "dtype": "bfloat16"}, "cpu")
+        resolve("bf16-mixed", "bfloat16", "cpu")
     for precision, dtype in (("bf16-mixed", torch.float32), ("bf16", torch.bfloat16)):
         cfg = C.load("tiny", {"precision": precision, "steps": 1,
                               "strategy": {"pp": 1, "dp": 1, "ep": 1},
