@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from launchers import MPIRUN
+
 ROOT = Path(__file__).resolve().parent.parent
 TOL = {"fp32": 1e-4, "bf16-mixed": 3e-2}
 VARIANTS = [
@@ -121,15 +123,13 @@ TRAIN_TOL = {"fp32": 5e-3, "bf16-mixed": 2e-2}  # relative, per step's loss
 def train_check(steps: int, ranks: int, device: str,
                 precisions: tuple[str, ...] = tuple(TRAIN_TOL)) -> int:
     py = sys.executable
-    mpirun = str(Path(py).parent / "mpirun") if (Path(py).parent / "mpirun").exists() \
-        else "mpirun"
     failures = 0
     for precision in precisions:
         losses = {}
         with tempfile.TemporaryDirectory() as tmp:
             for side, dev in (("cpu", "cpu"), ("cuda", device)):
                 out = Path(tmp) / side
-                cmd = [mpirun, "-genv", "PIPER_LOCAL_SIZE", "2", "-genv", "OMP_NUM_THREADS", "1",
+                cmd = [MPIRUN, "-genv", "PIPER_LOCAL_SIZE", "2", "-genv", "OMP_NUM_THREADS", "1",
                        "-n", str(ranks), py, "-m", "piper_moe.train", "--config", "tiny",
                        "--precision", precision, "--device", dev, "--steps", str(steps),
                        "--out", str(out), "--quiet"]

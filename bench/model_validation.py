@@ -46,6 +46,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from launchers import MPIRUN  # noqa: E402
+
 from piper_moe.resource_model import Strategy, load_model, load_platform  # noqa: E402
 from piper_moe.resource_model.memory import stage_memory  # noqa: E402
 from piper_moe.resource_model.params import count_params  # noqa: E402
@@ -53,7 +55,6 @@ from piper_moe.resource_model.spec import CONFIG_DIR  # noqa: E402
 from piper_moe.train import config as C  # noqa: E402
 
 MIB = 2**20
-MPIRUN = str(ROOT / ".venv" / "bin" / "mpirun")
 
 # published (total, active) parameter counts and the convention each publisher counts in
 PUBLISHED = {

@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from launchers import MPIRUN
+
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 RUNS = {"fp32": ["--precision", "fp32"], "bf16-mixed": ["--precision", "bf16-mixed"],
         "bf16-mixed+fp8": ["--precision", "bf16-mixed", "--fp8-dispatch"]}
 TARGET = 0.01  # the bound: bf16-mixed within 1% of fp32 at the last step
@@ -31,7 +32,7 @@ TARGET = 0.01  # the issue's bound: bf16-mixed within 1% of fp32 at the last ste
 
 def run(name: str, extra: list[str], steps: int) -> dict:
     out = ROOT / "runs" / "precision" / name
-    cmd = [str(BIN / "mpirun"), "-genv", "PIPER_LOCAL_SIZE", "2", "-genv", "OMP_NUM_THREADS",
+    cmd = [MPIRUN, "-genv", "PIPER_LOCAL_SIZE", "2", "-genv", "OMP_NUM_THREADS",
            "1", "-n", "4", sys.executable, "-m", "piper_moe.train", "--config", "tiny",
            "--steps", str(steps), "--quiet", "--out", str(out), *extra]
     t0 = time.perf_counter()

@@ -20,15 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from launchers import MPIRUN, tool
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _tool(name: str) -> str:
-    """name beside this Python (a venv), else on PATH (the GPU machine's carried wheels)."""
-    import shutil
-
-    return str(BIN / name) if (BIN / name).exists() else (shutil.which(name) or name)
 
 
 def loop(a) -> None:
@@ -87,7 +81,7 @@ def main() -> None:
         return loop(a)
     with tempfile.TemporaryDirectory() as tmp:
         pid_file, raw = Path(tmp) / "pid", Path(tmp) / "raw.txt"
-        cmd = [_tool("mpirun"), "-n", str(a.n), sys.executable, __file__, "--loop",
+        cmd = [MPIRUN, "-n", str(a.n), sys.executable, __file__, "--loop",
                "--local-size", str(a.local_size), "--algo", a.algo, "--bytes", str(a.bytes),
                "--seconds", str(a.seconds), "--device", a.device, "--pid-file", str(pid_file)]
         job = subprocess.Popen(cmd, cwd=ROOT)
@@ -97,7 +91,7 @@ def main() -> None:
                 sys.exit(f"the loop did not start (exit {job.poll()})")
             time.sleep(0.1)
         pid, per_call, algo = pid_file.read_text().split()
-        subprocess.run([_tool("py-spy"), "record", "--native", "-r", "400", "-d",
+        subprocess.run([tool("py-spy"), "record", "--native", "-r", "400", "-d",
                         str(int(a.seconds - 1)), "-p", pid, "-f", "raw", "-o", str(raw)],
                        check=True, capture_output=True)
         job.wait(timeout=120)
