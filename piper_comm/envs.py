@@ -17,6 +17,9 @@ PIPER_MPI_CALLS   str    cpp | mpi4py: who calls MPI under the C++ executor (def
 PIPER_INTER       str    nccl | mpi: the transport of CUDA calls' messages (default: NCCL when
                          it loads, else mpi: staged through pinned host memory over the host
                          transport; csrc/cuda/device_plane.hpp)
+PIPER_TORCH_CUDA_DELEGATE str  nccl | gloo: what the "piper" torch backend's delegated collectives
+                         (all but all-to-all) use for CUDA tensors: torch's NCCL, or gloo through
+                         host copies (default: gloo when PIPER_INTER=mpi, else nccl)
 PIPER_NCCL_LIBRARY path  libnccl.so.2 to load (default: the one the process loaded already, as
                          torch's, else the nvidia-nccl wheel's, else the loader's search path)
 """
@@ -106,6 +109,17 @@ def inter() -> str:
     value = _get("PIPER_INTER") or "auto"
     if value not in ("auto", "nccl", "mpi"):
         raise PiperUsageError(f"PIPER_INTER={value!r}: expected nccl or mpi")
+    return value
+
+
+def torch_cuda_delegate() -> str:
+    """nccl | gloo: PIPER_TORCH_CUDA_DELEGATE, else gloo when PIPER_INTER=mpi (a machine whose
+    NCCL cannot serve these ranks serves neither Piper nor torch), else nccl."""
+    value = _get("PIPER_TORCH_CUDA_DELEGATE")
+    if value is None:
+        return "gloo" if inter() == "mpi" else "nccl"
+    if value not in ("nccl", "gloo"):
+        raise PiperUsageError(f"PIPER_TORCH_CUDA_DELEGATE={value!r}: expected nccl or gloo")
     return value
 
 

@@ -3,9 +3,10 @@
 A Python ProcessGroup whose all_to_all_single / all_to_all run on Piper (HALO or flat, chosen
 per call) for CPU and CUDA tensors; every other collective (all_reduce, broadcast, all_gather,
 reduce_scatter, barrier, send/recv, ...) is delegated to a gloo backend (CPU tensors) or an
-nccl backend (CUDA tensors) built on the same store. With PIPER_INTER=mpi (a machine whose
-NCCL cannot serve these ranks) CUDA tensors go to gloo too, staged through host copies and
-synchronous: a fallback that works anywhere, not a fast path.
+nccl backend (CUDA tensors) built on the same store. With PIPER_TORCH_CUDA_DELEGATE=gloo (the
+default under PIPER_INTER=mpi: a machine whose NCCL cannot serve these ranks) CUDA tensors go
+to gloo too, staged through host copies and synchronous: a fallback that works anywhere, not a
+fast path.
 
 Piper's collectives run when called: `async_op=True` returns a Work that is already complete
 on the host side. For CUDA tensors the data moves in order on the caller's current stream
@@ -65,6 +66,7 @@ class PiperProcessGroup(dist.ProcessGroup):
         self._store, self._timeout = store, timeout
         self.gloo = ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, timeout)
         self._nccl = None
+        self._cuda_delegate = envs.torch_cuda_delegate()  # nccl | gloo
         # PIPER_TIMEOUT when set, else the group's timeout (init_process_group(timeout=...)).
         seconds = envs.timeout() if envs.is_set("PIPER_TIMEOUT") else timeout.total_seconds()
         whole_world = global_ranks is None or list(global_ranks) == list(range(size))
@@ -94,12 +96,12 @@ class PiperProcessGroup(dist.ProcessGroup):
         return self._nccl
 
     def _delegate(self, tensors: Any):
-        """gloo for CPU tensors; for CUDA tensors nccl, or gloo through host copies with
-        PIPER_INTER=mpi (the first tensor found in the arguments decides)."""
+        """gloo for CPU tensors; for CUDA tensors nccl, or gloo through host copies
+        (PIPER_TORCH_CUDA_DELEGATE; the first tensor found in the arguments decides)."""
         t = _first_tensor(tensors)
         if not (t is not None and t.is_cuda):
             return self.gloo
-        return _HostStaged(self.gloo) if envs.inter() == "mpi" else self.nccl
+        return _HostStaged(self.gloo) if self._cuda_delegate == "gloo" else self.nccl
 
     # -- Piper's collectives
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor,

@@ -75,13 +75,27 @@ def test_stale_segment_sweep_spares_live_owners(tmp_path):
 @pytest.mark.parametrize(("name", "value", "match"), [
     ("PIPER_TIMEOUT", "abc", "not a number"), ("PIPER_TIMEOUT", "-1", "> 0"),
     ("PIPER_LOCAL_SIZE", "0", ">= 1"), ("PIPER_ALGO", "ring", "expected one of"),
+    ("PIPER_TORCH_CUDA_DELEGATE", "mpi", "expected nccl or gloo"),
 ])
 def test_bad_environment_is_refused(monkeypatch, name, value, match):
     monkeypatch.setenv(name, value)
     fn = {"PIPER_TIMEOUT": envs.timeout, "PIPER_LOCAL_SIZE": envs.local_size,
-          "PIPER_ALGO": envs.algorithm}[name]
+          "PIPER_ALGO": envs.algorithm, "PIPER_TORCH_CUDA_DELEGATE": envs.torch_cuda_delegate}[name]
     with pytest.raises(pc.PiperUsageError, match=match):
         fn()
+
+
+@pytest.mark.parametrize(("inter", "delegate", "expected"), [
+    (None, None, "nccl"), ("mpi", None, "gloo"), ("nccl", None, "nccl"), ("mpi", "nccl", "nccl"),
+    (None, "gloo", "gloo")])
+def test_torch_cuda_delegate_follows_piper_inter_unless_set(monkeypatch, inter, delegate,
+                                                             expected):
+    for name, value in (("PIPER_INTER", inter), ("PIPER_TORCH_CUDA_DELEGATE", delegate)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert envs.torch_cuda_delegate() == expected
 
 
 def test_arrays_move_without_copies():
