@@ -2,11 +2,22 @@
 
     mpirun -np N python -m piper_moe.cli.calibrate --out my-host.yaml [--base cpu-host]
         [--name my-host] [--skip-a2a] [--quick] [--repeats 3]
+        [--model tiny-moe --micro-batch 4 --seq-len 64]
 
-Measures (every rank runs; rank 0 writes the file):
+Measures (every rank runs, all at once, so ranks sharing cores measure what each gets; rank 0
+writes the file):
 - GEMM throughput of torch.matmul over shapes with the smallest dimension from 8 to 2048 (bf16 on
-  a CUDA device, fp32 on CPU), fitted to ``rate(d) = peak * max_efficiency * d / (d + half_dim)``
+  a CUDA device, fp32 on CPU), and with ``--model`` the model's own GEMMs at the job's micro-batch
+  (its attention and FFN projections on micro_batch * seq_len rows, an expert's on its share of
+  the routed rows), fitted to ``rate(d) = peak * max_efficiency * d / (d + half_dim)``
   by least squares on 1/rate = 1/A + (half_dim/A) * (1/d);
+- the attention core (causal ``scaled_dot_product_attention``, forward and backward) at the
+  model's shape (``--model``), else at 4 x 8 heads x 256 x 64: ``attention_flops`` and
+  ``attention_backward``;
+- on CPU the host time per framework operation (``op_overhead``): forward and backward of
+  Piper's tiny-moe model shrunk to width 16 (its arithmetic negligible) divided by the aten
+  operations it dispatched (``piper_moe.resource_model.ops``); 0 on a CUDA device (the host's
+  dispatch runs ahead of the kernels there; not modelled);
 - copy bandwidth (``clone`` of a 64 MiB buffer: bytes copied per second) and memory bandwidth
   (bytes read + written per second);
 - all-to-all time through piper_comm, flat and HALO, for per-peer blocks of 1 KiB to 1 MiB, timed
@@ -68,22 +79,109 @@ def _timeit(fn, iters: int, warmup: int = 2, sync=None) -> float:
     return statistics.median(times)
 
 
-def measure_gemm(dims=GEMM_DIMS, width: int = 1024, iters: int = 5,
-                 device: str | None = None) -> list[dict[str, float]]:
-    """Throughput (FLOP/s) of [d, width] x [width, width] products for each d in ``dims``."""
+def _device(device: str | None) -> tuple[str, Any, Any]:
+    """(device, the dtype it computes in, its synchronize or None)."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device == "cuda" else None
+    cuda = device.startswith("cuda")
+    return device, torch.bfloat16 if cuda else torch.float32, \
+        torch.cuda.synchronize if cuda else None
+
+
+def measure_gemm(dims=GEMM_DIMS, width: int = 1024, iters: int = 5, device: str | None = None,
+                 shapes: list[tuple[int, int, int]] = ()) -> list[dict[str, float]]:
+    """Throughput (FLOP/s) of [d, width] x [width, width] products for each d in ``dims``, then
+    of each (m, n, k) in ``shapes`` ([m, k] x [k, n])."""
+    import torch
+
+    device, dtype, sync = _device(device)
     out = []
-    b = torch.randn(width, width, device=device, dtype=dtype)
-    for d in dims:
-        a = torch.randn(d, width, device=device, dtype=dtype)
-        t = _timeit(lambda a=a: torch.matmul(a, b), iters, sync=sync)
-        out.append({"m": d, "n": width, "k": width, "seconds": t,
-                    "flops_per_s": 2.0 * d * width * width / t})
+    for m, n, k in [(d, width, width) for d in dims] + list(shapes):
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        t = _timeit(lambda a=a, b=b: torch.matmul(a, b), iters, sync=sync)
+        out.append({"m": m, "n": n, "k": k, "seconds": t, "flops_per_s": 2.0 * m * n * k / t})
     return out
+
+
+def model_gemm_shapes(model, micro_batch: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """The distinct (m, n, k) of one micro-batch's forward GEMMs of ``model`` on one rank at
+    EP = TP = 1: every dense and attention projection on micro_batch * seq_len rows, each
+    routed expert's on its even share of the routed rows (resource_model.params' linears)."""
+    from piper_moe.resource_model.params import dense_layer_linears, moe_layer_linears
+
+    tokens = micro_batch * seq_len
+    shapes = set()
+    linears = list(dense_layer_linears(model)) if model.num_dense_layers else []
+    if model.num_moe_layers:
+        linears += moe_layer_linears(model)
+    for lin in linears:
+        rows = (max(1, tokens * model.moe.top_k // model.moe.num_experts)
+                if lin.shard == "expert" else tokens)
+        shapes.add((rows, lin.d_out, lin.d_in))
+    return sorted(shapes)
+
+
+def measure_attention(batch: int, heads: int, seq: int, head_dim: int, iters: int = 5,
+                      device: str | None = None) -> dict[str, Any]:
+    """Causal scaled_dot_product_attention on [batch, heads, seq, head_dim]: forward FLOP/s
+    (2 * b * h * s^2 * 2d / 2 FLOPs: causal, q.k and p.v) and the backward's time as a multiple
+    of the forward's."""
+    import torch
+    import torch.nn.functional as F
+
+    device, dtype, sync = _device(device)
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype,
+                           requires_grad=True) for _ in range(3))
+    grad = torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype)
+
+    def forward():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    t_fwd = _timeit(forward, iters, sync=sync)
+    t_both = _timeit(lambda: forward().backward(grad), iters, sync=sync)
+    flops = 2.0 * batch * heads * seq * seq * 2 * head_dim / 2
+    return {"shape": [batch, heads, seq, head_dim], "forward_s": t_fwd,
+            "backward_s": max(t_both - t_fwd, 0.0), "flops_per_s": flops / t_fwd,
+            "backward_ratio": max(t_both - t_fwd, 0.0) / t_fwd}
+
+
+def measure_op_overhead(iters: int = 5) -> dict[str, Any]:
+    """Host seconds per framework operation: one micro-batch (1 x 8 tokens) forward and
+    backward through Piper's tiny-moe model shrunk to width 16, whose arithmetic is negligible,
+    divided by the aten operations it dispatched (counted by a TorchDispatchMode)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from piper_moe.resource_model import load_model
+    from piper_moe.transformer import Stage
+
+    spec = load_model("tiny-moe")
+    narrow = dataclasses.replace(
+        spec, hidden=16, vocab=32, dense_ffn=16,
+        attention=dataclasses.replace(spec.attention, num_heads=2, num_kv_heads=1, head_dim=8),
+        moe=dataclasses.replace(spec.moe, expert_ffn=8, shared_expert_ffn=8))
+    stage = Stage(narrow, range(narrow.num_layers), first=True, last=True)
+    tokens = torch.randint(0, narrow.vocab, (1, 8))
+    target = torch.randint(0, narrow.vocab, (8,))
+
+    def step():
+        F.cross_entropy(stage(tokens).flatten(0, 1), target).backward()
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    step()
+    with Count():
+        step()
+    t = _timeit(step, iters)
+    return {"ops": Count.ops, "seconds": t, "op_overhead": t / Count.ops}
 
 
 def fit_gemm(points: list[dict[str, float]]) -> tuple[float, float]:
@@ -196,8 +294,11 @@ def measure_a2a(comm, blocks=A2A_BLOCKS, iters: int = 20, warmup: int = 5,
              "samples": [float(x) for x in s]} for (a, b, _), s in zip(cases, samples)]
 
 
-def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit) -> dict[str, Any]:
-    """The YAML mapping of the calibrated platform."""
+def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit,
+                   attention: dict[str, Any] | None = None,
+                   op: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The YAML mapping of the calibrated platform (attention, op: measure_attention's and
+    measure_op_overhead's results, or None to keep the base's)."""
     base = load_platform(base_name)
     data = dataclasses.asdict(base)
     rate, half = fit_gemm(gemm_points)
@@ -215,6 +316,13 @@ def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit) -> dic
                         "size dependence resolved over the measured blocks)", level)
         data[level] = {"latency": a2a_fit[f"latency_{level}"], "bandwidth": bandwidth}
     data["calibrated"] = {"gemm": gemm_points, "copy": copy, "a2a_fit": a2a_fit or {}}
+    if attention is not None:
+        data.update(attention_flops=attention["flops_per_s"],
+                    attention_backward=attention["backward_ratio"])
+        data["calibrated"]["attention"] = attention
+    if op is not None:
+        data["op_overhead"] = op["op_overhead"]
+        data["calibrated"]["op_overhead"] = op
     return data
 
 
@@ -228,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
     parser.add_argument("--repeats", type=int, default=3,
                         help="all-to-all measurements per size and algorithm (median taken)")
+    parser.add_argument("--model", default=None,
+                        help="the job's model: its GEMMs join the fit, its attention shape is "
+                             "timed (default: generic shapes)")
+    parser.add_argument("--micro-batch", type=int, default=4, help="with --model: sequences")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="with --model: tokens per sequence (default: the model's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     iters = 3 if args.quick else 10
@@ -243,8 +357,24 @@ def main(argv: list[str] | None = None) -> int:
         comm = pc.init()
     rank = comm.rank if comm else 0
 
-    gemm_points = measure_gemm(GEMM_DIMS[:3] if args.quick else GEMM_DIMS, iters=iters)
+    shapes: list[tuple[int, int, int]] = []
+    attention_shape = (4, 8, 256, 64)
+    if args.model:
+        from piper_moe.resource_model import load_model
+
+        model = load_model(args.model)
+        seq = args.seq_len or model.seq_len
+        shapes = model_gemm_shapes(model, args.micro_batch, seq)
+        a = model.attention
+        attention_shape = (args.micro_batch, a.num_heads, seq,
+                           (a.qk_head_dim + a.v_dim) // 2)
+    gemm_points = measure_gemm(GEMM_DIMS[:3] if args.quick else GEMM_DIMS, iters=iters,
+                               shapes=shapes)
     copy = measure_copy(16 * 2**20 if args.quick else 64 * 2**20, iters=iters)
+    attention = measure_attention(*attention_shape, iters=iters)
+    device, _, _ = _device(None)
+    op = measure_op_overhead(iters) if device == "cpu" else {
+        "op_overhead": 0.0, "note": "a CUDA device: host dispatch overlaps the kernels"}
     a2a_points: list[dict[str, Any]] = []
     a2a_fit: dict[str, float] = {}
     if comm is not None and comm.size > 1:
@@ -259,15 +389,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank == 0:
         name = args.name or args.out.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        data = build_platform(args.base, name, gemm_points, copy, a2a_fit)
+        data = build_platform(args.base, name, gemm_points, copy, a2a_fit, attention, op)
         data["calibrated"]["a2a"] = a2a_points
         with open(args.out, "w", encoding="utf-8") as f:
             f.write("# written by python -m piper_moe.cli.calibrate\n")
             yaml.safe_dump(data, f, sort_keys=False)
         rate, half = fit_gemm(gemm_points)
         log.info("calibrate: GEMM %.1f GFLOP/s asymptote, half at d=%.0f; copy %.2f GB/s; "
-                 "a2a fit %s -> %s", rate / 1e9, half, copy["copy_bandwidth"] / 1e9, a2a_fit,
-                 args.out)
+                 "attention %.1f GFLOP/s forward, backward %.1fx; %.2f us per framework "
+                 "operation; a2a fit %s -> %s", rate / 1e9, half, copy["copy_bandwidth"] / 1e9,
+                 attention["flops_per_s"] / 1e9, attention["backward_ratio"],
+                 op["op_overhead"] * 1e6, a2a_fit, args.out)
     if comm is not None:
         comm.barrier()
         comm.close()

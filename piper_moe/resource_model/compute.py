@@ -6,10 +6,12 @@ GEMM time (``gemm_time``), for an [M, K] x [K, N] product of e-byte elements:
 expert) runs far below peak, and a very skinny one becomes memory bound.
 
 Attention core (flash attention, causal): ``2*b*s^2*a*(d_qk + d_v) / 2`` FLOPs per layer forward,
-timed like a GEMM whose smallest dimension is d_qk + d_v. Element-wise work (norms, residual
+at ``platform.attention_flops`` FLOP/s when calibrated, else timed like a GEMM whose smallest
+dimension is d_qk + d_v. Element-wise work (norms, residual
 adds, activation functions, MoE permutes, router softmax) is timed by bytes moved at HBM bandwidth.
-Backward costs twice the forward (input and weight gradients); the weight-gradient half is what
-zero-bubble schedules defer. With scaled FP8 expert GEMMs (``scaled_fp8_gemm``) the experts' up
+Backward costs twice the forward (input and weight gradients; the attention core
+``platform.attention_backward`` times its forward); the weight-gradient half is what zero-bubble
+schedules defer. With scaled FP8 expert GEMMs (``scaled_fp8_gemm``) the experts' up
 projections run forward at ``peak_flops_fp8`` on 1-byte inputs; their backward stays bf16, so a
 layer's backward is twice its bf16 forward (``LayerCompute.fp8_saved`` gives the difference).
 """
@@ -100,7 +102,8 @@ def layer_compute(model: ModelSpec, platform: PlatformSpec, s: Strategy,
     a = model.attention
     core_flops = attention_core_flops(model, s.micro_batch, s.seq_len) / s.tp
     d = a.qk_head_dim + a.v_dim
-    t_core = core_flops / (platform.peak_flops * gemm_efficiency(d, platform))
+    t_core = core_flops / (platform.attention_flops
+                           or platform.peak_flops * gemm_efficiency(d, platform))
     flops += core_flops
     # norms (read + write), two residual adds (2 reads + 1 write)
     ew_bytes = (2 * 2 + 2 * 3) * T * h / s.sp * e

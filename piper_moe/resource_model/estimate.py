@@ -2,9 +2,15 @@
 
 Step time is assembled on the critical (slowest) pipeline stage, for m micro-batches:
 
-    step = m * (compute + recompute + tp_comm + a2a + pp_comm) + bubble + dp_comm + optimizer
+    step = m * (compute + overhead + recompute + tp_comm + a2a + pp_comm) + bubble + dp_comm
+           + optimizer
 
-- compute: forward + backward (2x forward) of the stage's layers (and head on the last stage);
+- compute: forward + backward (2x forward; the attention core's backward
+  ``platform.attention_backward`` x its forward) of the stage's layers (and head on the last
+  stage);
+- overhead: host time of the framework operations (``ops``: per layer, embedding and head,
+  forward and backward, per micro-batch; and per parameter tensor once per step) at
+  ``platform.op_overhead`` each (0 on GPU platforms);
 - recompute: one more forward for "full", the element-wise part for "selective";
 - tp_comm: 4 all-gather/reduce-scatter of T*h per layer forward and 4 backward (sequence parallel);
   plus the ETP gather/scatter of expert rows;
@@ -31,15 +37,15 @@ import math
 from dataclasses import dataclass, field
 
 from ..layer.config import fp8_row_bytes
-from . import comm, dispatch_cost
+from . import comm, dispatch_cost, ops
 from .compute import head_compute, layer_compute, model_flops_per_token, routed_expert_gemm_time
 from .memory import PRECISION_BYTES, memory, shapes, stage_layer_kinds, stage_params
 from .pipeline import bubble
 from .spec import ModelSpec, PlatformSpec
 from .strategy import Strategy
 
-TIME_KEYS = ("compute", "recompute", "tp_comm", "a2a", "pp_comm", "bubble", "dp_comm",
-             "optimizer")
+TIME_KEYS = ("compute", "overhead", "recompute", "tp_comm", "a2a", "pp_comm", "bubble",
+             "dp_comm", "optimizer")
 
 
 @dataclass(kw_only=True)
@@ -85,8 +91,15 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
     e = PRECISION_BYTES[s.precision][3]
     G = platform.devices_per_node
     sh = shapes(model, s)
-    out = dict.fromkeys(("compute", "recompute", "tp_comm", "a2a", "pp_comm"), 0.0)
+    out = dict.fromkeys(("compute", "overhead", "recompute", "tp_comm", "a2a", "pp_comm"), 0.0)
     fwd = wgrad = 0.0
+    c = platform.op_overhead
+    parts = [("moe" if moe else "dense", n) for n, moe in ((n_dense, False), (n_moe, True))]
+    parts += [("embed", 1)] * (stage == 0) + [("head", 1)] * (stage == s.pp - 1)
+    for part, n in parts:
+        po = ops.part_ops(s.precision, part)
+        out["overhead"] += n * (po.forward + po.backward) * c
+        fwd += n * po.forward * c
     tp_g = comm.per_node(s.tp, 1, G)
     act = sh.tokens * model.hidden * e
     tp_layer = 4 * comm.all_gather(act, s.tp, tp_g, platform) if s.tp > 1 else 0.0
@@ -116,7 +129,9 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
         if moe_layer and s.etp > 1:
             rows = sh.expert_rows * model.hidden * e
             tp_extra = 2 * comm.all_gather(rows, s.etp, comm.per_node(s.etp, 1, G), platform)
-        comp = 3 * lc.total + 2 * lc.fp8_saved  # backward: twice the bf16 forward
+        # backward: twice the bf16 forward, the attention core's at its own factor
+        comp = (3 * lc.total + 2 * lc.fp8_saved
+                + (platform.attention_backward - 2) * lc.attention_core)
         re = 0.0
         re_a2a = 0.0
         if s.recompute == "full":
@@ -175,6 +190,15 @@ def _dp_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: int) 
     return t
 
 
+def _step_ops(model: ModelSpec, s: Strategy, stage: int) -> float:
+    """Framework operations of one stage once per step: clipping, AdamW and zeroing per
+    parameter tensor (``ops.OPS_PER_TENSOR_STEP``)."""
+    n_dense, n_moe = stage_layer_kinds(model, s, stage)
+    parts = {"dense": n_dense, "moe": n_moe, "embed": stage == 0, "head": stage == s.pp - 1}
+    tensors = sum(n * ops.part_ops(s.precision, part).tensors for part, n in parts.items())
+    return tensors * ops.OPS_PER_TENSOR_STEP
+
+
 def _optimizer_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: int) -> float:
     """Seconds of one Adam step over this rank's shard (memory-bound)."""
     p_b, g_b, o_b, _ = PRECISION_BYTES[s.precision]
@@ -194,7 +218,9 @@ def estimate(model: ModelSpec, platform: PlatformSpec, strategy: Strategy) -> Es
     crit = max(range(s.pp), key=lambda st: stages[st]["fwd"] + stages[st]["bwd"])
     c = stages[crit]
     m = s.num_micro
-    time = {k: m * c[k] for k in ("compute", "recompute", "tp_comm", "a2a", "pp_comm")}
+    time = {k: m * c[k] for k in ("compute", "overhead", "recompute", "tp_comm", "a2a",
+                                  "pp_comm")}
+    time["overhead"] += max(_step_ops(model, s, st) for st in range(s.pp)) * platform.op_overhead
     time["bubble"] = bubble(s, c["fwd"], c["bwd"], c["wgrad"])
     time["dp_comm"] = max(_dp_time(model, platform, s, st) for st in range(s.pp))
     time["optimizer"] = max(_optimizer_time(model, platform, s, st) for st in range(s.pp))

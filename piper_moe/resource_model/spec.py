@@ -235,7 +235,16 @@ class PlatformSpec:
     the node's NICs), ``barrier_latency`` seconds per node barrier (None: one ``intra.latency``),
     ``memory_reserved`` bytes per device the framework cannot use (context, communicator
     buffers, allocator fragmentation), and ``peak_flops_fp8`` the dense FP8 peak of a native
-    block-scaled FP8 GEMM (None: none; the FP8 expert GEMMs then run at ``peak_flops``)."""
+    block-scaled FP8 GEMM (None: none; the FP8 expert GEMMs then run at ``peak_flops``).
+
+    Host-side costs: ``op_overhead`` seconds per framework operation (an aten op dispatched,
+    with its autograd bookkeeping and the Python between ops; counted per layer by
+    ``resource_model.ops``) that do not overlap the compute: on CPU hosts, where the same core
+    runs both; 0 on GPU platforms, whose host dispatch runs ahead of the kernels of a model of
+    real size (not modelled there). The attention core's forward runs at ``attention_flops``
+    FLOP/s (None: the GEMM curve at the head dimensions) and its backward takes
+    ``attention_backward`` times the forward (2 for a GEMM-like kernel; calibrate measures
+    both)."""
 
     name: str
     device: str
@@ -250,6 +259,9 @@ class PlatformSpec:
     inter: LinkSpec
     barrier_latency: float | None = None
     peak_flops_fp8: float | None = None
+    op_overhead: float = 0.0
+    attention_flops: float | None = None
+    attention_backward: float = 2.0
     source: str = ""
     calibrated: dict[str, Any] = field(default_factory=dict)
 
@@ -265,6 +277,11 @@ class PlatformSpec:
         if self.peak_flops_fp8 is not None and self.peak_flops_fp8 <= 0:
             raise ValueError(f"platform {self.name}: peak_flops_fp8 must be > 0 or absent "
                              f"(got {self.peak_flops_fp8})")
+        if self.op_overhead < 0 or self.attention_backward <= 0 or (
+                self.attention_flops is not None and self.attention_flops <= 0):
+            raise ValueError(f"platform {self.name}: op_overhead must be >= 0, attention_flops "
+                             f"> 0 or absent, attention_backward > 0 (got {self.op_overhead}, "
+                             f"{self.attention_flops}, {self.attention_backward})")
         if self.barrier_latency is not None and self.barrier_latency < 0:
             raise ValueError(f"platform {self.name}: barrier_latency must be >= 0 "
                              f"(got {self.barrier_latency})")

@@ -48,7 +48,11 @@ def test_measure_and_write_platform(tmp_path):
     assert all(p["flops_per_s"] > 0 for p in gemm) and copy["copy_bandwidth"] > 0
     fit = {"latency_intra": 1e-6, "bandwidth_intra": 2e9, "latency_inter": 1e-5,
            "bandwidth_inter": float("inf")}
-    data = calibrate.build_platform("cpu-host", "mine", gemm, copy, fit)
+    attention = calibrate.measure_attention(1, 2, 32, 16, iters=1, device="cpu")
+    op = calibrate.measure_op_overhead(iters=1)
+    assert attention["flops_per_s"] > 0 and attention["backward_ratio"] > 0, attention
+    assert op["ops"] > 500 and 0 < op["op_overhead"] < 1e-3, op  # tiny-moe: ~1,000 per step
+    data = calibrate.build_platform("cpu-host", "mine", gemm, copy, fit, attention, op)
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(data))
     p = load_platform(str(path))
@@ -56,6 +60,23 @@ def test_measure_and_write_platform(tmp_path):
     assert p.inter.bandwidth == float("inf")  # latency-only fit: no size dependence
     assert comm.a2a_flat(1e6, 4, 1, p) == pytest.approx(3 * 1e-5)
     assert p.copy_bandwidth == copy["copy_bandwidth"]
+    assert p.op_overhead == op["op_overhead"]
+    assert p.attention_flops == attention["flops_per_s"]
+    assert p.attention_backward == attention["backward_ratio"]
+
+
+def test_model_gemm_shapes_are_the_layers_at_the_micro_batch():
+    """tiny-moe, 4 x 64 tokens: its projections on 256 rows, an expert's on 256 * top_k / E."""
+    from piper_moe.resource_model import load_model
+
+    m = load_model("tiny-moe")
+    shapes = calibrate.model_gemm_shapes(m, 4, 64)
+    h, a = m.hidden, m.attention
+    qkv = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+    assert (256, qkv, h) in shapes and (256, h, a.num_heads * a.head_dim) in shapes
+    rows = 256 * m.moe.top_k // m.moe.num_experts
+    assert (rows, 2 * m.moe.expert_ffn, h) in shapes and (rows, h, m.moe.expert_ffn) in shapes
+    assert (256, m.moe.num_experts, h) in shapes  # the router
 
 
 def test_fit_a2a_is_nonnegative_and_relative():

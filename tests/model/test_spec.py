@@ -39,6 +39,16 @@ def test_platform_barrier_latency():
         platform_from_dict({**data, "barrier_latency": -1.0})
 
 
+@pytest.mark.parametrize(("key", "value"), [("op_overhead", -1e-6), ("attention_flops", 0.0),
+                                            ("attention_backward", 0.0)])
+def test_platform_host_costs_are_checked(key, value):
+    data = dataclasses.asdict(load_platform("cpu-host"))
+    with pytest.raises(ValueError, match=key):
+        platform_from_dict({**data, key: value})
+    for name in ("dgx-h100", "frontier"):  # GPU platforms: host dispatch not modelled
+        assert load_platform(name).op_overhead == 0.0
+
+
 def test_tiny_param_counts_by_hand():
     # h=128, V=512, 4 heads x 32 (2 KV heads), dense f=256, 8 experts f=64 top-2, 1 shared f=64
     attn = 128 * 128 + 2 * 128 * 64 + 128 * 128  # q, k, v, o = 49152
