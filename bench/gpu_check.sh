@@ -79,6 +79,16 @@ OUT="${BACK:-bench/results}/gpu_${STAMP}${PART:+_part$PART}.txt"
 STATUS=0
 LANE=""  # the lane a step runs in (lanes below); empty outside one
 export NCCL_MULTI_RANK_GPU_ENABLE=1  # several ranks on the one GPU (NCCL >= 2.30, experimental)
+# NCCL's docs (env.rst, NCCL_MULTI_RANK_GPU_ENABLE): the default configuration serves about 2
+# ranks per GPU and more "may exhaust resources and lock"; fewer CTAs per rank for our 4.
+export NCCL_MAX_CTAS=${NCCL_MAX_CTAS:-4} NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# Every wait of Piper (and of the trainer and the benchmark's torch groups) raises after 45 s,
+# naming what it waited for, before a step's limit kills the step without a word.
+export PIPER_TIMEOUT=${PIPER_TIMEOUT:-45}
+# The script's time (a device call runs at most 600 s): a step starts only with 15 s left and
+# its limit is cut to what is left, so that the summary is always written.
+BUDGET=${PIPER_GPU_BUDGET_S:-540}
+export PIPER_GPU_CHECK_RUN=$STAMP  # marks this run's processes: reap() ends those left over
 if [ $DRY -eq 1 ]; then
   echo "# piper GPU check, dry run: nothing below is executed"
   echo "# results would go to $OUT, headed by the device name"
@@ -111,7 +121,13 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, records outpu
     echo "### $name (limit ${limit} s): $(printf '%q ' "$@")"
     return
   fi
-  local t0=$SECONDS rc
+  local t0=$SECONDS rc left=$((BUDGET - SECONDS - 5))
+  if [ "$left" -lt 10 ]; then
+    echo "### $name: NOT run (budget: ${SECONDS} s of ${BUDGET} s used)" | tee -a "$OUT"
+    STATUS=1
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   if [ -n "$LANE" ]; then  # in a lane: the output to the lane's file, only the verdict shown
     echo "### $name: $*" >> "$OUT"
     timeout --signal=TERM --kill-after=10 "$limit" "$@" >> "$OUT" 2>&1
@@ -121,10 +137,42 @@ step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, records outpu
     timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT"
     rc=${PIPESTATUS[0]}
   fi
-  [ "$rc" -eq 124 ] && echo "### $name: TIMED OUT after ${limit} s" | tee -a "$OUT"
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo "### $name: TIMED OUT after ${limit} s" | tee -a "$OUT"
   echo "### $name: exit $rc after $((SECONDS - t0)) s (script at ${SECONDS} s)${LANE:+ [lane $LANE]}" \
     | tee -a "$OUT"
   [ "$rc" -eq 0 ] || STATUS=1
+  [ -n "$LANE" ] || reap
+  return "$rc"
+}
+
+reap() {  # ends the processes of this run that outlived their step (ranks of a killed mpirun:
+  # launchers start them in sessions of their own, which timeout's signal does not reach) and
+  # says what still holds the GPU
+  [ $DRY -eq 1 ] && return
+  "$PY" - "$$" <<'REAP' 2>&1 | tee -a "$OUT"
+import os, signal, subprocess, sys
+mark = ("PIPER_GPU_CHECK_RUN=" + os.environ["PIPER_GPU_CHECK_RUN"]).encode()
+keep = {os.getpid(), os.getppid(), int(sys.argv[1])}
+killed = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if int(pid) in keep or mark not in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+            continue
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()[:120]
+        os.kill(int(pid), signal.SIGKILL)
+        killed.append(f"{pid} {cmd}")
+    except OSError:
+        pass
+if killed:
+    print("### reap: killed left-over processes of this run:", *killed, sep="\n    ")
+    try:
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=20).stdout.strip() or "nothing"
+    except (OSError, subprocess.SubprocessError) as e:
+        apps = f"(nvidia-smi: {e})"
+    print("### reap: on the GPU now:", apps)
+REAP
 }
 
 lanes() {  # lanes FUNC...: the steps of each FUNC in a lane of its own, all at once; each lane
@@ -263,6 +311,7 @@ facts = {  # each read on its own: one that fails does not hide the others
     'torch': 'torch.__version__, torch.version.cuda',
     'device': 'torch.cuda.get_device_name(), torch.cuda.get_device_capability()',
     'nccl (torch)': 'torch.cuda.nccl.version()',
+    'libnccl mapped': 'sorted({l.split()[-1] for l in open(\"/proc/self/maps\") if \"libnccl\" in l})',
     'mpi': 'importlib.import_module(\"mpi4py.MPI\").Get_library_version().splitlines()[0]',
     'F.scaled_mm': 'hasattr(importlib.import_module(\"torch.nn.functional\"), \"scaled_mm\")',
     'cupy': 'importlib.util.find_spec(\"cupy\") is not None'}
@@ -276,7 +325,7 @@ for name, expr in facts.items():
         print(name, 'FAILED:', type(e).__name__, e)
 raise SystemExit(bad > 0)"
   echo "### mpirun: $MPIRUN" | tee -a "$OUT"
-  "$PY" -c "import sys, torch; sys.exit(tuple(torch.cuda.nccl.version()) < (2, 30, 0))" || NCCL_OK=0
+  step nccl_version 60 "$PY" -c "import sys, torch; v = tuple(torch.cuda.nccl.version()); print('torch NCCL', v); sys.exit(v < (2, 30, 0))" || NCCL_OK=0
   if [ $NCCL_OK -eq 0 ]; then
     export PIPER_INTER=mpi
     echo "### note: torch's NCCL < 2.30 cannot run several ranks on one GPU: multi-rank steps use PIPER_INTER=mpi (host-staged), NCCL tests skip, no NCCL baseline" | tee -a "$OUT"
@@ -284,7 +333,6 @@ raise SystemExit(bad > 0)"
 else
   echo "### environment (limit 60 s): torch, CUDA, torch's NCCL version (a carried .whl/libnccl.so.2 preloaded), MPI, F.scaled_mm, CuPy; NCCL < 2.30 -> PIPER_INTER=mpi and no NCCL baseline"
 fi
-NCCL_ALGOS=$([ $NCCL_OK -eq 1 ] && echo halo,flat,nccl || echo halo,flat)
 
 # 1. Build (what `make build` runs; no network: pybind11, cmake, ninja must be installed).
 #    A fresh build directory: CMake caches the MPI wrapper it found, and the MPI in front may
@@ -292,6 +340,19 @@ NCCL_ALGOS=$([ $NCCL_OK -eq 1 ] && echo halo,flat,nccl || echo halo,flat)
 BUILD_DIR=${PIPER_BUILD_DIR:-build}
 [ $DRY -eq 1 ] || rm -rf "$BUILD_DIR"
 step build 300 "$PY" -m pip install --no-build-isolation --no-deps -e .
+
+# 2. The NCCL gate: 4 ranks on the one GPU over Piper's NCCL transport and torch's own NCCL
+#    group (tests/gpu/comm_cases.py:nccl_gate). If it fails, everything after it runs
+#    host-staged (PIPER_INTER=mpi, the delegate gloo) as in the first GPU run, rather than
+#    every step failing on NCCL.
+if [ $NCCL_OK -eq 1 ]; then
+  if ! step nccl_gate 90 env PIPER_INTER=nccl "$MPIRUN" -n 4 "$PY" -c "from tests.gpu.comm_cases import nccl_gate; print(nccl_gate(local_size=2))"; then
+    NCCL_OK=0
+    export PIPER_INTER=mpi
+    echo "### note: the NCCL gate failed: every later step runs host-staged (PIPER_INTER=mpi), NCCL tests skip, no NCCL baseline" | tee -a "$OUT"
+  fi
+fi
+NCCL_ALGOS=$([ $NCCL_OK -eq 1 ] && echo halo,flat,nccl || echo halo,flat)
 
 SECTION=1
 # Part 1: correctness, in three lanes at once (they share the GPU and the 16 cores; nothing in
@@ -318,6 +379,9 @@ moe() {
   step moe_layer_cuda 180 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -genv OMP_NUM_THREADS 2 -n 4 "$PY" bench/gpu_moe_check.py layer
   step moe_layer_cuda_one_node 180 "$MPIRUN" -genv OMP_NUM_THREADS 2 -n 4 "$PY" bench/gpu_moe_check.py layer
   step train_cuda 240 "$PY" bench/gpu_moe_check.py train --steps 20 --ranks 4
+  # with NCCL in use, the host-staged gloo delegate (the fallback of machines whose NCCL cannot
+  # serve the ranks) is not exercised by train_cuda: once more on it, fp32
+  [ $NCCL_OK -eq 1 ] && step train_cuda_staged 150 env PIPER_INTER=mpi PIPER_TORCH_CUDA_DELEGATE=gloo "$PY" bench/gpu_moe_check.py train --steps 20 --ranks 4 --precisions fp32
 }
 #  sanitizer: compute-sanitizer on the kernels' driver, the context's IPC round trip and one
 #    small collective (2 ranks).
@@ -337,21 +401,31 @@ sanitizer() {
   step memcheck 120 "$SAN" --tool memcheck --error-exitcode 1 "$PY" "$DRIVER" sanitize
   step racecheck 120 "$SAN" --tool racecheck --error-exitcode 1 "$PY" "$DRIVER" sanitize
   step memcheck_context 150 "$MPIRUN" -n 2 "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "from tests.gpu.cases import ipc_segment_round_trip as f; print(f(rows=256))"
-  step memcheck_collective 150 "$MPIRUN" -n 2 "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "from tests.gpu.comm_cases import small; print(small(local_size=2))"
+  # host-staged: under memcheck NCCL would instrument its whole device library in each rank
+  step memcheck_collective 150 env PIPER_INTER=mpi "$MPIRUN" -n 2 "$SAN" --tool memcheck --error-exitcode 1 "$PY" -c "from tests.gpu.comm_cases import small; print(small(local_size=2))"
 }
-[ -n "$PART" ] && [ "$PART" != 1 ] || lanes collectives moe sanitizer
+if [ -z "$PART" ] || [ "$PART" = 1 ]; then
+  if [ $NCCL_OK -eq 1 ]; then  # one lane at a time: NCCL serves few ranks per GPU (above)
+    for lane in collectives moe sanitizer; do "$lane"; done
+  else
+    lanes collectives moe sanitizer
+    reap
+  fi
+fi
 
 SECTION=2
 # Part 2: the benchmarks, one at a time with nothing beside them: the collective against torch's
 # NCCL, the MoE layer in every precision, the kernels against a device copy (the HBM ceiling).
-step bench_nccl 150 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --local-size 2 --algos "$NCCL_ALGOS" -b 1K -e 64M -f 4 -n 10 -w 3
+# (Piper's figures alone when the run with the NCCL baseline beside them fails)
+step bench_nccl 150 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --local-size 2 --algos "$NCCL_ALGOS" -b 1K -e 64M -f 4 -n 10 -w 3 -T 60 \
+  || { [ $NCCL_OK -eq 1 ] && step bench_piper 120 "$MPIRUN" -n 4 "$PY" -m piper_comm.bench --device cuda --local-size 2 --algos halo,flat -b 1K -e 64M -f 4 -n 10 -w 3 -T 60; }
 step bench_pack 90 "$PY" "$DRIVER" bench
 step bench_moe_layer 150 "$MPIRUN" -genv PIPER_LOCAL_SIZE 2 -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2
 step bench_moe_layer_fp8 150 "$MPIRUN" -n 4 "$PY" bench/moe_layer.py --device cuda --iters 5 --warmup 2 --hidden 2048 --ffn-hidden 1024 --tokens 4096 --variants reference,piper-nodedup --precisions bf16-mixed,bf16-mixed+fp8-dequantize,bf16-mixed+fp8-scaled
 # Where a small call's time goes on the device (py-spy --native on rank 0, from the carried
 # wheel): the host-staged path's floor, flat and HALO, 1 KiB per rank.
-step profile_flat_1k 60 "$PY" bench/profile_call.py -n 4 --local-size 2 --algo flat --bytes 1024 --seconds 4 --device cuda
-step profile_halo_1k 60 "$PY" bench/profile_call.py -n 4 --local-size 2 --algo halo --bytes 1024 --seconds 4 --device cuda
+step profile_flat_1k 60 env PIPER_INTER=mpi "$PY" bench/profile_call.py -n 4 --local-size 2 --algo flat --bytes 1024 --seconds 4 --device cuda
+step profile_halo_1k 60 env PIPER_INTER=mpi "$PY" bench/profile_call.py -n 4 --local-size 2 --algo halo --bytes 1024 --seconds 4 --device cuda
 
 if [ $DRY -eq 1 ]; then
   echo "# dry run: nothing was run"

@@ -136,10 +136,14 @@ class PiperProcessGroup(dist.ProcessGroup):
     def shutdown(self) -> None:
         self.piper_communicator.close()
         self.gloo.shutdown()
+        if self._nccl is not None:  # its watchdog and proxy threads must not outlive the group
+            self._nccl.shutdown()
 
     def abort(self) -> None:
         self.piper_communicator.close()
         self.gloo.abort()
+        if self._nccl is not None:
+            self._nccl.abort()
 
 
 def _map_tensors(value: Any, fn) -> Any:

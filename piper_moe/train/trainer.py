@@ -300,11 +300,12 @@ class Trainer:
         import torch.distributed as dist
 
         m = self.mesh
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)  # where the grads are
         for n, p in self.params:
             if p.grad is not None:
                 copies = (m.dp // m.ep) if _is_expert(n) else m.dp
                 sq += p.grad.detach().double().pow(2).sum() / copies
+        sq = sq.cpu()  # one device sync; the all-reduce of a host scalar goes to gloo
         if self.dist:
             dist.all_reduce(sq)
         norm = float(sq.sqrt())

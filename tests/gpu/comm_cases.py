@@ -251,3 +251,43 @@ def torch_backend(local_size: int | None) -> dict:
     used = comm.device_transport
     dist.destroy_process_group()
     return {"device_transport": used}
+
+
+def nccl_gate(local_size: int | None) -> dict:
+    """What the one-GPU check tries before it relies on NCCL (bench/gpu_check.sh, step
+    nccl_gate, PIPER_INTER=nccl): one small all_to_all_v through Piper's NCCL transport, then
+    torch's own NCCL group on the same ranks: an all_to_all_single and a send/recv ring. Each
+    result is checked; the NCCL version torch reports is returned."""
+    import torch
+    import torch.distributed as dist
+
+    import piper_comm.torch as pt
+
+    comm, _ = _setup(local_size)
+    P, me = comm.size, comm.rank
+    counts = [(me + d) % 3 for d in range(P)]
+    x = torch.arange(sum(counts) * 4, dtype=torch.float32, device="cuda").reshape(-1, 4)
+    out, _ = comm.all_to_all_v(x, counts)
+    ref, _ = comm.all_to_all_v(x.cpu(), counts)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), ref), "Piper over NCCL: wrong result"
+    transport = comm.device_transport
+    assert transport.startswith("nccl"), f"Piper's CUDA calls went through {transport}"
+    device = torch.device("cuda", comm.local_rank % torch.cuda.device_count())
+    comm.close()
+    pt.fill_from_mpi()
+    dist.init_process_group("nccl", device_id=device)
+    y = (torch.arange(P * 2, dtype=torch.float32, device=device) + 100 * me)
+    got = torch.empty_like(y)
+    dist.all_to_all_single(got, y)
+    want = torch.cat([torch.arange(2 * me, 2 * me + 2, dtype=torch.float32) + 100 * s
+                      for s in range(P)])
+    assert torch.equal(got.cpu(), want), "torch's NCCL all_to_all_single: wrong result"
+    ring = torch.empty(3, device=device)
+    ops = [dist.P2POp(dist.isend, torch.full((3,), float(me), device=device), (me + 1) % P),
+           dist.P2POp(dist.irecv, ring, (me - 1) % P)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    assert torch.equal(ring.cpu(), torch.full((3,), float((me - 1) % P))), "NCCL send/recv"
+    dist.destroy_process_group()
+    return {"piper": transport, "torch_nccl": ".".join(map(str, torch.cuda.nccl.version()))}

@@ -14,10 +14,10 @@ from piper_comm import _C
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-EVERY_PART = ["environment", "build"]
+EVERY_PART = ["environment", "build", "nccl_gate"]
 PARTS = {1: ["nvidia-smi", "build_config", "build_info", "smoke_one_rank",
              "smoke_two_nodes_of_one", "pytest_gpu_context", "pytest_gpu_comm",
-             "moe_layer_cuda", "moe_layer_cuda_one_node", "train_cuda",
+             "moe_layer_cuda", "moe_layer_cuda_one_node", "train_cuda", "train_cuda_staged",
              "memcheck", "racecheck", "memcheck_context", "memcheck_collective"],
          2: ["bench_nccl", "bench_pack", "bench_moe_layer", "bench_moe_layer_fp8",
              "profile_flat_1k", "profile_halo_1k"]}
