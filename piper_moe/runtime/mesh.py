@@ -179,11 +179,40 @@ def close_all() -> None:
 
 
 def _communicator(ranks: list[int], group: Any, node_of: list[int]):
-    """A piper_comm Communicator over `ranks` (a torch group), keeping the world's node ids."""
+    """A piper_comm Communicator over `ranks` (a torch group), keeping the world's node ids:
+    over MPI when the job was launched by MPI with torch's ranks MPI's (Piper's C++ executor
+    calls MPI directly), else over the torch group (gloo: Python transport, TCP). Collective
+    over the group."""
     import piper_comm as pc
 
     first: dict[int, int] = {}
     ids = [first.setdefault(node_of[r], len(first)) for r in ranks]  # renumbered 0, 1, ...
-    comm = pc.init("torch", group=group, node_ids=ids)
+    sub = _mpi_group(ranks, group)
+    if sub is not None:
+        comm = pc.init("mpi", group=sub, node_ids=ids)
+        sub.Free()  # Piper works on its own duplicate
+    else:
+        comm = pc.init("torch", group=group, node_ids=ids)
     _built.append(comm)
     return comm
+
+
+def _mpi_group(ranks: list[int], group: Any):
+    """An mpi4py communicator over `ranks` when every rank of the group runs under MPI with
+    its torch rank its MPI_COMM_WORLD rank (agreed over the group: all or none take it), else
+    None. MPI_Comm_create_group: collective over `ranks` only."""
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    MPI = sys.modules.get("mpi4py.MPI")  # imported by the launch when MPI started the job
+    ok = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
+    if ok:
+        world = MPI.COMM_WORLD
+        ok = world.Get_size() == dist.get_world_size() and world.Get_rank() == dist.get_rank()
+    flag = torch.tensor([int(ok)], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    if not flag.item():
+        return None
+    return world.Create_group(world.Get_group().Incl(ranks))

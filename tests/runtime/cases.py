@@ -110,3 +110,21 @@ def peer_never_sends() -> dict:
     except PiperTimeoutError as e:
         return {"message": str(e), "seconds": time.monotonic() - t0}
     return {"message": "no error"}
+
+
+def mesh_communicators(pp: int, dp: int, ep: int) -> dict:
+    """The transports of the mesh's Piper communicators, and one all_to_all on each that
+    checks every rank's block: MPI (from C++) when MPI launched the job, else the torch group."""
+    rank, _world = launch()
+    mesh = build_mesh(pp, dp, ep)
+    out = {}
+    for name, comm in (("ep", mesh.ep_comm), ("dp", mesh.dp_comm)):
+        if comm is None:
+            continue
+        x = torch.arange(comm.size * 2, dtype=torch.float64) + 1000 * rank
+        got = comm.all_to_all(x.numpy())
+        members = mesh.ep_ranks() if name == "ep" else mesh.stage_ranks()
+        want = [1000 * r + 2 * comm.rank + k for r in members for k in range(2)]
+        assert got.tolist() == want, (name, got.tolist(), want)
+        out[name] = comm.transport
+    return out

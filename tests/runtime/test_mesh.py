@@ -49,3 +49,18 @@ def test_bad_mesh():
         Mesh(1, 4, 3, world=4)
     with pytest.raises(ValueError, match="order must list"):
         Mesh(1, 1, 1, order="ep,pp")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_mesh_communicators_ride_mpi_when_mpi_launched(launcher):
+    """Under mpirun the EP and DP communicators are MPI sub-communicators (Piper's C++ executor
+    calls MPI); under torchrun they ride the torch group (gloo through Python). Either way each
+    delivers every rank's block."""
+    from tests.launch import run_mpi, run_torchrun
+
+    run = (run_mpi if launcher == "mpirun" else run_torchrun)(
+        4, "runtime.cases:mesh_communicators", {"pp": 1, "dp": 4, "ep": 2})
+    want = "mpi" if launcher == "mpirun" else "python:torch"
+    for r in run.ranks:
+        assert r["result"] == {"ep": want, "dp": want}, run.report()
