@@ -86,6 +86,10 @@ def _local_message(code: int, a: int, b: int) -> str:
         A.E_NO_CUDA: "a CUDA array was passed, but " + (
             "piper_comm._C was built without CUDA (rebuild where nvcc is found)" if a == 0
             else "this process sees no CUDA device"),
+        A.E_STREAM: f"{arg} is a CUDA array on the per-thread default stream (its "
+                    "__cuda_array_interface__ stream is 2), which is another stream on each "
+                    "thread, and Piper's work runs on other threads too: pass an explicit "
+                    "stream or the legacy default (1)",
     }.get(code, f"error {code}")
 
 

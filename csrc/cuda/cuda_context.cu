@@ -85,6 +85,9 @@ class IpcCudaContext final : public CudaContext {
   int64_t staging_bytes_ = 0;
   std::vector<TableSlot> tables_;
   std::vector<TableSlot> captured_;  // tables read by captured graphs: kept until release
+  // A grown table's old buffers, freed at release: cudaFree waits for the whole device, which
+  // may be running another rank's NCCL kernel that waits for a peer (no deadline there).
+  std::vector<TableSlot> retired_;
   bool closed_ = false;
 };
 
@@ -171,7 +174,7 @@ void IpcCudaContext::release_local() {
       if (e != nullptr) cudaEventDestroy(e), e = nullptr;
   for (auto& e : events_)
     if (e != nullptr) cudaEventDestroy(e), e = nullptr;
-  for (auto* list : {&tables_, &captured_}) {
+  for (auto* list : {&tables_, &captured_, &retired_}) {
     for (auto& t : *list) {
       if (t.done) cudaEventDestroy(t.done);
       if (t.host) cudaFreeHost(t.host);
@@ -233,8 +236,7 @@ TableSlot& IpcCudaContext::free_slot(int64_t entries) {
   }
   if (slot->capacity < entries) {  // its event completed: nothing reads the old buffers
     const int64_t cap = std::max<int64_t>(entries, 2 * slot->capacity);
-    if (slot->host) PIPER_CHECK_CUDA(cudaFreeHost(slot->host), "cudaFreeHost of a copy table");
-    if (slot->device) PIPER_CHECK_CUDA(cudaFree(slot->device), "cudaFree of a copy table");
+    if (slot->host || slot->device) retired_.push_back({slot->host, slot->device, 0, nullptr});
     slot->host = nullptr, slot->device = nullptr, slot->capacity = 0;
     PIPER_CHECK_CUDA(cudaMallocHost(&slot->host, cap * sizeof(int64_t)),
                      fmt("cudaMallocHost of a ", cap * 8, " B copy table on rank ", rank_));

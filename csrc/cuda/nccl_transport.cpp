@@ -41,6 +41,19 @@ struct Api {
 Api api;
 std::mutex load_mutex;
 
+// The error class of an NCCL failure: a misuse (also NCCL refusing several ranks on one GPU
+// without NCCL_MULTI_RANK_GPU_ENABLE), the machine, or a peer / the network.
+ErrorCode error_code(ncclResult_t r) {
+  switch (r) {
+    case ncclInvalidArgument:
+    case ncclInvalidUsage: return ErrorCode::kUsage;
+    case ncclUnhandledCudaError:
+    case ncclSystemError:
+    case ncclInternalError: return ErrorCode::kSystem;
+    default: return ErrorCode::kPeer;
+  }
+}
+
 std::string describe(ncclResult_t r, ncclComm_t comm = nullptr) {
   std::string s = api.error_string ? api.error_string(r) : fmt("ncclResult ", static_cast<int>(r));
   if (api.last_error != nullptr) {
@@ -130,7 +143,7 @@ NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t
   }
   while (!settled(what)) {
     if (std::chrono::steady_clock::now() >= deadline.at) {
-      cancel_all();
+      abort();
       throw Error(ErrorCode::kTimeout,
                   fmt("piper: ", what, ": timed out after ", deadline.timeout_s,
                       " s waiting for the other ranks to join (set PIPER_TIMEOUT to change "
@@ -143,7 +156,12 @@ NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t
 NcclTransport::~NcclTransport() {
   // Without close() (interpreter exit, an error): abort, which never waits for peers (once:
   // cancel_all may have aborted it already).
-  if (comm_ != nullptr && !broken_) api.abort(static_cast<ncclComm_t>(comm_));
+  abort();
+}
+
+void NcclTransport::abort() {
+  if (comm_ != nullptr && !broken_ && !captured_) api.abort(static_cast<ncclComm_t>(comm_));
+  broken_ = true;
 }
 
 std::string NcclTransport::name() const {
@@ -169,8 +187,8 @@ bool NcclTransport::settled(const std::string& what) {
   if (state == ncclInProgress) return false;
   if (state != ncclSuccess) {
     const std::string why = describe(state, static_cast<ncclComm_t>(comm_));
-    cancel_all();
-    throw Error(ErrorCode::kPeer, fmt("piper: ", what, ": NCCL reports ", why));
+    abort();
+    throw Error(error_code(state), fmt("piper: ", what, ": NCCL reports ", why));
   }
   return true;
 }
@@ -195,20 +213,26 @@ bool NcclTransport::test_all() {
     set_device(what);
     auto comm = static_cast<ncclComm_t>(comm_);
     auto stream = reinterpret_cast<cudaStream_t>(stream_);
+    if (device_ != kNcclHostMemory) {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      PIPER_CHECK_CUDA(cudaStreamIsCapturing(stream, &capture), what + ": cudaStreamIsCapturing");
+      captured_ = captured_ || capture != cudaStreamCaptureStatusNone;
+    }
+    auto ok = [](ncclResult_t r) { return r == ncclSuccess || r == ncclInProgress; };
     ncclResult_t r = api.group_start();
     for (const Posted& p : batch_) {
-      if (r != ncclSuccess || p.m.bytes == 0) continue;  // both sides skip empty messages
+      if (!ok(r) || p.m.bytes == 0) continue;  // both sides skip empty messages
       const auto n = static_cast<size_t>(p.m.bytes);
       const int peer = static_cast<int>(p.m.peer);
       r = p.m.send ? api.send(p.buf, n, ncclUint8, peer, comm, stream)
                    : api.recv(p.buf, n, ncclUint8, peer, comm, stream);
     }
     const ncclResult_t end = api.group_end();
-    if (r == ncclSuccess || r == ncclInProgress) r = end;
-    if (r != ncclSuccess && r != ncclInProgress) {
+    if (ok(r)) r = end;
+    if (!ok(r)) {
       const std::string why = describe(r, comm);
-      cancel_all();
-      throw Error(ErrorCode::kPeer, fmt(what, ": ", why));
+      abort();  // the batch stays: the executor names it
+      throw Error(error_code(r), fmt(what, ": ", why));
     }
     enqueued_ = true;
   }
@@ -227,8 +251,7 @@ std::vector<runtime::Message> NcclTransport::pending() const {
 void NcclTransport::cancel_all() {
   batch_.clear();
   enqueued_ = false;
-  if (comm_ != nullptr && !broken_) api.abort(static_cast<ncclComm_t>(comm_));
-  broken_ = true;
+  abort();
 }
 
 void NcclTransport::close(const std::string& what, double timeout_s) {
@@ -246,25 +269,30 @@ void NcclTransport::close(const std::string& what, double timeout_s) {
   ncclResult_t r = api.finalize(comm);
   while (r == ncclSuccess || r == ncclInProgress) {
     ncclResult_t state = ncclSuccess;
-    api.get_async_error(comm, &state);
+    if (const ncclResult_t q = api.get_async_error(comm, &state); q != ncclSuccess) state = q;
     if (state != ncclInProgress) {
       r = state;
       break;
     }
     if (std::chrono::steady_clock::now() >= deadline) {
-      api.abort(comm);
+      abort();
       comm_ = nullptr;
       throw Error(ErrorCode::kTimeout,
                   fmt("piper: ", what, ": rank ", rank_, " timed out after ", timeout_s,
-                      " s finalizing the NCCL communicator (a peer did not close)"));
+                      " s finalizing the NCCL communicator (",
+                      captured_ ? "a CUDA graph that captured Piper calls may still be alive: "
+                                  "destroy such graphs before close(); the communicator is "
+                                  "left to process exit"
+                                : "a peer did not close",
+                      ")"));
     }
     std::this_thread::sleep_for(kPoll);
   }
   if (r != ncclSuccess) {
-    api.abort(comm);
+    abort();
     comm_ = nullptr;
-    throw Error(ErrorCode::kPeer, fmt("piper: ", what, ": rank ", rank_,
-                                      ": ncclCommFinalize: ", describe(r)));
+    throw Error(error_code(r), fmt("piper: ", what, ": rank ", rank_, ": ncclCommFinalize: ",
+                                   describe(r)));
   }
   api.destroy(comm);
   comm_ = nullptr;

@@ -60,6 +60,7 @@ class NcclTransport final : public runtime::Transport {
   void cancel_all() override;
   void progress() override {}
   void set_stream(uintptr_t stream) override { stream_ = stream; }
+  bool graph_capturable() const override { return true; }
   void close(const std::string& what, double timeout_s) override;
 
  private:
@@ -70,8 +71,12 @@ class NcclTransport final : public runtime::Transport {
   void check_usable(const char* what) const;
   void set_device(const std::string& what) const;  // cudaSetDevice, unless host memory
   /// NCCL's state of the communicator: true when idle, false while work is in progress;
-  /// throws kPeer on an error.
+  /// aborts the communicator and throws on an error (the batch kept for the message).
   bool settled(const std::string& what);
+  /// ncclCommAbort once, unless a CUDA graph captured work on the communicator: NCCL's abort
+  /// and finalize then wait for every such graph to be destroyed, without a deadline, so the
+  /// communicator is left to process exit instead.
+  void abort();
 
   void* comm_ = nullptr;  // ncclComm_t
   int64_t rank_, size_;
@@ -79,7 +84,8 @@ class NcclTransport final : public runtime::Transport {
   uintptr_t stream_ = 0;
   std::vector<Posted> batch_;
   bool enqueued_ = false;
-  bool broken_ = false;  // aborted: every later call raises
+  bool broken_ = false;    // aborted: every later call raises
+  bool captured_ = false;  // a group was enqueued on a capturing stream (a CUDA graph)
 };
 
 }  // namespace piper::cuda

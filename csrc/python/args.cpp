@@ -62,8 +62,8 @@ uintptr_t torch_stream(int device) {
 }
 
 // The stream of a __cuda_array_interface__ array: CuPy's current stream for a CuPy array, else
-// the interface's "stream" entry (version 3; 1 and 2 are the legacy and per-thread default
-// streams, valid cudaStream_t values), else the legacy default stream.
+// the interface's "stream" entry (version 3; 1 is the legacy default stream; 2, the per-thread
+// default stream, is refused by the caller: kPerThreadDefaultStream), else the legacy default.
 uintptr_t interface_stream(py::handle obj, const py::dict& cai) {
   if (PyObject* cupy = imported("cupy")) {
     auto ndarray = py::reinterpret_borrow<py::object>(cupy).attr("ndarray");
@@ -74,6 +74,8 @@ uintptr_t interface_stream(py::handle obj, const py::dict& cai) {
   if (cai.contains("stream") && !cai["stream"].is_none()) return cai["stream"].cast<uintptr_t>();
   return 0;
 }
+
+constexpr uintptr_t kPerThreadDefaultStream = 2;  // cudaStreamPerThread
 
 // Whether this build and process can move CUDA memory (see no_cuda_reason).
 bool cuda_usable() { return no_cuda_reason() < 0; }
@@ -119,6 +121,9 @@ int64_t parse_cuda_interface(py::handle obj, runtime::ArrayArg& out) {
                      : cuda::current_device(nullptr);
     if (out.device < 0) return kErrDevice;
     out.stream = interface_stream(obj, cai);
+    // another stream on each thread: Piper's worker and NCCL's threads would not order their
+    // work with the caller's
+    if (out.stream == kPerThreadDefaultStream) return kErrStream;
   }
 #endif
   out.data = reinterpret_cast<uint8_t*>(ptr);

@@ -8,7 +8,8 @@ const char* const kLocalErrorNames[kNumLocalErrors] = {
     "NONE",       "TYPE",        "NONCONTIG",   "DEVICE",         "NDIM",
     "RECV_TYPE",  "RECV_NONCONTIG", "RECV_DTYPE", "COUNTS_LEN",   "COUNTS_NEG",
     "COUNTS_SUM", "ROWS_DIV",    "RCOUNTS_LEN", "RCOUNTS_NEG",    "ALGORITHM",
-    "COUNTS_TYPE", "RECV_ROWS",  "MIXED_MEMORY", "OTHER_DEVICE",   "NO_CUDA"};
+    "COUNTS_TYPE", "RECV_ROWS",  "MIXED_MEMORY", "OTHER_DEVICE",   "NO_CUDA",
+    "STREAM"};
 
 const char* algorithm_name(Algorithm a) {
   switch (a) {

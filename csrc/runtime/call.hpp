@@ -35,7 +35,7 @@ enum LocalError : int64_t {
   kErrNone, kErrType, kErrNonContig, kErrDevice, kErrNdim, kErrRecvType, kErrRecvNonContig,
   kErrRecvDtype, kErrCountsLen, kErrCountsNeg, kErrCountsSum, kErrRowsDiv, kErrRecvCountsLen,
   kErrRecvCountsNeg, kErrAlgorithm, kErrCountsType, kErrRecvRows, kErrMixedMemory,
-  kErrOtherDevice, kErrNoCuda, kNumLocalErrors
+  kErrOtherDevice, kErrNoCuda, kErrStream, kNumLocalErrors
 };
 extern const char* const kLocalErrorNames[kNumLocalErrors];
 

@@ -246,9 +246,16 @@ Algorithm Executor::use_plane(const Call& call, Algorithm algo, const Deadline& 
   ctx_->set_stream(call.send.stream);
   data_->set_stream(call.send.stream);
   // A graph replays only device work: HALO's node fences pass a host barrier, which a replay
-  // would skip, so captured calls run flat (NCCL only: the staged transport syncs the host).
+  // would skip, so captured calls run flat, over NCCL only (the staged transport waits for the
+  // device on the host). Every rank captures the same call, so every rank raises.
+  const bool capturing = ctx_->capturing();
+  if (capturing && !data_->graph_capturable())
+    throw Error(ErrorCode::kUsage,
+                fmt("piper: ", call.what, ": rank ", me_, ": device messages through ",
+                    data_->name(), " cannot be captured in a CUDA graph (it waits for the ",
+                    "device on the host); use NCCL (PIPER_INTER=nccl)"));
   const bool halo = algo == Algorithm::kHalo && topology_.num_nodes() < topology_.size();
-  if (halo && ctx_->capturing()) {
+  if (halo && capturing) {
     if (call.request == Request::kHalo)
       throw Error(ErrorCode::kUsage,
                   fmt("piper: ", call.what, ": rank ", me_, ": HALO cannot be captured in a ",

@@ -79,6 +79,9 @@ class Transport {
   /// transport's test_all() returns true once the batch is enqueued on it (stream order then
   /// completes it), so the executor's wait does not synchronise with the device.
   virtual void set_stream(uintptr_t stream) { (void)stream; }
+  /// Whether a batch can be captured in a CUDA graph (NCCL: its groups are stream work; the
+  /// host-staged transport waits for the device on the host, which a graph cannot hold).
+  virtual bool graph_capturable() const { return false; }
   /// Releases the transport's resources (collective for NCCL); later posts raise kUsage.
   virtual void close(const std::string& what, double timeout_s) { (void)what, (void)timeout_s; }
 };

@@ -25,6 +25,8 @@
  *   PIPER_MOCK_NCCL_FAIL=hang_init:R   rank R never completes its join (its peers wait)
  *   PIPER_MOCK_NCCL_FAIL=group:R:K     rank R's K-th group (from 1) reports a remote error
  *                                      without posting its messages (its peers wait)
+ *   PIPER_MOCK_NCCL_FAIL=usage:R:K     the same with an invalid-usage error (what NCCL says to
+ *                                      ranks sharing a GPU without NCCL_MULTI_RANK_GPU_ENABLE)
  */
 #include <mpi.h>
 #include <nccl.h>
@@ -44,7 +46,7 @@ struct mock_id {
   int seq;        /* the root's count of ids: tells communicators apart */
 };
 
-enum fail_kind { FAIL_NONE, FAIL_INIT, FAIL_HANG_INIT, FAIL_GROUP };
+enum fail_kind { FAIL_NONE, FAIL_INIT, FAIL_HANG_INIT, FAIL_GROUP, FAIL_USAGE };
 
 struct ncclComm {
   int rank, nranks, root_world, tag_init, tag_data;
@@ -53,6 +55,7 @@ struct ncclComm {
   int join_msg[2];
   int* join_bufs;              /* root: each peer's (rank, world rank) */
   MPI_Request* reqs;           /* outstanding requests: the join's, then a group's */
+  char* is_recv;               /* per request: a receive (cancelled on abort) */
   int nreqs, cap;
   ncclResult_t error;          /* sticky asynchronous error */
   enum fail_kind fail;
@@ -84,11 +87,13 @@ static int mpi_ready(void) {
   return up && !down;
 }
 
-static void add_request(ncclComm_t comm, MPI_Request r) {
+static void add_request(ncclComm_t comm, MPI_Request r, int recv) {
   if (comm->nreqs == comm->cap) {
     comm->cap = comm->cap ? 2 * comm->cap : 16;
     comm->reqs = realloc(comm->reqs, sizeof(MPI_Request) * (size_t)comm->cap);
+    comm->is_recv = realloc(comm->is_recv, (size_t)comm->cap);
   }
+  comm->is_recv[comm->nreqs] = (char)recv;
   comm->reqs[comm->nreqs++] = r;
 }
 
@@ -102,10 +107,12 @@ static int requests_done(ncclComm_t comm) {
   return done;
 }
 
+/* Receives are cancelled; sends are let go (MPI_Request_free: they complete on their own;
+ * cancelling a send is deprecated since MPI 4 and unreliable). */
 static void cancel_requests(ncclComm_t comm) {
   for (int i = 0; i < comm->nreqs; ++i) {
     if (comm->reqs[i] == MPI_REQUEST_NULL) continue;
-    MPI_Cancel(&comm->reqs[i]);
+    if (comm->is_recv[i]) MPI_Cancel(&comm->reqs[i]);
     MPI_Request_free(&comm->reqs[i]);
   }
   comm->nreqs = 0;
@@ -118,6 +125,9 @@ static void read_failure(ncclComm_t comm) {
   if (f == NULL || *f == '\0') return;
   if (sscanf(f, "group:%d:%d", &r, &k) == 2 && r == comm->rank) {
     comm->fail = FAIL_GROUP;
+    comm->fail_group = k;
+  } else if (sscanf(f, "usage:%d:%d", &r, &k) == 2 && r == comm->rank) {
+    comm->fail = FAIL_USAGE;
     comm->fail_group = k;
   } else if (sscanf(f, "hang_init:%d", &r) == 1 && r == comm->rank) {
     comm->fail = FAIL_HANG_INIT;
@@ -139,7 +149,7 @@ static int advance_join(ncclComm_t comm) {
       MPI_Request q;
       MPI_Isend(comm->world, comm->nranks, MPI_INT, comm->world[r], comm->tag_init,
                 MPI_COMM_WORLD, &q);
-      add_request(comm, q);
+      add_request(comm, q, 0);
     }
     comm->join_step = 1;
     return advance_join(comm);
@@ -193,15 +203,15 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* out, int nranks, ncclUniqueId ui
     for (int i = 0; i < nranks - 1; ++i) {
       MPI_Irecv(&comm->join_bufs[2 * i], 2, MPI_INT, MPI_ANY_SOURCE, comm->tag_init,
                 MPI_COMM_WORLD, &q);
-      add_request(comm, q);
+      add_request(comm, q, 1);
     }
   } else if (comm->fail != FAIL_HANG_INIT) {
     comm->join_msg[0] = rank, comm->join_msg[1] = me;
     MPI_Isend(comm->join_msg, 2, MPI_INT, comm->root_world, comm->tag_init, MPI_COMM_WORLD, &q);
-    add_request(comm, q);
+    add_request(comm, q, 0);
     MPI_Irecv(comm->world, nranks, MPI_INT, comm->root_world, comm->tag_init, MPI_COMM_WORLD,
               &q);
-    add_request(comm, q);
+    add_request(comm, q, 1);
   }
   *out = comm;
   const int blocking = config == NULL || config->blocking != 0;
@@ -238,7 +248,7 @@ static ncclResult_t post(ncclComm_t comm, const struct op* o) {
   else
     MPI_Irecv(o->buf, (int)o->bytes, MPI_BYTE, comm->world[o->peer], comm->tag_data,
               MPI_COMM_WORLD, &q);
-  add_request(comm, q);
+  add_request(comm, q, !o->send);
   return ncclSuccess;
 }
 
@@ -251,9 +261,10 @@ ncclResult_t ncclGroupEnd(void) {
     ncclComm_t comm = ops[i].comm;
     if (comm != counted) {
       counted = comm;
-      if (++comm->groups == comm->fail_group && comm->fail == FAIL_GROUP) {
+      if (++comm->groups == comm->fail_group && comm->fail == FAIL_GROUP)
         comm->error = fail_with(comm, ncclRemoteError, "injected remote error in a group");
-      }
+      if (comm->groups == comm->fail_group && comm->fail == FAIL_USAGE)
+        comm->error = fail_with(comm, ncclInvalidUsage, "injected invalid usage in a group");
     }
     if (comm->error != ncclSuccess) continue; /* reported by ncclCommGetAsyncError */
     if (post(comm, &ops[i]) != ncclSuccess) result = ncclInvalidUsage;
@@ -299,6 +310,7 @@ ncclResult_t ncclCommFinalize(ncclComm_t comm) {
 
 static void release(ncclComm_t comm) {
   free(comm->reqs);
+  free(comm->is_recv);
   free(comm->world);
   free(comm->join_bufs);
   free(comm);

@@ -88,7 +88,8 @@ def exact(local_size: int | None, library: str) -> dict:
 
 
 def failure(local_size: int | None, library: str, fail: str, algo: str) -> dict:
-    """Calls until one raises (the mock fails as `fail` says): the exception's type and words."""
+    """Calls until one raises (the mock fails as `fail` says): the exception's type and words.
+    Every rank leaves without MPI finalisation (the launch expects that: expect_ok=False)."""
     comm = _comm_over_mock(local_size, library, fail)
     P, me = comm.size, comm.rank
     x = np.arange(P * 2, dtype=np.float32) + 100 * me
@@ -100,7 +101,11 @@ def failure(local_size: int | None, library: str, fail: str, algo: str) -> dict:
             comm.all_to_all(FakeCudaArray(x), recv=FakeCudaArray(np.zeros_like(x)),
                             algorithm=algo)
     except pc.PiperError as e:
-        return {"type": type(e).__name__, "message": str(e), "calls": calls}
+        out = {"type": type(e).__name__, "message": str(e), "calls": calls}
+    else:
+        out = {"type": None, "message": "", "calls": calls}
     finally:
         _C.emulate_cuda_arrays(False)
-    return {"type": None, "message": "", "calls": calls}
+    # MPI holds the failed group's unmatched messages (MPI_Finalize would wait on them):
+    # every rank leaves without it once all have reported (tests/worker.py)
+    return {**out, "hard_exit": 0, "hard_exit_after_all": True}

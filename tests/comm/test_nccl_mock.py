@@ -60,7 +60,8 @@ def test_nccl_transport_is_exact_on_every_algorithm_and_dtype(nprocs, local_size
 def _failures(nprocs: int, local_size: int, fail: str, algo: str = "flat") -> list[dict]:
     run = run_mpi(nprocs, "comm.nccl_cases:failure",
                   {"local_size": local_size, "library": mock_nccl(), "fail": fail, "algo": algo},
-                  env={"PIPER_TIMEOUT": "4"}, timeout=120)
+                  env={"PIPER_TIMEOUT": "4"}, timeout=120, expect_ok=False)
+    assert all(r is not None and r["status"] == "ok" for r in run.ranks), run.report()
     return [r["result"] for r in run.ranks]
 
 
@@ -99,3 +100,14 @@ def test_a_failed_nccl_group_raises_there_and_its_peers_time_out_naming_it(algo)
         assert "waiting for peer(s) [0" in res[r]["message"], res[r]
         assert "B from rank 0" in res[r]["message"], res[r]
     assert all(r["type"] is not None for r in res), res
+    # the failed rank names the group's messages (the executor's "pending"), not an empty list
+    assert "(pending: " in res[0]["message"] and "B to rank" in res[0]["message"], res[0]
+
+
+def test_an_nccl_usage_error_is_a_usage_error():
+    """What NCCL returns to ranks sharing a GPU without NCCL_MULTI_RANK_GPU_ENABLE (invalid
+    usage) is the caller's to fix: PiperUsageError, not a peer failure."""
+    res = _failures(2, 1, "usage:1:1")
+    assert res[1]["type"] == "PiperUsageError", res[1]
+    assert "injected invalid usage" in res[1]["message"], res[1]
+    assert res[0]["type"] == "PiperTimeoutError", res[0]

@@ -186,6 +186,12 @@ def graph_capture(local_size: int | None) -> dict:
     except pc.PiperUsageError as e:
         refused = str(e)
     assert "cannot be captured" in refused, refused
+    # NCCL's finalize waits until every graph that captured work on the communicator is gone
+    del g, g2
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
     comm.close()
     return {"captured": captured_algo, "refused": bool(refused)}
 
