@@ -67,18 +67,24 @@ def exact(local_size: int | None, seed: int) -> dict:
     return result
 
 
-def small(local_size: int | None) -> dict:
-    """One small all_to_all_v on CUDA tensors (what compute-sanitizer watches)."""
-    comm, torch = _setup(local_size)
+def _small_call(comm, torch) -> int:
+    """One small all_to_all_v on CUDA tensors, checked against the host's; the rows received."""
     P, me = comm.size, comm.rank
     counts = [(me + d) % 3 for d in range(P)]
     x = torch.arange(sum(counts) * 4, dtype=torch.float32, device="cuda").reshape(-1, 4)
     out, rc = comm.all_to_all_v(x, counts)
     ref, _ = comm.all_to_all_v(x.cpu(), counts)
     torch.cuda.synchronize()
-    assert torch.equal(out.cpu(), ref)
+    assert torch.equal(out.cpu(), ref), f"{comm.device_transport}: wrong result"
+    return int(sum(rc))
+
+
+def small(local_size: int | None) -> dict:
+    """One small all_to_all_v on CUDA tensors (what compute-sanitizer watches)."""
+    comm, torch = _setup(local_size)
+    rows = _small_call(comm, torch)
     comm.close()
-    return {"rows": int(sum(rc))}
+    return {"rows": rows}
 
 
 def _async_on_side_stream(comm, torch, seed: int) -> None:
@@ -271,12 +277,7 @@ def nccl_gate(local_size: int | None) -> dict:
 
     comm, _ = _setup(local_size)
     P, me = comm.size, comm.rank
-    counts = [(me + d) % 3 for d in range(P)]
-    x = torch.arange(sum(counts) * 4, dtype=torch.float32, device="cuda").reshape(-1, 4)
-    out, _ = comm.all_to_all_v(x, counts)
-    ref, _ = comm.all_to_all_v(x.cpu(), counts)
-    torch.cuda.synchronize()
-    assert torch.equal(out.cpu(), ref), "Piper over NCCL: wrong result"
+    _small_call(comm, torch)
     transport = comm.device_transport
     assert transport.startswith("nccl"), f"Piper's CUDA calls went through {transport}"
     device = torch.device("cuda", comm.local_rank % torch.cuda.device_count())
