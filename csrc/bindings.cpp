@@ -183,7 +183,7 @@ void emulate_device_plane(piper::runtime::Executor& ex, piper::host::NodeChannel
 #endif
   }
   const int64_t P = ex.topology().size();
-  ex.set_device_factory([channel, P](Executor& e, int device, const Deadline& d) {
+  ex.set_device_factory([channel, P](Executor& e, int device, uintptr_t, const Deadline& d) {
     const int64_t mine = device;  // a set-up round, as the real plane's
     e.allgather(&mine, 1, piper::runtime::kDeviceTag, "emulated device plane", d);
     piper::runtime::DevicePlane plane;

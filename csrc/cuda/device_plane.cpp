@@ -1,8 +1,11 @@
 #include "cuda/device_plane.hpp"
 
+#include <cuda_runtime.h>
+
 #include <cstring>
 
 #include "common/error.hpp"
+#include "cuda/check.hpp"
 #include "cuda/cuda_context.hpp"
 #include "cuda/staged_transport.hpp"
 #include "runtime/exec_context.hpp"
@@ -77,9 +80,19 @@ std::string set_up_what(const DeviceOptions& opt, int device) {
 }  // namespace
 
 runtime::DevicePlaneFactory device_plane_factory(DeviceOptions opt) {
-  return [opt](runtime::Executor& ex, int device, const runtime::Deadline& deadline) {
+  return [opt](runtime::Executor& ex, int device, uintptr_t stream,
+               const runtime::Deadline& deadline) {
     const int64_t P = ex.topology().size(), me = opt.host->rank();
-    const Agreed agreed = agree_on_transport(ex, opt, device, deadline, set_up_what(opt, device));
+    const std::string what = set_up_what(opt, device);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    PIPER_CHECK_CUDA(cudaStreamIsCapturing(reinterpret_cast<cudaStream_t>(stream), &capture),
+                     what + ": cudaStreamIsCapturing");
+    if (capture != cudaStreamCaptureStatusNone)  // every rank captures the same call
+      throw Error(ErrorCode::kUsage,
+                  fmt("piper: ", what, ": the first CUDA call of a communicator builds its ",
+                      "device plane (IPC segment, NCCL communicator) and cannot be captured in ",
+                      "a CUDA graph: make one call of each shape before capturing"));
+    const Agreed agreed = agree_on_transport(ex, opt, device, deadline, what);
     runtime::DevicePlane plane;
     plane.device = device;
     plane.context = CudaContext::create(opt.channel, P, me, device, deadline.left_s());
@@ -97,7 +110,8 @@ runtime::DevicePlaneFactory device_plane_factory(DeviceOptions opt) {
 #ifdef PIPER_WITH_NCCL
 runtime::DevicePlaneFactory host_memory_nccl_plane_factory(DeviceOptions opt) {
   opt.inter = "nccl";
-  return [opt](runtime::Executor& ex, int device, const runtime::Deadline& deadline) {
+  return [opt](runtime::Executor& ex, int device, uintptr_t /*stream: host memory*/,
+               const runtime::Deadline& deadline) {
     const int64_t P = ex.topology().size(), me = opt.host->rank();
     const Agreed agreed = agree_on_transport(ex, opt, device, deadline, set_up_what(opt, device));
     runtime::DevicePlane plane;

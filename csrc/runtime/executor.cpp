@@ -239,7 +239,7 @@ Algorithm Executor::use_plane(const Call& call, Algorithm algo, const Deadline& 
     if (!device_factory_)
       throw Error(ErrorCode::kUsage, fmt("piper: ", call.what, ": rank ", me_, ": this ",
                                          "communicator cannot move CUDA memory (no device plane)"));
-    device_ = device_factory_(*this, call.send.device, deadline);
+    device_ = device_factory_(*this, call.send.device, call.send.stream, deadline);
   }
   ctx_ = device_.context.get();
   data_ = device_.data.get();

@@ -44,8 +44,9 @@ struct DevicePlane {
 /// Builds the device plane collectively on the first CUDA call (every rank is in that call:
 /// the header round or the in-band check agreed on the memory kind first). May use the
 /// executor's allgather (tag kDeviceTag) to share set-up data such as NCCL's unique id.
-using DevicePlaneFactory =
-    std::function<DevicePlane(Executor& ex, int device, const Deadline& deadline)>;
+/// stream: the first call's (a factory refuses to build the plane inside a CUDA graph capture).
+using DevicePlaneFactory = std::function<DevicePlane(Executor& ex, int device, uintptr_t stream,
+                                                     const Deadline& deadline)>;
 
 class Executor {
  public:

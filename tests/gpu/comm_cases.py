@@ -192,6 +192,17 @@ def graph_capture(local_size: int | None) -> dict:
     except pc.PiperUsageError as e:
         refused = str(e)
     assert "cannot be captured" in refused, refused
+    # a communicator's first CUDA call builds its device plane: refused under capture, on
+    # every rank, before any device work
+    fresh = pc.init(local_size=local_size)
+    first = ""
+    try:
+        with torch.cuda.stream(s), torch.cuda.graph(torch.cuda.CUDAGraph(), stream=s):
+            fresh.all_to_all(send, recv=recv, algorithm="flat")
+    except pc.PiperUsageError as e:
+        first = str(e)
+    assert "first CUDA call" in first and "cannot be captured" in first, first
+    fresh.close()
     # NCCL's finalize waits until every graph that captured work on the communicator is gone
     del g, g2
     import gc
