@@ -149,15 +149,19 @@ reap() {  # ends the processes of this run that outlived their step (ranks of a 
   # launchers start them in sessions of their own, which timeout's signal does not reach) and
   # says what still holds the GPU
   [ $DRY -eq 1 ] && return
-  "$PY" - "$$" <<'REAP' 2>&1 | tee -a "$OUT"
+  # (its report goes through a file: a tee beside it would carry the marker too)
+  "$PY" - "$$" > "$LANES/reap.txt" 2>&1 <<'REAP'
 import os, signal, subprocess, sys
 mark = ("PIPER_GPU_CHECK_RUN=" + os.environ["PIPER_GPU_CHECK_RUN"]).encode()
-keep = {os.getpid(), os.getppid(), int(sys.argv[1])}
+script = int(sys.argv[1])
+keep = {os.getpid(), os.getppid(), script}
 killed = []
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:
         if int(pid) in keep or mark not in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
             continue
+        if int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) == script:
+            continue  # the script's own children (a pipeline's other end): not left over
         cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()[:120]
         os.kill(int(pid), signal.SIGKILL)
         killed.append(f"{pid} {cmd}")
@@ -173,6 +177,8 @@ if killed:
         apps = f"(nvidia-smi: {e})"
     print("### reap: on the GPU now:", apps)
 REAP
+  [ -s "$LANES/reap.txt" ] && tee -a "$OUT" < "$LANES/reap.txt"
+  return 0
 }
 
 lanes() {  # lanes FUNC...: the steps of each FUNC in a lane of its own, all at once; each lane

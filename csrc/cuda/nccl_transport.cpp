@@ -138,8 +138,8 @@ NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t
   if (r != ncclSuccess && r != ncclInProgress) {
     if (comm != nullptr) api.abort(comm);
     comm_ = nullptr;
-    throw Error(ErrorCode::kSystem, fmt("piper: ", what, ": ncclCommInitRankConfig: ",
-                                        describe(r)));
+    throw Error(error_code(r), fmt("piper: ", what, ": ncclCommInitRankConfig: ",
+                                   describe(r)));
   }
   while (!settled(what)) {
     if (std::chrono::steady_clock::now() >= deadline.at) {
@@ -232,7 +232,7 @@ bool NcclTransport::test_all() {
     if (!ok(r)) {
       const std::string why = describe(r, comm);
       abort();  // the batch stays: the executor names it
-      throw Error(error_code(r), fmt(what, ": ", why));
+      throw Error(error_code(r), fmt("piper: ", what, ": ", why));
     }
     enqueued_ = true;
   }

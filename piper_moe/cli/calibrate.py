@@ -11,9 +11,9 @@ writes the file):
   (its attention and FFN projections on micro_batch * seq_len rows, an expert's on its share of
   the routed rows), fitted to ``rate(d) = peak * max_efficiency * d / (d + half_dim)``
   by least squares on 1/rate = 1/A + (half_dim/A) * (1/d);
-- the attention core (causal ``scaled_dot_product_attention``, forward and backward) at the
-  model's shape (``--model``), else at 4 x 8 heads x 256 x 64: ``attention_flops`` and
-  ``attention_backward``;
+- with ``--model``, the attention core (causal ``scaled_dot_product_attention``, forward and
+  backward) at the model's shape: ``attention_flops`` and ``attention_backward`` (its rate
+  depends on the sequence length; without ``--model`` both are kept from ``--base``);
 - on CPU the host time per framework operation (``op_overhead``): forward and backward of
   Piper's tiny-moe model shrunk to width 16 (its arithmetic negligible) divided by the aten
   operations it dispatched (``piper_moe.resource_model.ops``); 0 on a CUDA device (the host's
@@ -317,9 +317,13 @@ def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit,
         data[level] = {"latency": a2a_fit[f"latency_{level}"], "bandwidth": bandwidth}
     data["calibrated"] = {"gemm": gemm_points, "copy": copy, "a2a_fit": a2a_fit or {}}
     if attention is not None:
-        data.update(attention_flops=attention["flops_per_s"],
-                    attention_backward=attention["backward_ratio"])
         data["calibrated"]["attention"] = attention
+        data["attention_flops"] = attention["flops_per_s"]
+        if attention["backward_ratio"] > 0:
+            data["attention_backward"] = attention["backward_ratio"]
+        else:  # forward and forward + backward timed alike: noise; the base's factor stays
+            log.warning("calibrate: the attention backward did not time above its forward "
+                        "(%s): attention_backward kept from the base", attention)
     if op is not None:
         data["op_overhead"] = op["op_overhead"]
         data["calibrated"]["op_overhead"] = op
@@ -358,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = comm.rank if comm else 0
 
     shapes: list[tuple[int, int, int]] = []
-    attention_shape = (4, 8, 256, 64)
+    attention = None  # the attention core at the model's own shape only: its rate depends on it
     if args.model:
         from piper_moe.resource_model import load_model
 
@@ -366,12 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         seq = args.seq_len or model.seq_len
         shapes = model_gemm_shapes(model, args.micro_batch, seq)
         a = model.attention
-        attention_shape = (args.micro_batch, a.num_heads, seq,
-                           (a.qk_head_dim + a.v_dim) // 2)
+        attention = measure_attention(args.micro_batch, a.num_heads, seq,
+                                      (a.qk_head_dim + a.v_dim) // 2, iters=iters)
     gemm_points = measure_gemm(GEMM_DIMS[:3] if args.quick else GEMM_DIMS, iters=iters,
                                shapes=shapes)
     copy = measure_copy(16 * 2**20 if args.quick else 64 * 2**20, iters=iters)
-    attention = measure_attention(*attention_shape, iters=iters)
     device, _, _ = _device(None)
     op = measure_op_overhead(iters) if device == "cpu" else {
         "op_overhead": 0.0, "note": "a CUDA device: host dispatch overlaps the kernels"}
@@ -395,11 +398,12 @@ def main(argv: list[str] | None = None) -> int:
             f.write("# written by python -m piper_moe.cli.calibrate\n")
             yaml.safe_dump(data, f, sort_keys=False)
         rate, half = fit_gemm(gemm_points)
-        log.info("calibrate: GEMM %.1f GFLOP/s asymptote, half at d=%.0f; copy %.2f GB/s; "
-                 "attention %.1f GFLOP/s forward, backward %.1fx; %.2f us per framework "
-                 "operation; a2a fit %s -> %s", rate / 1e9, half, copy["copy_bandwidth"] / 1e9,
-                 attention["flops_per_s"] / 1e9, attention["backward_ratio"],
-                 op["op_overhead"] * 1e6, a2a_fit, args.out)
+        seen = (f"attention {attention['flops_per_s'] / 1e9:.1f} GFLOP/s forward, backward "
+                f"{attention['backward_ratio']:.1f}x" if attention else "attention not timed "
+                "(no --model)")
+        log.info("calibrate: GEMM %.1f GFLOP/s asymptote, half at d=%.0f; copy %.2f GB/s; %s; "
+                 "%.2f us per framework operation; a2a fit %s -> %s", rate / 1e9, half,
+                 copy["copy_bandwidth"] / 1e9, seen, op["op_overhead"] * 1e6, a2a_fit, args.out)
     if comm is not None:
         comm.barrier()
         comm.close()

@@ -189,8 +189,10 @@ def _communicator(ranks: list[int], group: Any, node_of: list[int]):
     ids = [first.setdefault(node_of[r], len(first)) for r in ranks]  # renumbered 0, 1, ...
     sub = _mpi_group(ranks, group)
     if sub is not None:
-        comm = pc.init("mpi", group=sub, node_ids=ids)
-        sub.Free()  # Piper works on its own duplicate
+        try:
+            comm = pc.init("mpi", group=sub, node_ids=ids)
+        finally:
+            sub.Free()  # Piper works on its own duplicate
     else:
         comm = pc.init("torch", group=group, node_ids=ids)
     _built.append(comm)
@@ -200,7 +202,9 @@ def _communicator(ranks: list[int], group: Any, node_of: list[int]):
 def _mpi_group(ranks: list[int], group: Any):
     """An mpi4py communicator over `ranks` when every rank of the group runs under MPI with
     its torch rank its MPI_COMM_WORLD rank (agreed over the group: all or none take it), else
-    None. MPI_Comm_create_group: collective over `ranks` only."""
+    None. MPI_Comm_create_group: collective over `ranks` only, and (an MPI call) without a
+    deadline: a rank that dies between the agreement and it leaves the others waiting until the
+    launcher ends the job."""
     import sys
 
     import torch
@@ -215,4 +219,10 @@ def _mpi_group(ranks: list[int], group: Any):
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     if not flag.item():
         return None
-    return world.Create_group(world.Get_group().Incl(ranks))
+    everyone = world.Get_group()
+    members = everyone.Incl(ranks)
+    try:
+        return world.Create_group(members)
+    finally:
+        members.Free()
+        everyone.Free()

@@ -109,3 +109,22 @@ def failure(local_size: int | None, library: str, fail: str, algo: str) -> dict:
     # MPI holds the failed group's unmatched messages (MPI_Finalize would wait on them):
     # every rank leaves without it once all have reported (tests/worker.py)
     return {**out, "hard_exit": 0, "hard_exit_after_all": True}
+
+
+def nccl_missing_on_one_rank(local_size: int | None, library: str) -> dict:
+    """PIPER_INTER=nccl where rank 1 cannot load NCCL (a path that does not exist): the first
+    CUDA call raises the same PiperUsageError on every rank, naming rank 1, at once (no rank
+    waits for a timeout)."""
+    comm = pc.init(local_size=local_size)
+    lib = "/nonexistent/libnccl.so.2" if comm.rank == 1 else library
+    comm._executor.emulate_device_plane(comm._segment if comm.local_size > 1 else None,
+                                        nccl_library=lib)
+    x = np.arange(comm.size * 2, dtype=np.float32)
+    _C.emulate_cuda_arrays(True)
+    try:
+        comm.all_to_all(FakeCudaArray(x), recv=FakeCudaArray(np.zeros_like(x)))
+    except pc.PiperUsageError as e:
+        return {"message": str(e)}
+    finally:
+        _C.emulate_cuda_arrays(False)
+    return {"message": ""}

@@ -111,3 +111,14 @@ def test_an_nccl_usage_error_is_a_usage_error():
     assert res[1]["type"] == "PiperUsageError", res[1]
     assert "injected invalid usage" in res[1]["message"], res[1]
     assert res[0]["type"] == "PiperTimeoutError", res[0]
+
+
+def test_nccl_missing_on_one_rank_is_one_error_on_every_rank():
+    run = run_mpi(3, "comm.nccl_cases:nccl_missing_on_one_rank",
+                  {"local_size": 1, "library": mock_nccl()}, env={"PIPER_TIMEOUT": "20"},
+                  timeout=120)
+    for r in run.ranks:
+        msg = r["result"]["message"]
+        assert "NCCL is not usable on rank(s) 1" in msg and "raised on every rank" in msg, msg
+    assert "/nonexistent/libnccl.so.2" in run.ranks[1]["result"]["message"]
+    assert run.elapsed < 15, f"a rank waited for the timeout: {run.elapsed:.1f} s"

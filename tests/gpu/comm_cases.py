@@ -294,7 +294,11 @@ def nccl_gate(local_size: int | None) -> dict:
     device = torch.device("cuda", comm.local_rank % torch.cuda.device_count())
     comm.close()
     pt.fill_from_mpi()
-    dist.init_process_group("nccl", device_id=device)
+    from datetime import timedelta
+
+    from piper_comm import envs
+
+    dist.init_process_group("nccl", device_id=device, timeout=timedelta(seconds=envs.timeout()))
     y = (torch.arange(P * 2, dtype=torch.float32, device=device) + 100 * me)
     got = torch.empty_like(y)
     dist.all_to_all_single(got, y)

@@ -92,3 +92,14 @@ def test_fit_a2a_is_nonnegative_and_relative():
            for b in (1e3, 1e6)]
     fit = calibrate.fit_a2a(pts, 2, 2)
     assert fit["latency_intra"] == pytest.approx(1e-4, rel=1e-6)
+
+
+def test_a_noisy_attention_backward_keeps_the_base_factor():
+    """forward + backward timed no slower than forward alone (noise): the written file keeps
+    the base's attention_backward (a factor <= 0 would not load), and its rate is recorded."""
+    gemm = [{"m": 8, "n": 1024, "k": 1024, "flops_per_s": 1e10}]
+    copy = {"copy_bandwidth": 1e9, "memory_bandwidth": 2e9}
+    attention = {"flops_per_s": 3e10, "backward_ratio": 0.0}
+    data = calibrate.build_platform("cpu-host", "noisy", gemm, copy, {}, attention, None)
+    assert data["attention_backward"] == load_platform("cpu-host").attention_backward
+    assert data["attention_flops"] == 3e10
