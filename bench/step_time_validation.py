@@ -48,7 +48,8 @@ CASES = [
     ("demo: 4 ranks PP=2 x EP=DP=2 fp32", 4, 2, {"pp": 2, "dp": 2, "ep": 2}, "fp32"),
     ("demo: 4 ranks PP=2 x EP=DP=2 bf16-mixed", 4, 2, {"pp": 2, "dp": 2, "ep": 2}, "bf16-mixed"),
 ]
-MICRO_BATCH, SEQ_LEN, GLOBAL_BATCH = 4, 64, 32  # configs/train/tiny.yaml's batch
+DEMO = ROOT / "piper_moe/configs/train/tiny.yaml"  # the demo's config: model, batch
+BATCH = yaml.safe_load(DEMO.read_text())["batch"]
 
 
 def _launch(ranks: int, local: int) -> list[str]:
@@ -61,10 +62,12 @@ def run_case(name: str, ranks: int, local: int, strategy: dict, precision: str, 
     tag = name.split(":")[0].replace(" ", "_").replace("=", "")
     cal = raw / f"cal_{tag}_{precision}.yaml"
     cmd_cal = [*_launch(ranks, local), "piper_moe.cli.calibrate", "--model", "tiny-moe",
-               "--micro-batch", str(MICRO_BATCH), "--seq-len", str(SEQ_LEN), "--out", str(cal)]
+               "--micro-batch", str(BATCH["micro_batch"]), "--seq-len", str(BATCH["seq_len"]),
+               "--out", str(cal)]
     subprocess.run(cmd_cal, check=True, cwd=ROOT, timeout=900, capture_output=True)
-    cfg = yaml.safe_load((ROOT / "piper_moe/configs/train/tiny.yaml").read_text())
-    cfg.update(platform=str(cal), steps=steps, strategy={**strategy, "schedule": "1f1b"},
+    cfg = yaml.safe_load(DEMO.read_text())
+    where = cal.relative_to(ROOT) if cal.is_relative_to(ROOT) else cal  # runs in ROOT
+    cfg.update(platform=str(where), steps=steps, strategy={**strategy, "schedule": "1f1b"},
                checkpoint={"dir": None})
     cfg_path = raw / f"train_{tag}_{precision}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -77,7 +80,8 @@ def run_case(name: str, ranks: int, local: int, strategy: dict, precision: str, 
     report = json.loads((out / "metrics.json").read_text())["report"]
     model = load_model("tiny-moe")
     s = Strategy(dp=strategy["dp"], tp=1, pp=strategy["pp"], ep=strategy["ep"],
-                 micro_batch=MICRO_BATCH, global_batch=GLOBAL_BATCH, seq_len=SEQ_LEN,
+                 micro_batch=BATCH["micro_batch"], global_batch=BATCH["global_batch"],
+                 seq_len=BATCH["seq_len"],
                  precision=precision, schedule="1f1b")
     plat = load_platform(str(cal))
     calibrated = estimate(model, plat, s)
