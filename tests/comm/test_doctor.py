@@ -16,11 +16,8 @@ from pathlib import Path
 import pytest
 
 from piper_comm import doctor as D
+from tests.launch import MPIRUN, ROOT, TORCHRUN
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-MPIRUN = shutil.which("mpirun", path=str(BIN))
-TORCHRUN = shutil.which("torchrun", path=str(BIN))
 GIB = 2**30
 
 
