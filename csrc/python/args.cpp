@@ -121,11 +121,12 @@ int64_t parse_cuda_interface(py::handle obj, runtime::ArrayArg& out) {
                      : cuda::current_device(nullptr);
     if (out.device < 0) return kErrDevice;
     out.stream = interface_stream(obj, cai);
-    // another stream on each thread: Piper's worker and NCCL's threads would not order their
-    // work with the caller's
-    if (out.stream == kPerThreadDefaultStream) return kErrStream;
   }
 #endif
+  if (emulated_cuda) out.stream = interface_stream(obj, cai);  // checked alike, unused
+  // another stream on each thread: Piper's worker and NCCL's threads would not order their
+  // work with the caller's
+  if (out.stream == kPerThreadDefaultStream) return kErrStream;
   out.data = reinterpret_cast<uint8_t*>(ptr);
   out.dtype = dtype_info(dtype).id;
   set_shape(out, shape, itemsize);

@@ -200,10 +200,11 @@ class FakeCudaArray:
     argument checks, without a device. device: the device it claims under
     _C.emulate_cuda_arrays (the emulation reads "piper_emulated_device")."""
 
-    def __init__(self, like: np.ndarray, device: int = 0):
+    def __init__(self, like: np.ndarray, device: int = 0, stream: int | None = None):
         self.__cuda_array_interface__ = {
             "shape": like.shape, "typestr": like.dtype.str, "strides": None, "version": 3,
-            "data": (like.ctypes.data, False), "piper_emulated_device": device}
+            "data": (like.ctypes.data, False), "piper_emulated_device": device,
+            "stream": stream}
 
 
 def bad_input(local_size: int | None = None) -> dict:
@@ -458,6 +459,11 @@ def _emulated_device(comm) -> dict:
         comm.all_to_all(FakeCudaArray(eq), recv=FakeCudaArray(got), algorithm=algo)
         assert np.array_equal(got, comm.all_to_all(eq, algorithm=algo))
     assert comm.device == 0 and comm.device_transport == comm.transport
+    # an array on the per-thread default stream (2): refused on every rank
+    streamed = _expect_usage_error(comm, lambda: comm.all_to_all(
+        FakeCudaArray(eq, stream=2 if me == 0 else None), recv=FakeCudaArray(got)),
+        "per-thread default stream")
+    assert "rank 0" in streamed, streamed
     words = ""
     if P > 1:
         words = _expect_usage_error(comm, lambda: comm.all_to_all(
