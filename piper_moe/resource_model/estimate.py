@@ -94,9 +94,7 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
     out = dict.fromkeys(("compute", "overhead", "recompute", "tp_comm", "a2a", "pp_comm"), 0.0)
     fwd = wgrad = 0.0
     c = platform.op_overhead
-    parts = [("moe" if moe else "dense", n) for n, moe in ((n_dense, False), (n_moe, True))]
-    parts += [("embed", 1)] * (stage == 0) + [("head", 1)] * (stage == s.pp - 1)
-    for part, n in parts:
+    for part, n in _stage_parts(model, s, stage).items():
         po = ops.part_ops(s.precision, part)
         out["overhead"] += n * (po.forward + po.backward) * c
         fwd += n * po.forward * c
@@ -190,12 +188,18 @@ def _dp_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: int) 
     return t
 
 
+def _stage_parts(model: ModelSpec, s: Strategy, stage: int) -> dict[str, int]:
+    """How many of each part of ``ops.PART_OPS`` one stage holds."""
+    n_dense, n_moe = stage_layer_kinds(model, s, stage)
+    return {"dense": n_dense, "moe": n_moe, "embed": int(stage == 0),
+            "head": int(stage == s.pp - 1)}
+
+
 def _step_ops(model: ModelSpec, s: Strategy, stage: int) -> float:
     """Framework operations of one stage once per step: clipping, AdamW and zeroing per
     parameter tensor (``ops.OPS_PER_TENSOR_STEP``)."""
-    n_dense, n_moe = stage_layer_kinds(model, s, stage)
-    parts = {"dense": n_dense, "moe": n_moe, "embed": stage == 0, "head": stage == s.pp - 1}
-    tensors = sum(n * ops.part_ops(s.precision, part).tensors for part, n in parts.items())
+    tensors = sum(n * ops.part_ops(s.precision, part).tensors
+                  for part, n in _stage_parts(model, s, stage).items())
     return tensors * ops.OPS_PER_TENSOR_STEP
 
 
