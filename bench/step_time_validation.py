@@ -87,8 +87,9 @@ def run_case(name: str, ranks: int, local: int, strategy: dict, precision: str, 
     calibrated = estimate(model, plat, s)
     shipped = estimate(model, load_platform("cpu-host"), s)
     # the model before its host terms: no per-operation cost, attention on the GEMM curve
-    before = estimate(model, dataclasses.replace(plat, op_overhead=0.0, attention_flops=None,
-                                                 attention_backward=2.0), s)
+    before = estimate(model, dataclasses.replace(
+        plat, op_overhead=0.0, attention_flops=None, attention_backward=2.0,
+        attention_flops_fp32=None, attention_backward_fp32=None), s)
     measured = report["measured"]["step_s"]
     return {"case": name, "ranks": ranks, "ranks_per_node": local, "strategy": strategy,
             "precision": precision, "measured_s": measured,

@@ -6,14 +6,17 @@
 
 Measures (every rank runs, all at once, so ranks sharing cores measure what each gets; rank 0
 writes the file):
-- GEMM throughput of torch.matmul over shapes with the smallest dimension from 8 to 2048 (bf16 on
-  a CUDA device, fp32 on CPU), and with ``--model`` the model's own GEMMs at the job's micro-batch
+- GEMM throughput of torch.matmul in bf16 and in fp32 (``DTYPES``) over shapes with the smallest
+  dimension from 8 to 2048, and with ``--model`` the model's own GEMMs at the job's micro-batch
   (its attention and FFN projections on micro_batch * seq_len rows, an expert's on its share of
-  the routed rows), fitted to ``rate(d) = peak * max_efficiency * d / (d + half_dim)``
-  by least squares on 1/rate = 1/A + (half_dim/A) * (1/d);
+  the routed rows); the bf16 points fitted to ``rate(d) = peak * max_efficiency * d / (d +
+  half_dim)`` by least squares on 1/rate = 1/A + (half_dim/A) * (1/d) give ``peak_flops`` and
+  the curve, the fp32 points on the same curve (half_dim fixed) give ``peak_flops_fp32``;
 - with ``--model``, the attention core (causal ``scaled_dot_product_attention``, forward and
-  backward) at the model's shape: ``attention_flops`` and ``attention_backward`` (its rate
-  depends on the sequence length; without ``--model`` both are kept from ``--base``);
+  backward) at the model's shape in both dtypes: ``attention_flops`` and ``attention_backward``
+  (bf16), ``attention_flops_fp32`` and ``attention_backward_fp32`` (their rates depend on the
+  sequence length and, on CPUs, differ by dtype; without ``--model`` they are kept from
+  ``--base``);
 - on CPU the host time per framework operation (``op_overhead``): forward and backward of
   Piper's tiny-moe model shrunk to width 16 (its arithmetic negligible) divided by the aten
   operations it dispatched (``piper_moe.resource_model.ops``); 0 on a CUDA device (the host's
@@ -60,6 +63,7 @@ from piper_moe.resource_model.spec import load_platform
 log = logging.getLogger("piper")
 
 GEMM_DIMS = (8, 32, 128, 512, 2048)
+DTYPES = ("bf16", "fp32")  # the compute dtypes measured: 16-bit (peak_flops) and fp32
 A2A_BLOCKS = (1024, 4096, 16384, 65536, 262144, 1048576)
 
 
@@ -79,23 +83,29 @@ def _timeit(fn, iters: int, warmup: int = 2, sync=None) -> float:
     return statistics.median(times)
 
 
-def _device(device: str | None) -> tuple[str, Any, Any]:
-    """(device, the dtype it computes in, its synchronize or None)."""
+def _device(device: str | None) -> tuple[str, Any]:
+    """(device, its synchronize or None)."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.startswith("cuda")
-    return device, torch.bfloat16 if cuda else torch.float32, \
-        torch.cuda.synchronize if cuda else None
+    return device, torch.cuda.synchronize if device.startswith("cuda") else None
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def measure_gemm(dims=GEMM_DIMS, width: int = 1024, iters: int = 5, device: str | None = None,
-                 shapes: list[tuple[int, int, int]] = ()) -> list[dict[str, float]]:
+                 shapes: list[tuple[int, int, int]] = (), dtype: str = "bf16"
+                 ) -> list[dict[str, float]]:
     """Throughput (FLOP/s) of [d, width] x [width, width] products for each d in ``dims``, then
-    of each (m, n, k) in ``shapes`` ([m, k] x [k, n])."""
+    of each (m, n, k) in ``shapes`` ([m, k] x [k, n]), in ``dtype`` ("bf16" or "fp32")."""
     import torch
 
-    device, dtype, sync = _device(device)
+    device, sync = _device(device)
+    dtype = _dtype(dtype)
     out = []
     for m, n, k in [(d, width, width) for d in dims] + list(shapes):
         a = torch.randn(m, k, device=device, dtype=dtype)
@@ -124,14 +134,15 @@ def model_gemm_shapes(model, micro_batch: int, seq_len: int) -> list[tuple[int, 
 
 
 def measure_attention(batch: int, heads: int, seq: int, head_dim: int, iters: int = 5,
-                      device: str | None = None) -> dict[str, Any]:
-    """Causal scaled_dot_product_attention on [batch, heads, seq, head_dim]: forward FLOP/s
-    (2 * b * h * s^2 * 2d / 2 FLOPs: causal, q.k and p.v) and the backward's time as a multiple
-    of the forward's."""
+                      device: str | None = None, dtype: str = "bf16") -> dict[str, Any]:
+    """Causal scaled_dot_product_attention on [batch, heads, seq, head_dim] in ``dtype``:
+    forward FLOP/s (2 * b * h * s^2 * 2d / 2 FLOPs: causal, q.k and p.v) and the backward's
+    time as a multiple of the forward's."""
     import torch
     import torch.nn.functional as F
 
-    device, dtype, sync = _device(device)
+    device, sync = _device(device)
+    dtype = _dtype(dtype)
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype,
                            requires_grad=True) for _ in range(3))
     grad = torch.randn(batch, heads, seq, head_dim, device=device, dtype=dtype)
@@ -184,11 +195,15 @@ def measure_op_overhead(iters: int = 5) -> dict[str, Any]:
     return {"ops": Count.ops, "seconds": t, "op_overhead": t / Count.ops}
 
 
-def fit_gemm(points: list[dict[str, float]]) -> tuple[float, float]:
+def fit_gemm(points: list[dict[str, float]], half_dim: float | None = None
+             ) -> tuple[float, float]:
     """(A, half_dim) of rate(d) = A * d / (d + half_dim), d = min(m, n, k), by least squares on
-    1/rate = 1/A + (half_dim/A)/d."""
+    1/rate = 1/A + (half_dim/A)/d; with ``half_dim`` given, A alone on that curve."""
     d = np.array([min(p["m"], p["n"], p["k"]) for p in points], dtype=float)
     inv_rate = 1.0 / np.array([p["flops_per_s"] for p in points], dtype=float)
+    if half_dim is not None:
+        x = 1.0 + half_dim / d
+        return float(x @ x / (x @ inv_rate)), float(half_dim)
     x = np.stack([np.ones_like(d), 1.0 / d], axis=1)
     (c0, c1), *_ = np.linalg.lstsq(x, inv_rate, rcond=None)
     if c0 <= 0:  # no saturation in range: take the best measured rate
@@ -294,19 +309,25 @@ def measure_a2a(comm, blocks=A2A_BLOCKS, iters: int = 20, warmup: int = 5,
              "samples": [float(x) for x in s]} for (a, b, _), s in zip(cases, samples)]
 
 
-def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit,
-                   attention: dict[str, Any] | None = None,
+def build_platform(base_name: str, name: str, gemm_points: dict[str, list], copy, a2a_fit,
+                   attention: dict[str, dict] | None = None,
                    op: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The YAML mapping of the calibrated platform (attention, op: measure_attention's and
-    measure_op_overhead's results, or None to keep the base's)."""
+    """The YAML mapping of the calibrated platform. gemm_points and attention are keyed by
+    dtype (``DTYPES``; measure_gemm's and measure_attention's results): "bf16" must be there,
+    "fp32" may be (else peak_flops_fp32 and the fp32 attention figures are the base's);
+    attention None keeps the base's attention figures, op (measure_op_overhead's result) None
+    its op_overhead."""
     base = load_platform(base_name)
     data = dataclasses.asdict(base)
-    rate, half = fit_gemm(gemm_points)
+    rate, half = fit_gemm(gemm_points["bf16"])
     peak = max(base.peak_flops, rate)
+    efficiency = min(1.0, rate / peak)
     data.update(name=name, source=f"python -m piper_moe.cli.calibrate (base {base.name})",
                 peak_flops=peak, copy_bandwidth=copy["copy_bandwidth"],
                 hbm_bandwidth=copy["memory_bandwidth"])
-    data["gemm"].update(max_efficiency=min(1.0, rate / peak), half_dim=half)
+    if "fp32" in gemm_points:  # the same curve, its own asymptote
+        data["peak_flops_fp32"] = fit_gemm(gemm_points["fp32"], half)[0] / efficiency
+    data["gemm"].update(max_efficiency=efficiency, half_dim=half)
     for level in ("intra", "inter"):
         if f"latency_{level}" not in a2a_fit:
             continue
@@ -318,12 +339,15 @@ def build_platform(base_name: str, name: str, gemm_points, copy, a2a_fit,
     data["calibrated"] = {"gemm": gemm_points, "copy": copy, "a2a_fit": a2a_fit or {}}
     if attention is not None:
         data["calibrated"]["attention"] = attention
-        data["attention_flops"] = attention["flops_per_s"]
-        if attention["backward_ratio"] > 0:
-            data["attention_backward"] = attention["backward_ratio"]
-        else:  # forward and forward + backward timed alike: noise; the base's factor stays
-            log.warning("calibrate: the attention backward did not time above its forward "
-                        "(%s): attention_backward kept from the base", attention)
+        for dtype, measured in attention.items():
+            suffix = "_fp32" if dtype == "fp32" else ""
+            data["attention_flops" + suffix] = measured["flops_per_s"]
+            if measured["backward_ratio"] > 0:
+                data["attention_backward" + suffix] = measured["backward_ratio"]
+            else:  # forward and forward + backward timed alike: noise; the base's factor stays
+                log.warning("calibrate: the %s attention backward did not time above its "
+                            "forward (%s): attention_backward%s kept from the base", dtype,
+                            measured, suffix)
     if op is not None:
         data["op_overhead"] = op["op_overhead"]
         data["calibrated"]["op_overhead"] = op
@@ -370,12 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         seq = args.seq_len or model.seq_len
         shapes = model_gemm_shapes(model, args.micro_batch, seq)
         a = model.attention
-        attention = measure_attention(args.micro_batch, a.num_heads, seq,
-                                      (a.qk_head_dim + a.v_dim) // 2, iters=iters)
-    gemm_points = measure_gemm(GEMM_DIMS[:3] if args.quick else GEMM_DIMS, iters=iters,
-                               shapes=shapes)
+        attention = {dtype: measure_attention(args.micro_batch, a.num_heads, seq,
+                                              (a.qk_head_dim + a.v_dim) // 2, iters=iters,
+                                              dtype=dtype) for dtype in DTYPES}
+    gemm_points = {dtype: measure_gemm(GEMM_DIMS[:3] if args.quick else GEMM_DIMS, iters=iters,
+                                       shapes=shapes, dtype=dtype) for dtype in DTYPES}
     copy = measure_copy(16 * 2**20 if args.quick else 64 * 2**20, iters=iters)
-    device, _, _ = _device(None)
+    device, _ = _device(None)
     op = measure_op_overhead(iters) if device == "cpu" else {
         "op_overhead": 0.0, "note": "a CUDA device: host dispatch overlaps the kernels"}
     a2a_points: list[dict[str, Any]] = []
@@ -397,13 +422,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write("# written by python -m piper_moe.cli.calibrate\n")
             yaml.safe_dump(data, f, sort_keys=False)
-        rate, half = fit_gemm(gemm_points)
-        seen = (f"attention {attention['flops_per_s'] / 1e9:.1f} GFLOP/s forward, backward "
-                f"{attention['backward_ratio']:.1f}x" if attention else "attention not timed "
-                "(no --model)")
-        log.info("calibrate: GEMM %.1f GFLOP/s asymptote, half at d=%.0f; copy %.2f GB/s; %s; "
-                 "%.2f us per framework operation; a2a fit %s -> %s", rate / 1e9, half,
-                 copy["copy_bandwidth"] / 1e9, seen, op["op_overhead"] * 1e6, a2a_fit, args.out)
+        rate, half = fit_gemm(gemm_points["bf16"])
+        rate32 = fit_gemm(gemm_points["fp32"], half)[0]
+        seen = ("attention " + ", ".join(
+            f"{dtype} {m['flops_per_s'] / 1e9:.1f} GFLOP/s forward, backward "
+            f"{m['backward_ratio']:.1f}x" for dtype, m in attention.items())
+            if attention else "attention not timed (no --model)")
+        log.info("calibrate: GEMM asymptote bf16 %.1f, fp32 %.1f GFLOP/s, half at d=%.0f; copy "
+                 "%.2f GB/s; %s; %.2f us per framework operation; a2a fit %s -> %s", rate / 1e9,
+                 rate32 / 1e9, half, copy["copy_bandwidth"] / 1e9, seen,
+                 op["op_overhead"] * 1e6, a2a_fit, args.out)
     if comm is not None:
         comm.barrier()
         comm.close()

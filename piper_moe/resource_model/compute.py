@@ -1,13 +1,14 @@
 """FLOPs and compute time of one layer for one micro-batch on one rank.
 
 GEMM time (``gemm_time``), for an [M, K] x [K, N] product of e-byte elements:
-``max(2*M*N*K / (peak * eff(d)), e*(M*K + K*N + M*N) / hbm_bandwidth) + launch_overhead`` with
+``max(2*M*N*K / (peak(e) * eff(d)), e*(M*K + K*N + M*N) / hbm_bandwidth) + launch_overhead`` with
+peak(e) the platform's peak for that element size (``PlatformSpec.peak``: fp32 or 16-bit),
 ``eff(d) = max_efficiency * d / (d + half_dim)`` and d = min(M, N, K): a skinny GEMM (few tokens per
 expert) runs far below peak, and a very skinny one becomes memory bound.
 
 Attention core (flash attention, causal): ``2*b*s^2*a*(d_qk + d_v) / 2`` FLOPs per layer forward,
-at ``platform.attention_flops`` FLOP/s when calibrated, else timed like a GEMM whose smallest
-dimension is d_qk + d_v. Element-wise work (norms, residual
+at ``platform.attention_flops`` FLOP/s (``attention_flops_fp32`` in fp32) when calibrated, else
+timed like a GEMM whose smallest dimension is d_qk + d_v. Element-wise work (norms, residual
 adds, activation functions, MoE permutes, router softmax) is timed by bytes moved at HBM bandwidth.
 Backward costs twice the forward (input and weight gradients; the attention core
 ``platform.attention_backward`` times its forward); the weight-gradient half is what zero-bubble
@@ -35,11 +36,12 @@ def gemm_efficiency(d: float, platform: PlatformSpec) -> float:
 def gemm_time(m: float, n: float, k: float, platform: PlatformSpec, elem_bytes: int = 2,
               peak: float | None = None) -> float:
     """Seconds for one [m, k] x [k, n] GEMM (see module docstring); peak: FLOP/s to reach at
-    full efficiency (None: platform.peak_flops)."""
+    full efficiency (None: the platform's peak for e-byte elements, ``PlatformSpec.peak``)."""
     if min(m, n, k) <= 0:
         return 0.0
     flops = 2.0 * m * n * k
-    t_flops = flops / ((peak or platform.peak_flops) * gemm_efficiency(min(m, n, k), platform))
+    t_flops = flops / ((peak or platform.peak(elem_bytes))
+                       * gemm_efficiency(min(m, n, k), platform))
     t_bytes = elem_bytes * (m * k + k * n + m * n) / platform.hbm_bandwidth
     return max(t_flops, t_bytes) + platform.gemm.launch_overhead
 
@@ -102,8 +104,8 @@ def layer_compute(model: ModelSpec, platform: PlatformSpec, s: Strategy,
     a = model.attention
     core_flops = attention_core_flops(model, s.micro_batch, s.seq_len) / s.tp
     d = a.qk_head_dim + a.v_dim
-    t_core = core_flops / (platform.attention_flops
-                           or platform.peak_flops * gemm_efficiency(d, platform))
+    t_core = core_flops / (platform.attention(e)[0]
+                           or platform.peak(e) * gemm_efficiency(d, platform))
     flops += core_flops
     # norms (read + write), two residual adds (2 reads + 1 write)
     ew_bytes = (2 * 2 + 2 * 3) * T * h / s.sp * e

@@ -129,7 +129,7 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
             tp_extra = 2 * comm.all_gather(rows, s.etp, comm.per_node(s.etp, 1, G), platform)
         # backward: twice the bf16 forward, the attention core's at its own factor
         comp = (3 * lc.total + 2 * lc.fp8_saved
-                + (platform.attention_backward - 2) * lc.attention_core)
+                + (platform.attention(e)[1] - 2) * lc.attention_core)
         re = 0.0
         re_a2a = 0.0
         if s.recompute == "full":
@@ -231,7 +231,8 @@ def estimate(model: ModelSpec, platform: PlatformSpec, strategy: Strategy) -> Es
     time["step"] = sum(time[k] for k in TIME_KEYS)
     tokens = s.global_batch * s.seq_len
     flops = 3 * model_flops_per_token(model, s.seq_len) * tokens
-    mfu = flops / (time["step"] * platform.peak_flops * s.world) if time["step"] > 0 else 0.0
+    peak = platform.peak(PRECISION_BYTES[s.precision][3])
+    mfu = flops / (time["step"] * peak * s.world) if time["step"] > 0 else 0.0
     fits = mem["total"] <= platform.device_memory
     bottleneck = "memory" if not fits else max(TIME_KEYS, key=lambda k: time[k])
     return Estimate(

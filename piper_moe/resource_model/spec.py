@@ -234,8 +234,11 @@ class PlatformSpec:
     intra-node link level and an inter-node level (``inter.bandwidth`` is the per-device share of
     the node's NICs), ``barrier_latency`` seconds per node barrier (None: one ``intra.latency``),
     ``memory_reserved`` bytes per device the framework cannot use (context, communicator
-    buffers, allocator fragmentation), and ``peak_flops_fp8`` the dense FP8 peak of a native
+    buffers, allocator fragmentation), ``peak_flops_fp32`` the dense fp32 GEMM peak (None:
+    ``peak_flops``, one rate for both), and ``peak_flops_fp8`` the dense FP8 peak of a native
     block-scaled FP8 GEMM (None: none; the FP8 expert GEMMs then run at ``peak_flops``).
+    Which peak a GEMM runs at follows its element size (``peak``): a run in ``fp32`` computes
+    at ``peak_flops_fp32``, ``bf16`` and ``bf16-mixed`` at ``peak_flops``.
 
     Host-side costs: ``op_overhead`` seconds per framework operation (an aten op dispatched,
     with its autograd bookkeeping and the Python between ops; counted per layer by
@@ -244,7 +247,9 @@ class PlatformSpec:
     real size (not modelled there). The attention core's forward runs at ``attention_flops``
     FLOP/s (None: the GEMM curve at the head dimensions) and its backward takes
     ``attention_backward`` times the forward (2 for a GEMM-like kernel; calibrate measures
-    both)."""
+    both); in fp32 at ``attention_flops_fp32`` and ``attention_backward_fp32`` (None: the
+    16-bit figures). The two differ on CPUs, whose bf16 flash-attention kernels are slower
+    than their fp32 ones at short sequences (``attention``)."""
 
     name: str
     device: str
@@ -258,10 +263,13 @@ class PlatformSpec:
     intra: LinkSpec
     inter: LinkSpec
     barrier_latency: float | None = None
+    peak_flops_fp32: float | None = None
     peak_flops_fp8: float | None = None
     op_overhead: float = 0.0
     attention_flops: float | None = None
     attention_backward: float = 2.0
+    attention_flops_fp32: float | None = None
+    attention_backward_fp32: float | None = None
     source: str = ""
     calibrated: dict[str, Any] = field(default_factory=dict)
 
@@ -274,14 +282,16 @@ class PlatformSpec:
             hbm_bandwidth=self.hbm_bandwidth,
             copy_bandwidth=self.copy_bandwidth,
         )
-        if self.peak_flops_fp8 is not None and self.peak_flops_fp8 <= 0:
-            raise ValueError(f"platform {self.name}: peak_flops_fp8 must be > 0 or absent "
-                             f"(got {self.peak_flops_fp8})")
-        if self.op_overhead < 0 or self.attention_backward <= 0 or (
-                self.attention_flops is not None and self.attention_flops <= 0):
-            raise ValueError(f"platform {self.name}: op_overhead must be >= 0, attention_flops "
-                             f"> 0 or absent, attention_backward > 0 (got {self.op_overhead}, "
-                             f"{self.attention_flops}, {self.attention_backward})")
+        for key in ("peak_flops_fp32", "peak_flops_fp8", "attention_flops",
+                    "attention_flops_fp32", "attention_backward_fp32"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"platform {self.name}: {key} must be > 0 or absent "
+                                 f"(got {value})")
+        if self.op_overhead < 0 or self.attention_backward <= 0:
+            raise ValueError(f"platform {self.name}: op_overhead must be >= 0 and "
+                             f"attention_backward > 0 (got {self.op_overhead}, "
+                             f"{self.attention_backward})")
         if self.barrier_latency is not None and self.barrier_latency < 0:
             raise ValueError(f"platform {self.name}: barrier_latency must be >= 0 "
                              f"(got {self.barrier_latency})")
@@ -290,6 +300,24 @@ class PlatformSpec:
                 f"platform {self.name}: memory_reserved ({self.memory_reserved}) must be in "
                 f"[0, device_memory={self.device_memory})"
             )
+
+    def peak(self, elem_bytes: int) -> float:
+        """Dense GEMM peak (FLOP/s) for inputs of ``elem_bytes`` bytes per element: fp32 (4)
+        at ``peak_flops_fp32``, 16-bit (2) at ``peak_flops``, FP8 (1) at ``peak_flops_fp8``
+        (each None falls back to ``peak_flops``)."""
+        if elem_bytes >= 4:
+            return self.peak_flops_fp32 or self.peak_flops
+        if elem_bytes == 1:
+            return self.peak_flops_fp8 or self.peak_flops
+        return self.peak_flops
+
+    def attention(self, elem_bytes: int) -> tuple[float | None, float]:
+        """(forward FLOP/s of the attention core or None for the GEMM curve, backward / forward
+        time) for elements of ``elem_bytes`` bytes: fp32 (4) or 16-bit."""
+        if elem_bytes >= 4:
+            return (self.attention_flops_fp32 or self.attention_flops,
+                    self.attention_backward_fp32 or self.attention_backward)
+        return self.attention_flops, self.attention_backward
 
     @property
     def usable_memory(self) -> float:

@@ -435,12 +435,15 @@ class Trainer:
         return model_flops_per_token(self.spec, self.seq_len)
 
     def _peak_flops(self) -> float:
+        """The platform's GEMM peak at this run's compute precision (0: no platform file)."""
         from ..resource_model import load_platform
+        from ..resource_model.memory import PRECISION_BYTES
 
         try:
-            return load_platform(self.cfg.platform).peak_flops
+            platform = load_platform(self.cfg.platform)
         except Exception:  # a platform file is optional for training
             return 0.0
+        return platform.peak(PRECISION_BYTES[self.precision][3])
 
     # -- checkpoints
     def state(self) -> dict:

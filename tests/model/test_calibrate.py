@@ -16,6 +16,10 @@ def test_fit_gemm_recovers_curve():
            for d in (8, 32, 128, 512)]
     fa, fh = calibrate.fit_gemm(pts)
     assert fa == pytest.approx(a, rel=1e-6) and fh == pytest.approx(half, rel=1e-6)
+    # a second dtype on the same curve: its asymptote alone, the half dimension given
+    slow = [{**p, "flops_per_s": p["flops_per_s"] / 2.5} for p in pts]
+    fa, fh = calibrate.fit_gemm(slow, half_dim=half)
+    assert fa == pytest.approx(a / 2.5, rel=1e-9) and fh == half
 
 
 @pytest.mark.parametrize(("n", "g"), [(8, 4), (4, 4), (16, 2), (4, 1)])
@@ -43,14 +47,18 @@ def test_fit_a2a_recovers_alpha_beta(n, g):
 
 
 def test_measure_and_write_platform(tmp_path):
-    gemm = calibrate.measure_gemm(dims=(8, 64), width=128, iters=1, device="cpu")
+    gemm = {dtype: calibrate.measure_gemm(dims=(8, 64), width=128, iters=1, device="cpu",
+                                          dtype=dtype) for dtype in calibrate.DTYPES}
     copy = calibrate.measure_copy(nbytes=2**20, iters=1, device="cpu")
-    assert all(p["flops_per_s"] > 0 for p in gemm) and copy["copy_bandwidth"] > 0
+    assert all(p["flops_per_s"] > 0 for pts in gemm.values() for p in pts)
+    assert copy["copy_bandwidth"] > 0
     fit = {"latency_intra": 1e-6, "bandwidth_intra": 2e9, "latency_inter": 1e-5,
            "bandwidth_inter": float("inf")}
-    attention = calibrate.measure_attention(1, 2, 32, 16, iters=1, device="cpu")
+    attention = {dtype: calibrate.measure_attention(1, 2, 32, 16, iters=1, device="cpu",
+                                                    dtype=dtype) for dtype in calibrate.DTYPES}
     op = calibrate.measure_op_overhead(iters=1)
-    assert attention["flops_per_s"] > 0 and attention["backward_ratio"] > 0, attention
+    for measured in attention.values():
+        assert measured["flops_per_s"] > 0 and measured["backward_ratio"] > 0, attention
     assert op["ops"] > 500 and 0 < op["op_overhead"] < 1e-3, op  # tiny-moe: ~1,000 per step
     data = calibrate.build_platform("cpu-host", "mine", gemm, copy, fit, attention, op)
     path = tmp_path / "mine.yaml"
@@ -61,8 +69,15 @@ def test_measure_and_write_platform(tmp_path):
     assert comm.a2a_flat(1e6, 4, 1, p) == pytest.approx(3 * 1e-5)
     assert p.copy_bandwidth == copy["copy_bandwidth"]
     assert p.op_overhead == op["op_overhead"]
-    assert p.attention_flops == attention["flops_per_s"]
-    assert p.attention_backward == attention["backward_ratio"]
+    assert p.attention_flops == attention["bf16"]["flops_per_s"]
+    assert p.attention_backward == attention["bf16"]["backward_ratio"]
+    assert p.attention_flops_fp32 == attention["fp32"]["flops_per_s"]
+    assert p.attention_backward_fp32 == attention["fp32"]["backward_ratio"]
+    # each peak is its dtype's fitted asymptote over the one efficiency curve
+    for dtype, e in (("bf16", 2), ("fp32", 4)):
+        half = calibrate.fit_gemm(gemm["bf16"])[1]
+        rate = calibrate.fit_gemm(gemm[dtype], half)[0]
+        assert p.peak(e) * p.gemm.max_efficiency == pytest.approx(rate, rel=1e-9), dtype
 
 
 def test_model_gemm_shapes_are_the_layers_at_the_micro_batch():
@@ -97,9 +112,13 @@ def test_fit_a2a_is_nonnegative_and_relative():
 def test_a_noisy_attention_backward_keeps_the_base_factor():
     """forward + backward timed no slower than forward alone (noise): the written file keeps
     the base's attention_backward (a factor <= 0 would not load), and its rate is recorded."""
-    gemm = [{"m": 8, "n": 1024, "k": 1024, "flops_per_s": 1e10}]
+    gemm = {"bf16": [{"m": 8, "n": 1024, "k": 1024, "flops_per_s": 1e10}]}
     copy = {"copy_bandwidth": 1e9, "memory_bandwidth": 2e9}
-    attention = {"flops_per_s": 3e10, "backward_ratio": 0.0}
+    attention = {"bf16": {"flops_per_s": 3e10, "backward_ratio": 0.0},
+                 "fp32": {"flops_per_s": 4e10, "backward_ratio": -0.5}}
     data = calibrate.build_platform("cpu-host", "noisy", gemm, copy, {}, attention, None)
-    assert data["attention_backward"] == load_platform("cpu-host").attention_backward
-    assert data["attention_flops"] == 3e10
+    base = load_platform("cpu-host")
+    assert data["attention_backward"] == base.attention_backward
+    assert data["attention_backward_fp32"] == base.attention_backward_fp32
+    assert data["attention_flops"] == 3e10 and data["attention_flops_fp32"] == 4e10
+    assert data["peak_flops_fp32"] == base.peak_flops_fp32  # no fp32 GEMMs measured: the base's

@@ -13,7 +13,7 @@ from piper_moe.resource_model.spec import GemmSpec, LinkSpec
 PLAT = dataclasses.replace(
     load_platform("cpu-host"),
     intra=LinkSpec(latency=1e-6, bandwidth=1e9), inter=LinkSpec(latency=1e-5, bandwidth=1e8),
-    copy_bandwidth=1e10, peak_flops=1e12, hbm_bandwidth=1e11,
+    copy_bandwidth=1e10, peak_flops=1e12, peak_flops_fp32=None, hbm_bandwidth=1e11,
     gemm=GemmSpec(max_efficiency=0.5, half_dim=100.0, launch_overhead=0.0))
 
 
@@ -80,6 +80,27 @@ def test_gemm_time_by_hand():
     slow = dataclasses.replace(PLAT, hbm_bandwidth=1e9)
     assert gemm_time(8, 1000, 1000, slow, 2) == pytest.approx(2 * (8000 + 1e6 + 8000) / 1e9)
     assert gemm_efficiency(100.0, PLAT) == 0.25
+
+
+def test_a_gemm_runs_at_the_peak_of_its_element_size():
+    """fp32 inputs at peak_flops_fp32 (None: peak_flops), 16-bit at peak_flops; an estimate in
+    fp32 on an H100 computes at its fp32 rate and reports MFU against it."""
+    fp32 = dataclasses.replace(PLAT, peak_flops_fp32=2.5e11, hbm_bandwidth=1e15)
+    assert gemm_time(1000, 1000, 1000, fp32, 4) == pytest.approx(
+        4 * gemm_time(1000, 1000, 1000, fp32, 2))
+    assert gemm_time(1000, 1000, 1000, PLAT, 4) == pytest.approx(
+        gemm_time(1000, 1000, 1000, dataclasses.replace(PLAT, hbm_bandwidth=1e15), 2))
+    from piper_moe.resource_model import Strategy, estimate
+
+    model, h100 = load_model("tiny-moe"), load_platform("dgx-h100")
+    runs = {precision: estimate(model, h100, Strategy(
+        dp=1, tp=1, pp=1, ep=1, micro_batch=64, global_batch=64, seq_len=512,
+        precision=precision)) for precision in ("fp32", "bf16-mixed")}
+    fp32_run, bf16_run = runs["fp32"], runs["bf16-mixed"]
+    assert fp32_run.time["compute"] > 3 * bf16_run.time["compute"]  # 989 / 67 TFLOP/s at best
+    flops = 3 * model_flops_per_token(model, 512) * 64 * 512
+    assert fp32_run.mfu == pytest.approx(flops / (fp32_run.time["step"] * h100.peak_flops_fp32))
+    assert bf16_run.mfu == pytest.approx(flops / (bf16_run.time["step"] * h100.peak_flops))
 
 
 def test_skinny_expert_gemms_are_slower_per_flop():

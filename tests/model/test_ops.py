@@ -91,17 +91,26 @@ def test_estimate_charges_every_operation_at_op_overhead():
     assert without.time["overhead"] == 0.0
 
 
-def test_attention_backward_factor_scales_the_attention_core():
+@pytest.mark.parametrize(("precision", "key", "other"),
+                         [("fp32", "attention_backward_fp32", "attention_backward"),
+                          ("bf16-mixed", "attention_backward", "attention_backward_fp32")])
+def test_attention_backward_factor_scales_the_attention_core(precision, key, other):
+    """The attention core's backward factor of the run's compute dtype, and only it, scales
+    the attention part of the backward."""
     model = load_model("tiny-moe")
     base = load_platform("cpu-host")
     s = Strategy(dp=1, tp=1, pp=1, ep=1, micro_batch=4, global_batch=32, seq_len=64,
-                 precision="fp32")
-    t2 = estimate(model, dataclasses.replace(base, attention_backward=2.0), s).time["compute"]
-    t5 = estimate(model, dataclasses.replace(base, attention_backward=5.0), s).time["compute"]
+                 precision=precision)
+
+    def compute(**factors):
+        return estimate(model, dataclasses.replace(base, **factors), s).time["compute"]
+
+    t2, t5 = compute(**{key: 2.0}), compute(**{key: 5.0})
     from piper_moe.resource_model.compute import layer_compute
 
     core = layer_compute(model, base, s, True).attention_core  # the same in dense layers
     assert t5 - t2 == pytest.approx(3.0 * core * model.num_layers * s.num_micro)
+    assert compute(**{key: 2.0, other: 7.0}) == t2
 
 
 def test_per_step_operations_per_tensor_are_the_trainers():
