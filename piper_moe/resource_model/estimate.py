@@ -6,11 +6,12 @@ Step time is assembled on the critical (slowest) pipeline stage, for m micro-bat
            + optimizer
 
 - compute: forward + backward (2x forward; the attention core's backward
-  ``platform.attention_backward`` x its forward) of the stage's layers (and head on the last
-  stage);
+  ``platform.attention_backward`` x its forward, ``attention_backward_fp32`` in fp32) of the
+  stage's layers (and head on the last stage), GEMMs at the compute dtype's peak
+  (``PlatformSpec.peak``);
 - overhead: host time of the framework operations (``ops``: per layer, embedding and head,
-  forward and backward, per micro-batch; and per parameter tensor once per step) at
-  ``platform.op_overhead`` each (0 on GPU platforms);
+  forward and backward, per micro-batch, the layers' forward again under full recompute; and
+  per parameter tensor once per step) at ``platform.op_overhead`` each (0 on GPU platforms);
 - recompute: one more forward for "full", the element-wise part for "selective";
 - tp_comm: 4 all-gather/reduce-scatter of T*h per layer forward and 4 backward (sequence parallel);
   plus the ETP gather/scatter of expert rows;
@@ -96,7 +97,8 @@ def _stage_time(model: ModelSpec, platform: PlatformSpec, s: Strategy, stage: in
     c = platform.op_overhead
     for part, n in _stage_parts(model, s, stage).items():
         po = ops.part_ops(s.precision, part)
-        out["overhead"] += n * (po.forward + po.backward) * c
+        again = s.recompute == "full" and part in ("dense", "moe")  # the layers' forward, twice
+        out["overhead"] += n * ((2 if again else 1) * po.forward + po.backward) * c
         fwd += n * po.forward * c
     tp_g = comm.per_node(s.tp, 1, G)
     act = sh.tokens * model.hidden * e

@@ -89,6 +89,12 @@ def test_estimate_charges_every_operation_at_op_overhead():
     assert with_.time["overhead"] == pytest.approx((s.num_micro * per_micro + per_step) * c)
     assert with_.time["step"] - without.time["step"] == pytest.approx(with_.time["overhead"])
     assert without.time["overhead"] == 0.0
+    # full recompute dispatches every layer's forward operations once more per micro-batch
+    full = estimate(model, dataclasses.replace(base, op_overhead=c),
+                    dataclasses.replace(s, recompute="full"))
+    layer_fwd = sum(n * table[p].forward for p, n in layers.items() if p in ("dense", "moe"))
+    assert full.time["overhead"] - with_.time["overhead"] == pytest.approx(
+        s.num_micro * layer_fwd * c)
 
 
 @pytest.mark.parametrize(("precision", "key", "other"),
