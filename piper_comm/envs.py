@@ -19,7 +19,8 @@ PIPER_INTER       str    nccl | mpi: the transport of CUDA calls' messages (defa
                          transport; csrc/cuda/device_plane.hpp)
 PIPER_TORCH_CUDA_DELEGATE str  nccl | gloo: what the "piper" torch backend's delegated collectives
                          (all but all-to-all) use for CUDA tensors: torch's NCCL, or gloo through
-                         host copies (default: gloo when PIPER_INTER=mpi, else nccl)
+                         host copies (default: gloo when PIPER_INTER=mpi, else nccl); the
+                         same on every rank (the group's creation raises on every rank if not)
 PIPER_NCCL_LIBRARY path  libnccl.so.2 to load (default: the one the process loaded already, as
                          torch's, else the nvidia-nccl wheel's, else the loader's search path)
 """

@@ -26,7 +26,7 @@ from torch.futures import Future
 
 from .. import envs
 from ..bootstrap import _detect, connect
-from ..errors import PiperPeerError, PiperTimeoutError
+from ..errors import PiperPeerError, PiperTimeoutError, PiperUsageError
 from ..transport import MpiTransport, TorchTransport
 
 
@@ -66,7 +66,10 @@ class PiperProcessGroup(dist.ProcessGroup):
         self._store, self._timeout = store, timeout
         self.gloo = ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, timeout)
         self._nccl = None
-        self._cuda_delegate = envs.torch_cuda_delegate()  # nccl | gloo
+        try:
+            self._cuda_delegate = envs.torch_cuda_delegate()  # nccl | gloo
+        except PiperUsageError as e:  # raised on every rank once connected (below)
+            self._cuda_delegate = e
         # PIPER_TIMEOUT when set, else the group's timeout (init_process_group(timeout=...)).
         seconds = envs.timeout() if envs.is_set("PIPER_TIMEOUT") else timeout.total_seconds()
         whole_world = global_ranks is None or list(global_ranks) == list(range(size))
@@ -79,6 +82,30 @@ class PiperProcessGroup(dist.ProcessGroup):
         if transport is None:
             transport = TorchTransport(backend=self.gloo)
         self.piper_communicator = connect(transport, timeout=seconds)
+        self._agree_on_cuda_delegate()
+
+    def _agree_on_cuda_delegate(self) -> None:
+        """Every rank must delegate CUDA collectives alike: ranks on nccl and ranks on gloo
+        would each wait in a different backend until the timeout. One equal-split all-to-all
+        of one int64 per rank (collective); PiperUsageError on every rank, naming the ranks of
+        each side, when PIPER_TORCH_CUDA_DELEGATE (or PIPER_INTER, its default) differs or is
+        invalid on some rank."""
+        import numpy as np
+
+        names = ("nccl", "gloo", "an invalid PIPER_TORCH_CUDA_DELEGATE")
+        own = self._cuda_delegate
+        code = names.index(own) if isinstance(own, str) else 2
+        seen = self.piper_communicator.all_to_all(np.full(self.size(), code,
+                                                          dtype=np.int64)).tolist()
+        if len(set(seen)) > 1 or code == 2:
+            self.piper_communicator.close()
+            sides = "; ".join(f"{name} on ranks {[r for r, c in enumerate(seen) if c == i]}"
+                              for i, name in enumerate(names) if i in seen)
+            raise PiperUsageError(
+                f"piper torch backend: rank {self.rank()}: the ranks cannot agree on where "
+                f"CUDA collectives go ({sides}){f': {own}' if code == 2 else ''}: set "
+                f"PIPER_TORCH_CUDA_DELEGATE to nccl or gloo (or PIPER_INTER, whose 'mpi' "
+                f"makes it gloo) alike on every rank")
 
     def getBackendName(self) -> str:
         return "piper"

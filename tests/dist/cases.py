@@ -266,3 +266,21 @@ def host_staged() -> dict:
     assert torch.equal(part, torch.full((2,), float(P))), part
     dist.destroy_process_group()
     return {"received": got[0].item(), "source": source}
+
+
+def cuda_delegate_disagreement(values: list) -> str:
+    """Rank r sets PIPER_TORCH_CUDA_DELEGATE to values[r] (None: unset) and creates the
+    "piper" group: the error every rank raises, "type: message" (or "ok")."""
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    if values[rank] is None:
+        os.environ.pop("PIPER_TORCH_CUDA_DELEGATE", None)
+    else:
+        os.environ["PIPER_TORCH_CUDA_DELEGATE"] = values[rank]
+    try:
+        _setup()
+    except Exception as e:  # noqa: BLE001 (the error is the result)
+        return f"{type(e).__name__}: {e}"
+    dist.destroy_process_group()
+    return "ok"

@@ -56,6 +56,24 @@ def test_bad_input_raises_on_every_rank(launcher):
 
 
 @pytest.mark.mpi
+@pytest.mark.own_job  # every rank's init_process_group fails: nothing for a later case to reuse
+@pytest.mark.parametrize(("values", "sides"), [
+    (["nccl", "gloo", None], "nccl on ranks [0, 2]; gloo on ranks [1]"),
+    ([None, None, "bogus"], "nccl on ranks [0, 1]; an invalid PIPER_TORCH_CUDA_DELEGATE on ranks [2]"),
+])
+def test_ranks_delegating_cuda_collectives_differently_fail_together(values, sides):
+    """PIPER_TORCH_CUDA_DELEGATE differing between ranks (or invalid on one) would leave ranks
+    waiting in different backends: group creation raises one PiperUsageError on every rank,
+    naming both sides, at once."""
+    run = run_mpi(3, "dist.cases:cuda_delegate_disagreement", {"values": values}, timeout=120)
+    for r in run.ranks:
+        assert r["result"].startswith("PiperUsageError"), r["result"]
+        assert f"({sides})" in r["result"], r["result"]
+    assert "'bogus': expected nccl or gloo" in run.ranks[2]["result"] or values[2] != "bogus"
+    assert run.elapsed < 60
+
+
+@pytest.mark.mpi
 def test_torch_local_check_does_not_hang():
     """torch raises ValueError on the rank with mixed dtypes; the others time out cleanly."""
     run = run_mpi(4, "dist.cases:local_torch_check",
