@@ -198,17 +198,23 @@ def measure_op_overhead(iters: int = 5) -> dict[str, Any]:
 def fit_gemm(points: list[dict[str, float]], half_dim: float | None = None
              ) -> tuple[float, float]:
     """(A, half_dim) of rate(d) = A * d / (d + half_dim), d = min(m, n, k), by least squares on
-    1/rate = 1/A + (half_dim/A)/d; with ``half_dim`` given, A alone on that curve."""
+    1/rate = 1/A + (half_dim/A)/d; with ``half_dim`` given, A alone on that curve. Where the
+    points resolve no such curve (the rate does not rise towards an asymptote as d grows: a
+    negative intercept or slope, as noise on a few short timings gives), half_dim is 0 and A
+    the best measured rate; ``half_dim=0`` given also returns the best measured rate, so a
+    second dtype fitted on the first's curve is treated alike."""
     d = np.array([min(p["m"], p["n"], p["k"]) for p in points], dtype=float)
     inv_rate = 1.0 / np.array([p["flops_per_s"] for p in points], dtype=float)
+    if half_dim == 0:
+        return float(1.0 / inv_rate.min()), 0.0
     if half_dim is not None:
         x = 1.0 + half_dim / d
         return float(x @ x / (x @ inv_rate)), float(half_dim)
     x = np.stack([np.ones_like(d), 1.0 / d], axis=1)
     (c0, c1), *_ = np.linalg.lstsq(x, inv_rate, rcond=None)
-    if c0 <= 0:  # no saturation in range: take the best measured rate
+    if c0 <= 0 or c1 < 0:
         return float(1.0 / inv_rate.min()), 0.0
-    return float(1.0 / c0), float(max(c1, 0.0) / c0)
+    return float(1.0 / c0), float(c1 / c0)
 
 
 def measure_copy(nbytes: int = 64 * 2**20, iters: int = 5,

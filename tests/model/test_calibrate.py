@@ -22,6 +22,18 @@ def test_fit_gemm_recovers_curve():
     assert fa == pytest.approx(a / 2.5, rel=1e-9) and fh == half
 
 
+@pytest.mark.parametrize("rates", [(1e6, 5e9, 6e9), (9e9, 7e9, 6e9)],
+                         ids=["a slow first point", "falling rate"])
+def test_fit_gemm_without_a_curve_takes_the_best_rate_for_every_dtype(rates):
+    """Noisy short timings can rise faster than any saturating curve (a negative intercept)
+    or fall with size (a negative slope): no curve, the best measured rate, and a second dtype
+    fitted on that (flat) curve is treated alike."""
+    pts = [{"m": d, "n": 128, "k": 128, "flops_per_s": r} for d, r in zip((8, 32, 64), rates)]
+    assert calibrate.fit_gemm(pts) == (max(rates), 0.0)
+    slow = [{**p, "flops_per_s": p["flops_per_s"] / 2} for p in pts]
+    assert calibrate.fit_gemm(slow, half_dim=0.0) == (max(rates) / 2, 0.0)
+
+
 @pytest.mark.parametrize(("n", "g"), [(8, 4), (4, 4), (16, 2), (4, 1)])
 def test_fit_a2a_recovers_alpha_beta(n, g):
     plat = dataclasses.replace(load_platform("cpu-host"),
@@ -58,7 +70,9 @@ def test_measure_and_write_platform(tmp_path):
                                                     dtype=dtype) for dtype in calibrate.DTYPES}
     op = calibrate.measure_op_overhead(iters=1)
     for measured in attention.values():
-        assert measured["flops_per_s"] > 0 and measured["backward_ratio"] > 0, attention
+        # one timing each: under load the backward can time at or below 0 (then the base's
+        # factor stays, test_a_noisy_attention_backward_keeps_the_base_factor)
+        assert measured["flops_per_s"] > 0 and measured["backward_ratio"] >= 0, attention
     assert op["ops"] > 500 and 0 < op["op_overhead"] < 1e-3, op  # tiny-moe: ~1,000 per step
     data = calibrate.build_platform("cpu-host", "mine", gemm, copy, fit, attention, op)
     path = tmp_path / "mine.yaml"
@@ -70,9 +84,12 @@ def test_measure_and_write_platform(tmp_path):
     assert p.copy_bandwidth == copy["copy_bandwidth"]
     assert p.op_overhead == op["op_overhead"]
     assert p.attention_flops == attention["bf16"]["flops_per_s"]
-    assert p.attention_backward == attention["bf16"]["backward_ratio"]
+    base = load_platform("cpu-host")
+    assert p.attention_backward == (attention["bf16"]["backward_ratio"]
+                                    or base.attention_backward)
     assert p.attention_flops_fp32 == attention["fp32"]["flops_per_s"]
-    assert p.attention_backward_fp32 == attention["fp32"]["backward_ratio"]
+    assert p.attention_backward_fp32 == (attention["fp32"]["backward_ratio"]
+                                         or base.attention_backward_fp32)
     # each peak is its dtype's fitted asymptote over the one efficiency curve
     for dtype, e in (("bf16", 2), ("fp32", 4)):
         half = calibrate.fit_gemm(gemm["bf16"])[1]
