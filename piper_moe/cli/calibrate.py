@@ -320,19 +320,25 @@ def build_platform(base_name: str, name: str, gemm_points: dict[str, list], copy
                    op: dict[str, Any] | None = None) -> dict[str, Any]:
     """The YAML mapping of the calibrated platform. gemm_points and attention are keyed by
     dtype (``DTYPES``; measure_gemm's and measure_attention's results): "bf16" must be there,
-    "fp32" may be (else peak_flops_fp32 and the fp32 attention figures are the base's);
+    "fp32" may be (else peak_flops_fp32 and the fp32 attention figures are the base's, the
+    fp32 GEMM rate then the base's fp32 peak at the new efficiency);
     attention None keeps the base's attention figures, op (measure_op_overhead's result) None
     its op_overhead."""
     base = load_platform(base_name)
     data = dataclasses.asdict(base)
     rate, half = fit_gemm(gemm_points["bf16"])
-    peak = max(base.peak_flops, rate)
-    efficiency = min(1.0, rate / peak)
-    data.update(name=name, source=f"python -m piper_moe.cli.calibrate (base {base.name})",
-                peak_flops=peak, copy_bandwidth=copy["copy_bandwidth"],
-                hbm_bandwidth=copy["memory_bandwidth"])
+    rates = {2: rate}
     if "fp32" in gemm_points:  # the same curve, its own asymptote
-        data["peak_flops_fp32"] = fit_gemm(gemm_points["fp32"], half)[0] / efficiency
+        rates[4] = fit_gemm(gemm_points["fp32"], half)[0]
+    # One efficiency for both: the dtype closest to its base peak sets it (a CPU without bf16
+    # units reaches a small fraction of the bf16 peak, not of the fp32 one), each peak is then
+    # its measured asymptote over it, so peak * max_efficiency is the measured rate of each.
+    efficiency = min(1.0, max(r / base.peak(e) for e, r in rates.items()))
+    data.update(name=name, source=f"python -m piper_moe.cli.calibrate (base {base.name})",
+                peak_flops=rate / efficiency, copy_bandwidth=copy["copy_bandwidth"],
+                hbm_bandwidth=copy["memory_bandwidth"])
+    if 4 in rates:
+        data["peak_flops_fp32"] = rates[4] / efficiency
     data["gemm"].update(max_efficiency=efficiency, half_dim=half)
     for level in ("intra", "inter"):
         if f"latency_{level}" not in a2a_fit:

@@ -11,7 +11,8 @@ at ``platform.attention_flops`` FLOP/s (``attention_flops_fp32`` in fp32) when c
 timed like a GEMM whose smallest dimension is d_qk + d_v. Element-wise work (norms, residual
 adds, activation functions, MoE permutes, router softmax) is timed by bytes moved at HBM bandwidth.
 Backward costs twice the forward (input and weight gradients; the attention core
-``platform.attention_backward`` times its forward); the weight-gradient half is what zero-bubble
+``platform.attention_backward``, in fp32 ``attention_backward_fp32``, times its forward); the
+weight-gradient half is what zero-bubble
 schedules defer. With scaled FP8 expert GEMMs (``scaled_fp8_gemm``) the experts' up
 projections run forward at ``peak_flops_fp8`` on 1-byte inputs; their backward stays bf16, so a
 layer's backward is twice its bf16 forward (``LayerCompute.fp8_saved`` gives the difference).

@@ -139,3 +139,24 @@ def test_a_noisy_attention_backward_keeps_the_base_factor():
     assert data["attention_backward_fp32"] == base.attention_backward_fp32
     assert data["attention_flops"] == 3e10 and data["attention_flops_fp32"] == 4e10
     assert data["peak_flops_fp32"] == base.peak_flops_fp32  # no fp32 GEMMs measured: the base's
+
+
+@pytest.mark.parametrize(("bf16", "fp32"), [(30e9, 90e9), (300e9, 90e9), (96e9, 48e9)],
+                         ids=["no bf16 units", "above both base peaks", "bf16 closer"])
+def test_the_dtype_nearest_its_base_peak_sets_the_efficiency(bf16, fp32):
+    """A CPU without bf16 units (bf16 GEMMs far below the base's bf16 peak, fp32 near its
+    own): the efficiency comes from fp32, so its peak stays the base's and an fp32 run's MFU
+    is not understated; each dtype's peak x efficiency is still its measured rate."""
+    def points(rate):
+        return [{"m": d, "n": 1024, "k": 1024, "flops_per_s": rate * d / (d + 32)}
+                for d in (8, 64, 512)]
+
+    base = load_platform("cpu-host")
+    data = calibrate.build_platform("cpu-host", "mine", {"bf16": points(bf16),
+                                                         "fp32": points(fp32)},
+                                    {"copy_bandwidth": 1e9, "memory_bandwidth": 2e9}, {})
+    eff = data["gemm"]["max_efficiency"]
+    assert eff == pytest.approx(min(1.0, max(bf16 / base.peak(2), fp32 / base.peak(4))))
+    assert data["peak_flops"] * eff == pytest.approx(bf16)
+    assert data["peak_flops_fp32"] * eff == pytest.approx(fp32)
+    assert data["peak_flops"] >= base.peak(2) or data["peak_flops_fp32"] >= base.peak(4)

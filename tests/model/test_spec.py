@@ -40,7 +40,10 @@ def test_platform_barrier_latency():
 
 
 @pytest.mark.parametrize(("key", "value"), [("op_overhead", -1e-6), ("attention_flops", 0.0),
-                                            ("attention_backward", 0.0)])
+                                            ("attention_backward", 0.0),
+                                            ("peak_flops_fp32", 0.0),
+                                            ("attention_flops_fp32", -1.0),
+                                            ("attention_backward_fp32", 0.0)])
 def test_platform_host_costs_are_checked(key, value):
     data = dataclasses.asdict(load_platform("cpu-host"))
     with pytest.raises(ValueError, match=key):
