@@ -130,6 +130,32 @@ def init(backend: str | None = None, *, group: Any = None, local_size: int | Non
                    node_ids=node_ids, timeout=timeout)
 
 
+def _digest(text: str) -> int:
+    """56 bits of blake2b of ``text``, as a non-negative int64."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+def _check_environment(table: np.ndarray, me: int, errors: list[str | None],
+                       values: list[object]) -> None:
+    """PiperUsageError on every rank when some rank's environment (envs.AT_INIT) is invalid or
+    differs from another's. table: P x (1 + len(AT_INIT)) int64, row r = rank r's
+    bitmask of invalid variables, then the digest of each variable's value."""
+    problems = []
+    for i, (name, _) in enumerate(envs.AT_INIT):
+        bad = [r for r in range(len(table)) if table[r, 0] >> i & 1]
+        if bad:
+            problems.append(f"{name} is invalid on ranks {bad}"
+                            + (f" (here: {errors[i]})" if errors[i] else ""))
+        elif len(set(table[:, 1 + i].tolist())) > 1:
+            sides = {}
+            for r, d in enumerate(table[:, 1 + i].tolist()):
+                sides.setdefault(d, []).append(r)
+            problems.append(f"{name} differs between the ranks (groups {list(sides.values())}; "
+                            f"here {values[i]!r}) and must be set alike on every rank")
+    if problems:
+        raise PiperUsageError(f"piper: init: rank {me}: " + "; ".join(problems))
+
+
 def connect(transport: Transport, *, local_size: int | None = None,
             node_ids: list[int] | None = None, timeout: float | None = None) -> Communicator:
     """Builds a communicator over an existing transport (init() and the torch backend use it):
@@ -144,10 +170,16 @@ def connect(transport: Transport, *, local_size: int | None = None,
         return validate.exchange(transport, mine, _INIT_TAG + step, f"init (step {step})",
                                  deadline, timeout)
 
-    # Who is where: host (as a digest), pid and a random job token, from every rank.
+    # Who is where: host (as a digest), pid and a random job token, from every rank; with the
+    # environment it read (each variable's validity and value digest), checked on every rank.
     host = socket.gethostname()
-    digest = int.from_bytes(hashlib.blake2b(host.encode(), digest_size=7).digest(), "little")
-    info = gather(0, np.array([digest, os.getpid(), secrets.randbits(62)], dtype=np.int64))
+    errors, values = envs.at_init()
+    if node_ids is not None or local_size is not None:  # PIPER_LOCAL_SIZE not read
+        errors[0] = values[0] = None
+    invalid = sum(1 << i for i, e in enumerate(errors) if e)
+    info = gather(0, np.array([_digest(host), os.getpid(), secrets.randbits(62), invalid,
+                               *(_digest(repr(v)) for v in values)], dtype=np.int64))
+    _check_environment(info[:, 3:], me, errors, values)
     hosts = [f"host-{int(d):x}" for d in info[:, 0]]
     pids = [int(p) for p in info[:, 1]]
     token = f"{_job_id()}.{int(info[0, 2]):x}"

@@ -1,5 +1,5 @@
 """Every PIPER_* environment variable, read in one place (a communicator reads them once, when
-it is created).
+it is created; those of AT_INIT are checked alike on every rank by bootstrap.connect).
 
 PIPER_LOCAL_SIZE  int    consecutive groups of k ranks form one (emulated) node; default: host names
 PIPER_TIMEOUT     float  seconds any blocking wait may last before PiperTimeoutError (default 300)
@@ -34,6 +34,7 @@ from pathlib import Path
 from .errors import PiperUsageError
 
 ALGORITHMS = ("auto", "halo", "flat", "pairwise")
+CUDA_DELEGATES = ("nccl", "gloo")  # PIPER_TORCH_CUDA_DELEGATE
 
 
 def _get(name: str) -> str | None:
@@ -109,7 +110,7 @@ def mpi_calls() -> str:
 def inter() -> str:
     value = _get("PIPER_INTER") or "auto"
     if value not in ("auto", "nccl", "mpi"):
-        raise PiperUsageError(f"PIPER_INTER={value!r}: expected nccl or mpi")
+        raise PiperUsageError(f"PIPER_INTER={value!r}: expected auto, nccl or mpi")
     return value
 
 
@@ -119,7 +120,7 @@ def torch_cuda_delegate() -> str:
     value = _get("PIPER_TORCH_CUDA_DELEGATE")
     if value is None:
         return "gloo" if inter() == "mpi" else "nccl"
-    if value not in ("nccl", "gloo"):
+    if value not in CUDA_DELEGATES:
         raise PiperUsageError(f"PIPER_TORCH_CUDA_DELEGATE={value!r}: expected nccl or gloo")
     return value
 
@@ -140,3 +141,27 @@ def nccl_library() -> str:
         if lib.exists():
             return str(lib)
     return ""
+
+
+# The variables a communicator reads once its ranks can talk (bootstrap.connect), each with its
+# reader: every rank must read the same value (they choose the topology, the algorithm, the
+# checks' message rounds, who calls MPI (whose calls check in band) and the CUDA transport).
+# PIPER_TIMEOUT and PIPER_BACKEND are read before the transport exists, so a bad one raises on
+# its rank alone (the others then time out at init, naming it).
+AT_INIT = (("PIPER_LOCAL_SIZE", local_size), ("PIPER_ALGO", lambda: algorithm() or "auto"),
+           ("PIPER_CHECK", check), ("PIPER_INTER", inter), ("PIPER_MPI_CALLS", mpi_calls))
+
+
+def at_init() -> tuple[list[str | None], list[object]]:
+    """For each variable of AT_INIT: its error message or None, and its parsed value (None
+    where it is invalid). Who calls: bootstrap.connect, which exchanges them."""
+    errors: list[str | None] = []
+    values: list[object] = []
+    for _, read in AT_INIT:
+        try:
+            values.append(read())
+            errors.append(None)
+        except PiperUsageError as e:
+            values.append(None)
+            errors.append(str(e))
+    return errors, values

@@ -89,10 +89,11 @@ class PiperProcessGroup(dist.ProcessGroup):
         would each wait in a different backend until the timeout. One equal-split all-to-all
         of one int64 per rank (collective); PiperUsageError on every rank, naming the ranks of
         each side, when PIPER_TORCH_CUDA_DELEGATE (or PIPER_INTER, its default) differs or is
-        invalid on some rank."""
+        invalid on some rank (an invalid or differing PIPER_INTER already raised on every rank
+        in connect)."""
         import numpy as np
 
-        names = ("nccl", "gloo", "an invalid PIPER_TORCH_CUDA_DELEGATE")
+        names = (*envs.CUDA_DELEGATES, "an invalid PIPER_TORCH_CUDA_DELEGATE")
         own = self._cuda_delegate
         code = names.index(own) if isinstance(own, str) else 2
         seen = self.piper_communicator.all_to_all(np.full(self.size(), code,

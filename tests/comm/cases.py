@@ -400,6 +400,25 @@ def in_band_checks(local_size: int | None = None, algo: str = "flat") -> dict:
     return {"messages": messages}
 
 
+def environment_per_rank(env: list[dict]) -> str:
+    """Rank r sets the variables of env[r] (value None: unset) and calls pc.init(): the error
+    it raises, "type: message", or "ok" (the communicator then runs one all_to_all)."""
+    rank = int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    for name, value in env[rank].items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    try:
+        comm = pc.init()
+    except pc.PiperError as e:
+        return f"{type(e).__name__}: {e}"
+    x = np.arange(comm.size, dtype=np.int64) + 10 * comm.rank
+    assert (comm.all_to_all(x) == np.arange(comm.size) * 10 + comm.rank).all()
+    comm.close()
+    return "ok"
+
+
 def envs_check() -> int:
     from piper_comm import envs
 

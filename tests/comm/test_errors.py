@@ -24,6 +24,38 @@ def test_bad_input_raises_on_every_rank(nprocs, local_size):
     assert cases == {9 if nprocs == 1 else 13}
 
 
+@pytest.mark.own_job  # each rank changes its own environment: nothing for a later case to reuse
+@pytest.mark.parametrize(("env", "words"), [
+    ([{}, {"PIPER_INTER": "bogus"}, {}],
+     ["PIPER_INTER is invalid on ranks [1]"]),
+    ([{"PIPER_ALGO": "halo"}, {}, {"PIPER_ALGO": "flat", "PIPER_CHECK": "x"}],
+     ["PIPER_ALGO differs between the ranks (groups [[0], [1], [2]]",
+      "PIPER_CHECK is invalid on ranks [2]"]),
+    ([{"PIPER_LOCAL_SIZE": "1"}, {"PIPER_LOCAL_SIZE": "1"}, {"PIPER_LOCAL_SIZE": "3"}],
+     ["PIPER_LOCAL_SIZE differs between the ranks (groups [[0, 1], [2]]"]),
+    ([{}, {"PIPER_MPI_CALLS": "mpi4py"}, {}],
+     ["PIPER_MPI_CALLS differs between the ranks (groups [[0, 2], [1]]"]),
+    ([{"PIPER_ALGO": "auto"}, {}, {"PIPER_CHECK": "1", "PIPER_INTER": "auto"}], []),
+], ids=["one rank invalid", "differs and invalid", "topology differs", "who calls MPI differs",
+        "equivalent"])
+def test_an_environment_invalid_or_differing_on_some_ranks_fails_on_every_rank(env, words):
+    """A PIPER_* variable read at init that one rank got wrong (or that the ranks must set
+    alike and do not) raises one PiperUsageError on every rank at init, naming the ranks,
+    instead of an error on one rank and a timeout or a mismatch on the others (PIPER_MPI_CALLS
+    differing made the first call time out). Unset and the default value are alike."""
+    run = run_mpi(3, "comm.cases:environment_per_rank", {"env": env},
+                  env={"PIPER_TIMEOUT": "20"}, timeout=120)
+    for r in run.ranks:
+        if not words:
+            assert r["result"] == "ok", r["result"]
+            continue
+        assert r["result"].startswith("PiperUsageError: piper: init: rank "), r["result"]
+        assert all(w in r["result"] for w in words), (words, r["result"])
+    if words and "invalid on ranks [1]" in words[0]:
+        assert "expected auto, nccl or mpi" in run.ranks[1]["result"]
+    assert run.elapsed < 60, "a rank waited for the init timeout"
+
+
 @pytest.mark.parametrize(("nprocs", "local_size", "algo", "check"),
                          [(3, None, "flat", "1"), (4, 2, "pairwise", "1"), (4, 2, "auto", "1"),
                           (4, 2, "halo", "1"), (3, None, "flat", "2")])
