@@ -268,9 +268,12 @@ def host_staged() -> dict:
     return {"received": got[0].item(), "source": source}
 
 
-def cuda_delegate_disagreement(values: list) -> str:
+def cuda_delegate_disagreement(values: list, subgroup: list | None = None) -> str:
     """Rank r sets PIPER_TORCH_CUDA_DELEGATE to values[r] (None: unset) and creates the
-    "piper" group: the error every rank raises, "type: message" (or "ok")."""
+    "piper" group (the default group; with ``subgroup``, a default "gloo" group and then
+    new_group(subgroup, backend="piper"), whose transport is gloo's, not MPI_COMM_WORLD):
+    the error every rank raises, "type: message" (or "ok"; "not a member" outside it)."""
+    global _FROM_MPI
     from mpi4py import MPI
 
     rank = MPI.COMM_WORLD.Get_rank()
@@ -279,8 +282,17 @@ def cuda_delegate_disagreement(values: list) -> str:
     else:
         os.environ["PIPER_TORCH_CUDA_DELEGATE"] = values[rank]
     try:
-        _setup()
+        if subgroup is None:
+            _setup()
+        else:
+            _FROM_MPI = pt.fill_from_mpi()
+            dist.init_process_group("gloo")
+            dist.new_group(subgroup, backend="piper")
     except Exception as e:  # noqa: BLE001 (the error is the result)
         return f"{type(e).__name__}: {e}"
-    dist.destroy_process_group()
-    return "ok"
+    finally:
+        if subgroup is not None:
+            dist.destroy_process_group()
+    if subgroup is None:
+        dist.destroy_process_group()
+    return "ok" if subgroup is None or rank in subgroup else "not a member"

@@ -57,16 +57,23 @@ def test_bad_input_raises_on_every_rank(launcher):
 
 @pytest.mark.mpi
 @pytest.mark.own_job  # every rank's init_process_group fails: nothing for a later case to reuse
-@pytest.mark.parametrize(("values", "sides"), [
-    (["nccl", "gloo", None], "nccl on ranks [0, 2]; gloo on ranks [1]"),
-    ([None, None, "bogus"], "nccl on ranks [0, 1]; an invalid PIPER_TORCH_CUDA_DELEGATE on ranks [2]"),
-])
-def test_ranks_delegating_cuda_collectives_differently_fail_together(values, sides):
+@pytest.mark.parametrize(("values", "subgroup", "sides"), [
+    (["nccl", "gloo", None], None, "nccl on ranks [0, 2]; gloo on ranks [1]"),
+    ([None, None, "bogus"], None,
+     "nccl on ranks [0, 1]; an invalid PIPER_TORCH_CUDA_DELEGATE on ranks [2]"),
+    (["gloo", None, "gloo"], [1, 2], "nccl on ranks [0]; gloo on ranks [1]"),
+], ids=["world differs", "world invalid", "subgroup differs"])
+def test_ranks_delegating_cuda_collectives_differently_fail_together(values, subgroup, sides):
     """PIPER_TORCH_CUDA_DELEGATE differing between ranks (or invalid on one) would leave ranks
     waiting in different backends: group creation raises one PiperUsageError on every rank,
-    naming both sides, at once."""
-    run = run_mpi(3, "dist.cases:cuda_delegate_disagreement", {"values": values}, timeout=120)
-    for r in run.ranks:
+    naming both sides (ranks of the group), at once; also for a subgroup, whose Piper
+    communicator runs over gloo."""
+    run = run_mpi(3, "dist.cases:cuda_delegate_disagreement",
+                  {"values": values, "subgroup": subgroup}, timeout=120)
+    for rank, r in enumerate(run.ranks):
+        if subgroup is not None and rank not in subgroup:
+            assert r["result"] == "not a member", r["result"]
+            continue
         assert r["result"].startswith("PiperUsageError"), r["result"]
         assert f"({sides})" in r["result"], r["result"]
     assert "'bogus': expected nccl or gloo" in run.ranks[2]["result"] or values[2] != "bogus"
