@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from datetime import timedelta
 from typing import Any
 
 import torch
 
-from piper_comm import PiperTimeoutError, envs
+from piper_comm import envs
 
+from .mesh import wait_bounded
 from .schedules import Action, build
 
 
@@ -89,13 +89,7 @@ class PipelineEngine:
     def _wait(self, work, what: str) -> None:
         """Waits for a point-to-point Work at most PIPER_TIMEOUT seconds; the error names the
         operation, this rank, the peer and the sizes."""
-        try:
-            work.wait(timeout=timedelta(seconds=self.timeout))
-        except Exception as e:
-            raise PiperTimeoutError(
-                f"piper_moe pipeline: rank {self.mesh.rank}: {what} did not complete within "
-                f"{self.timeout:g} s (PIPER_TIMEOUT): the peer is stuck, dead or runs another "
-                f"schedule ({type(e).__name__}: {e})") from e
+        wait_bounded(work, f"pipeline {what}", self.mesh.rank, self.timeout)
 
     # -- actions
     def _forward(self, a: Action, inputs, targets) -> None:

@@ -129,9 +129,17 @@ class Mesh:
 
 
 def build_mesh(pp: int, dp: int, ep: int, order: str = "ep,edp,pp") -> Mesh:
-    """Builds the mesh and its groups (collective over the job). torch.distributed must be
-    initialised when the job has more than one rank (see piper_moe.train.launch)."""
+    """Builds the mesh and its groups (collective over the job): gloo groups whose waits are
+    bounded by PIPER_TIMEOUT (new_group would take gloo's 30-minute default, not the world's).
+    torch.distributed must be initialised when the job has more than one rank (see
+    piper_moe.train.launch)."""
+    from datetime import timedelta
+
     import torch.distributed as dist
+
+    from piper_comm import envs
+
+    timeout = timedelta(seconds=envs.timeout())
 
     if not (dist.is_available() and dist.is_initialized()):
         return Mesh(pp, dp, ep, order=order)  # one process: every group is None
@@ -146,7 +154,8 @@ def build_mesh(pp: int, dp: int, ep: int, order: str = "ep,edp,pp") -> Mesh:
     def groups(lists: list[list[int]]) -> Any:
         mine = None
         for ranks in lists:  # every rank creates every group, same order
-            g = dist.new_group(ranks, backend="gloo") if len(ranks) > 1 else None
+            g = dist.new_group(ranks, backend="gloo", timeout=timeout) \
+                if len(ranks) > 1 else None
             if rank in ranks:
                 mine = g
         return mine
@@ -170,6 +179,24 @@ def build_mesh(pp: int, dp: int, ep: int, order: str = "ep,edp,pp") -> Mesh:
 
 
 _built: list = []  # communicators built here, closed by close_all()
+
+
+def wait_bounded(work: Any, what: str, rank: int, timeout: float) -> None:
+    """Waits for a torch.distributed Work (async_op=True) at most ``timeout`` seconds; on
+    expiry or failure PiperTimeoutError naming ``what`` (the operation, its peers and sizes)
+    and this rank. Who calls: the pipeline engine's point-to-point waits, the trainer's
+    gradient all-reduces."""
+    from datetime import timedelta
+
+    from piper_comm import PiperTimeoutError
+
+    try:
+        work.wait(timeout=timedelta(seconds=timeout))
+    except Exception as e:
+        raise PiperTimeoutError(
+            f"piper_moe: rank {rank}: {what} did not complete within {timeout:g} s "
+            f"(PIPER_TIMEOUT): a peer is stuck, dead or runs another schedule "
+            f"({type(e).__name__}: {e})") from e
 
 
 def close_all() -> None:

@@ -34,7 +34,7 @@ from ..common import even_split
 from ..layer.precision import param_dtype
 from ..resource_model import load_model
 from ..runtime.engine import PipelineEngine
-from ..runtime.mesh import Mesh, build_mesh
+from ..runtime.mesh import Mesh, build_mesh, wait_bounded
 from . import config as C
 
 log = logging.getLogger("piper.moe")
@@ -292,7 +292,12 @@ class Trainer:
         m = self.mesh
         for expert, group in ((False, m.dp_group), (True, m.edp_group)):
             if group is not None and expert in self._grad_buffers:
-                dist.all_reduce(self._grad_buffers[expert], group=group)
+                buf = self._grad_buffers[expert]
+                ranks = dist.get_process_group_ranks(group)
+                wait_bounded(dist.all_reduce(buf, group=group, async_op=True),
+                             f"the {'expert' if expert else 'dense'} gradient all-reduce over "
+                             f"ranks {ranks} ({buf.numel() * buf.element_size()} B)",
+                             m.rank, self.engine.timeout)
 
     def _clip(self) -> float:
         """Global gradient norm (each weight counted once over its replicas), clipped to

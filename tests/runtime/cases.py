@@ -112,6 +112,44 @@ def peer_never_sends() -> dict:
     return {"message": "no error"}
 
 
+def dp_peer_skips_all_reduce() -> dict:
+    """pp=1 x dp=2: rank 1 never joins rank 0's all-reduces. The mesh's gloo groups wait
+    PIPER_TIMEOUT, not gloo's 30-minute default (a plain all_reduce on dp_group), and
+    wait_bounded's error names the operation and the rank (on edp_group, a group of its own).
+    Returns rank 0's seconds and messages."""
+    import time
+
+    import torch.distributed as dist
+
+    from piper_comm import envs
+    from piper_comm.errors import PiperTimeoutError
+    from piper_moe.runtime.mesh import wait_bounded
+
+    rank, _ = launch()
+    mesh = build_mesh(1, 2, 1)
+    timeout = envs.timeout()
+    if rank == 1:
+        time.sleep(2 * timeout + 4)
+        return {}
+    out = {}
+    t0 = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(4), group=mesh.dp_group)
+        out["plain"] = "no error"
+    except Exception as e:  # gloo's own timeout error is the result
+        out["plain"] = f"{type(e).__name__}: {e}"
+    out["plain_s"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    try:
+        wait_bounded(dist.all_reduce(torch.ones(4), group=mesh.edp_group, async_op=True),
+                     "the expert gradient all-reduce over ranks [0, 1] (16 B)", rank, timeout)
+        out["bounded"] = "no error"
+    except PiperTimeoutError as e:
+        out["bounded"] = str(e)
+    out["bounded_s"] = time.monotonic() - t0
+    return out
+
+
 def mesh_communicators(pp: int, dp: int, ep: int) -> dict:
     """The transports of the mesh's Piper communicators, and one all_to_all on each that
     checks every rank's block: MPI (from C++) when MPI launched the job, else the torch group."""

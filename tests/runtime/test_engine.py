@@ -32,6 +32,20 @@ def test_pipeline_innermost_order():
     assert all(r["result"] >= 2 for r in run.ranks)
 
 
+@pytest.mark.own_job  # rank 1 never joins: the job's groups are broken afterwards
+def test_gradient_all_reduce_over_a_mesh_group_is_bounded_and_named():
+    """A data-parallel peer that never joins: the mesh's groups time out after PIPER_TIMEOUT
+    (new_group would take gloo's 30 minutes), and the trainer's bounded wait names the
+    all-reduce, its ranks, its bytes and this rank."""
+    run = run_mpi(2, "runtime.cases:dp_peer_skips_all_reduce", env={"PIPER_TIMEOUT": "3"},
+                  timeout=120)
+    res = run.ranks[0]["result"]
+    assert res["plain"] != "no error" and 2.5 < res["plain_s"] < 30, res
+    assert res["bounded"].startswith("piper_moe: rank 0: the expert gradient all-reduce over "
+                                     "ranks [0, 1] (16 B) did not complete within 3 s"), res
+    assert 2.5 < res["bounded_s"] < 30, res
+
+
 def test_stuck_peer_times_out_with_a_clear_error():
     run = run_mpi(2, "runtime.cases:peer_never_sends", env={"PIPER_TIMEOUT": "3"}, timeout=120)
     res = run.ranks[1]["result"]
