@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -310,7 +311,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-J", "--json", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("-T", "--timeout", default=0, type=float,
-                   help="seconds per size and algorithm before aborting (0: Piper's default)")
+                   help="seconds per size and algorithm (every call, check and barrier of it) "
+                        "before the job is aborted with the rank, size and algorithm named; "
+                        "also each Piper call's deadline (0: PIPER_TIMEOUT, default 300)")
     a = p.parse_args(argv)
     a.algos = [x for x in a.algos.split(",") if x]
     bad = [x for x in a.algos if x not in ALL_ALGOS]
@@ -323,6 +326,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+class Watchdog:
+    """Bounds one size and algorithm of the benchmark, MPI's own barriers and reductions and
+    the device syncs included (none of which has a deadline, and a Python signal handler
+    cannot run while the main thread waits inside one): a daemon thread that, once ``seconds``
+    pass between arm() and disarm(), prints what this rank was measuring and every thread's
+    stack, then aborts the job (MPI_Abort under MPI_THREAD_MULTIPLE, else this process exits
+    and the launcher ends the others)."""
+
+    def __init__(self, seconds: float, who: str, world: MPI.Comm):
+        self.seconds, self.who, self.world = seconds, who, world
+        self._cond = threading.Condition()
+        self._what: str | None = None
+        self._armed_at = 0.0
+        threading.Thread(target=self._watch, name="piper-bench-watchdog", daemon=True).start()
+
+    def arm(self, what: str) -> None:
+        with self._cond:
+            self._what, self._armed_at = what, time.monotonic()
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._what = None
+            self._cond.notify()
+
+    def _watch(self) -> None:
+        with self._cond:
+            while True:
+                if self._what is None:
+                    self._cond.wait()
+                    continue
+                left = self._armed_at + self.seconds - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+                    continue
+                print(f"{self.who}: Test timeout: {self._what} did not finish within "
+                      f"{self.seconds:g} s (-T); aborting the job", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback(all_threads=True)
+                if MPI.Query_thread() == MPI.THREAD_MULTIPLE:
+                    self.world.Abort(1)
+                os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     world = MPI.COMM_WORLD
@@ -330,22 +376,19 @@ def main(argv: list[str] | None = None) -> int:
     ctx, op, n, me = Ctx(comm, world), OPS[a.op], world.size, world.rank
     P = print if me == 0 else (lambda *_, **__: None)
 
-    def alarm(*_):
-        print(f"{socket.gethostname()}: rank {me}: Test timeout ({a.timeout:g}s)", file=sys.stderr,
-              flush=True)
-        world.Abort(1)
-    if a.timeout > 0:
-        signal.signal(signal.SIGALRM, alarm)
+    watchdog = Watchdog(a.timeout or comm.timeout, f"{socket.gethostname()}: rank {me}", world)
 
     algos, notes = list(dict.fromkeys(a.algos)), []
+    watchdog.arm("the baselines' set-up")
     if a.device == "cuda":
-        init_cuda(ctx, algos, a.timeout or 300.0)
+        init_cuda(ctx, algos, comm.timeout)
     sync = ctx.torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     if "gloo" in algos:
-        why = init_gloo(ctx, a.timeout or 300.0)
+        why = init_gloo(ctx, comm.timeout)
         if why:
             algos.remove("gloo")
             notes.append(f"# gloo skipped: {why}")
+    watchdog.disarm()
     dtype = np.dtype(a.dtype)
     per = world.gather((comm.node, comm.local_rank, os.getpid(), socket.gethostname()))
     node_sizes = sorted(Counter(c[0] for c in per or []).items())
@@ -398,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.from_numpy(recv).to(ctx.device))
         progress = []
         for algo in algos:
-            if a.timeout > 0:
-                signal.alarm(max(1, math.ceil(a.timeout)))
+            watchdog.arm(f"{algo} at {human(count * dtype.itemsize)}")
             run = op.runner(ctx, algo, *bufs)
             sec = measure(run, world, a.warmup, a.iters, sync)
             chosen = comm.last_algorithm if algo in PIPER_ALGOS else algo
@@ -412,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 if a.device == "cuda":
                     recv[...] = bufs[1].cpu().numpy()
                 wrong = world.allreduce(op.wrong(recv, seed, me, n), op=MPI.SUM)
-            signal.alarm(0)
+            watchdog.disarm()
             b = count * dtype.itemsize
             algbw = b / sec / 1e9
             rows.append({"algo": algo, "chosen": chosen, "size": b, "count": count,
@@ -452,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         plot(a.plot, rows, algos, f"{a.op}: {n} ranks, nodes {split}, {meta['cpu']}, "
                                   f"{a.dtype}")
     sys.stdout.flush()
+    watchdog.arm("the closing barrier")
     world.Barrier()
+    watchdog.disarm()
     if ctx.dist is not None:
         ctx.dist.destroy_process_group()
     comm.close()

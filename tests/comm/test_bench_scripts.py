@@ -3,6 +3,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,22 @@ def _run(script: str, *args: str, timeout: float = 240) -> str:
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     return proc.stdout
+
+
+def test_bench_watchdog_ends_a_rank_stuck_in_mpi():
+    """piper_comm.bench's -T bounds MPI's own waits too (a Python signal handler could not
+    run while the main thread waits in MPI_Barrier): the stuck rank names what it measured,
+    and the job ends in seconds, not at rank 1's 60 s."""
+    from tests.launch import MPIRUN
+
+    t0 = time.monotonic()
+    proc = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "tests.comm.bench_watchdog"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "rank 0: Test timeout: flat at 1 KiB did not finish within 2 s (-T)" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "the barrier returned" not in proc.stdout and took < 40, (took, proc.stdout)
 
 
 def test_faults_script(tmp_path):
