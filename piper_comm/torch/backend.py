@@ -56,6 +56,18 @@ def _as_dist_error(e: Exception) -> Exception:
     return e
 
 
+def _timeout_s(timeout: timedelta) -> float:
+    """Seconds every wait of a "piper" group (Piper's calls and its delegates') may last:
+    PIPER_TIMEOUT when set, else the timeout the script gave init_process_group / new_group,
+    else PIPER_TIMEOUT's default (300 s). torch passes its 30-minute default when the script
+    gave none, so that value counts as none."""
+    from torch.distributed.constants import default_pg_timeout
+
+    if envs.is_set("PIPER_TIMEOUT") or timeout == default_pg_timeout:
+        return envs.timeout()
+    return timeout.total_seconds()
+
+
 class PiperProcessGroup(dist.ProcessGroup):
     """Created by torch.distributed for backend "piper" (one per group). Attributes:
     piper_communicator (the Communicator behind all-to-all), gloo (the delegate backend)."""
@@ -63,15 +75,15 @@ class PiperProcessGroup(dist.ProcessGroup):
     def __init__(self, store: Any, rank: int, size: int, timeout: timedelta,
                  global_ranks: list[int] | None = None):
         super().__init__(rank, size)
-        self._store, self._timeout = store, timeout
-        self.gloo = ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size, timeout)
+        seconds = _timeout_s(timeout)
+        self._store, self._timeout = store, timedelta(seconds=seconds)
+        self.gloo = ProcessGroupGloo(dist.PrefixStore("gloo/", store), rank, size,
+                                     self._timeout)
         self._nccl = None
         try:
             self._cuda_delegate = envs.torch_cuda_delegate()  # nccl | gloo
         except PiperUsageError as e:  # raised on every rank once connected (below)
             self._cuda_delegate = e
-        # PIPER_TIMEOUT when set, else the group's timeout (init_process_group(timeout=...)).
-        seconds = envs.timeout() if envs.is_set("PIPER_TIMEOUT") else timeout.total_seconds()
         whole_world = global_ranks is None or list(global_ranks) == list(range(size))
         transport = None
         if _detect() == "mpi" and whole_world:

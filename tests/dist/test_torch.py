@@ -151,3 +151,20 @@ def test_host_staged_delegate_copies_results_back_at_wait():
     run = run_mpi(3, "dist.cases:host_staged", timeout=120)
     assert [r["result"]["received"] for r in run.ranks] == [3.0, 1.0, 2.0]
     assert run.ranks[0]["result"]["source"] == 1
+
+
+def test_a_piper_group_waits_piper_timeout_unless_the_script_gave_one(monkeypatch):
+    """PIPER_TIMEOUT when set; else the script's init_process_group(timeout=...); torch's
+    30-minute default (what a script that gave none passes) counts as none: 300 s."""
+    from datetime import timedelta
+
+    from torch.distributed.constants import default_pg_timeout
+
+    from piper_comm.torch.backend import _timeout_s
+
+    monkeypatch.delenv("PIPER_TIMEOUT", raising=False)
+    assert _timeout_s(default_pg_timeout) == 300.0
+    assert _timeout_s(timedelta(seconds=7)) == 7.0
+    monkeypatch.setenv("PIPER_TIMEOUT", "5")
+    assert _timeout_s(timedelta(seconds=7)) == 5.0
+    assert _timeout_s(default_pg_timeout) == 5.0
