@@ -89,6 +89,10 @@ class IpcCudaContext final : public CudaContext {
   // may be running another rank's NCCL kernel that waits for a peer (no deadline there).
   std::vector<TableSlot> retired_;
   bool closed_ = false;
+  // Set when close() timed out on this rank's stream: the work on the device is stuck, and
+  // cudaFree/cudaFreeHost/cudaIpcCloseMemHandle would wait for it with no deadline, so the
+  // buffers are left to process exit.
+  bool stuck_ = false;
 };
 
 void IpcCudaContext::check_open(const std::string& what) const {
@@ -161,7 +165,7 @@ IpcCudaContext::~IpcCudaContext() {
   // Errors are ignored here: a destructor cannot report them and the process may be exiting.
   cudaSetDevice(device_);
   if (!closed_) {
-    if (!owner() && segment_ != nullptr) cudaIpcCloseMemHandle(segment_);
+    if (!owner() && segment_ != nullptr && !stuck_) cudaIpcCloseMemHandle(segment_);
     segment_ = nullptr;  // the owner's allocation is left to process exit (see close())
   }
   release_local();
@@ -177,13 +181,15 @@ void IpcCudaContext::release_local() {
   for (auto* list : {&tables_, &captured_, &retired_}) {
     for (auto& t : *list) {
       if (t.done) cudaEventDestroy(t.done);
+      if (stuck_) continue;  // left to process exit (see stuck_)
       if (t.host) cudaFreeHost(t.host);
       if (t.device) cudaFree(t.device);
     }
     list->clear();
   }
   // cudaFree, not cudaFreeAsync: the caller's stream may no longer exist here.
-  if (staging_ != nullptr) cudaFree(staging_), staging_ = nullptr;
+  if (staging_ != nullptr && !stuck_) cudaFree(staging_);
+  staging_ = nullptr;
   staging_bytes_ = 0;
 }
 
@@ -387,7 +393,12 @@ uint8_t* IpcCudaContext::staging(int64_t bytes) {
 void IpcCudaContext::close(const std::string& what, double timeout_s) {
   if (closed_) return;
   use_device();
-  if (segment_ != nullptr) drain_stream(what, timeout_s);
+  try {
+    if (segment_ != nullptr) drain_stream(what, timeout_s);
+  } catch (const Error& e) {
+    stuck_ = e.code() == ErrorCode::kTimeout;  // the destructor must not wait (see stuck_)
+    throw;
+  }
   if (!owner()) release_segment();
   for (auto& row : peer_events_)
     for (auto& e : row)
