@@ -75,7 +75,10 @@ class _Group:
             self.dist.barrier(async_op=True)
         self._wait(req, deadline, "a barrier", sleep=0.001)
 
-    def allgather(self, obj: Any) -> list[Any]:
+    def allgather(self, obj: Any, deadline: float) -> list[Any]:
+        """Every rank's obj, after a bounded barrier (MPI's and torch's object all-gathers
+        have no deadline of their own: once every rank has passed the barrier, they finish)."""
+        self.quiet_barrier(deadline)
         if self.backend == "mpi":
             return self.comm.allgather(obj)
         if self.backend == "torch":
@@ -261,9 +264,10 @@ def collect(comm, group: _Group, args: argparse.Namespace) -> dict[str, Any]:
     from . import build_info, envs
     from .cost import choose
 
+    deadline = time.monotonic() + args.timeout
     mine = local_facts()
     mine.update(node=comm.node, local_rank=comm.local_rank)
-    ranks = group.allgather(mine)
+    ranks = group.allgather(mine, deadline)
     P = len(ranks)
     node_of = [r["node"] for r in ranks]
     facts: dict[str, Any] = {
@@ -282,7 +286,6 @@ def collect(comm, group: _Group, args: argparse.Namespace) -> dict[str, Any]:
         sizes[str(m)] = "flat" if P == 1 else choose(np.full((P, P), block, dtype=np.int64),
                                                      np.asarray(node_of), comm.links)
     facts["auto_algorithm"] = sizes
-    deadline = time.monotonic() + args.timeout
     links: dict[str, Any] = {}
     pairs = {}
     same = [r for r in range(P) if node_of[r] == node_of[0] and r != 0]
@@ -294,8 +297,7 @@ def collect(comm, group: _Group, args: argparse.Namespace) -> dict[str, Any]:
     for level, (a, b) in pairs.items():
         group.quiet_barrier(deadline)
         result = _measure(group, a, b, deadline)
-        group.quiet_barrier(deadline)
-        got = [x for x in group.allgather(result) if x]
+        got = [x for x in group.allgather(result, deadline) if x]
         links[level] = got[0] if got else None
     facts["links"] = links
     return facts
