@@ -44,23 +44,18 @@ def launch() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _shutdown() -> bool:
-    """Tears the process groups down after a final barrier; False when that barrier failed
-    (a peer timed out or died: the job's connections are broken)."""
+def _shutdown() -> None:
     import torch.distributed as dist
 
     from ..runtime.mesh import close_all
 
-    ok = True
     if dist.is_initialized():
         try:  # no rank tears its connections down while a peer still uses them
             dist.barrier()
         except Exception as e:  # after a failure (timeout, dead peer) the groups are broken
             log.warning("piper_moe: teardown without a final barrier: %s", e)
-            ok = False
         close_all()
         dist.destroy_process_group()
-    return ok
 
 
 def finish(code: int = 0) -> None:
@@ -71,14 +66,10 @@ def finish(code: int = 0) -> None:
     the meshes built (and their progress threads) and MPI are torn down, and the process
     leaves through C's exit(): the C and C++ exit handlers run (MPI's among them), Python's
     finalisation does not. Why neither a normal exit nor os._exit: docs/performance.md, "Exit
-    of a training job". When the final barrier fails (a peer timed out or died), MPI is not
-    finalised (MPI_Finalize may wait for the broken job's peers without a deadline) and the
-    status is at least 1."""
+    of a training job"."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if not _shutdown():
-        logging.shutdown()
-        _leave(code or 1)
+    _shutdown()
     if "mpi4py" in sys.modules:
         from mpi4py import MPI
 
