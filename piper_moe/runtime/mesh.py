@@ -185,7 +185,7 @@ def wait_bounded(work: Any, what: str, rank: int, timeout: float) -> None:
     """Waits for a torch.distributed Work (async_op=True) at most ``timeout`` seconds; on
     expiry or failure PiperTimeoutError naming ``what`` (the operation, its peers and sizes)
     and this rank. Who calls: the pipeline engine's point-to-point waits, the trainer's
-    gradient all-reduces."""
+    collectives (through all_reduce_bounded and barrier_bounded)."""
     from datetime import timedelta
 
     from piper_comm import PiperTimeoutError
@@ -197,6 +197,38 @@ def wait_bounded(work: Any, what: str, rank: int, timeout: float) -> None:
             f"piper_moe: rank {rank}: {what} did not complete within {timeout:g} s "
             f"(PIPER_TIMEOUT): a peer is stuck, dead or runs another schedule "
             f"({type(e).__name__}: {e})") from e
+
+
+def all_reduce_bounded(t: Any, what: str, rank: int, timeout: float, *, op: Any = None,
+                       group: Any = None) -> None:
+    """dist.all_reduce of ``t`` in place (``op`` default SUM, ``group`` default the world),
+    waited for at most ``timeout`` seconds; on expiry or failure PiperTimeoutError naming
+    ``what`` (``"the loss all-reduce"``: its ranks and bytes are added here) and this rank.
+    Collective over ``group``."""
+    import torch.distributed as dist
+
+    work = dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group,
+                           async_op=True)
+    wait_bounded(work, f"{what} over {_ranks_of(group)} ({t.numel() * t.element_size()} B)",
+                 rank, timeout)
+
+
+def barrier_bounded(what: str, rank: int, timeout: float, *, group: Any = None) -> None:
+    """dist.barrier over ``group`` (default the world), waited for at most ``timeout``
+    seconds; on expiry or failure PiperTimeoutError naming ``what`` (e.g. "the barrier after
+    the checkpoint's writes"), the ranks and this rank. Collective over ``group``."""
+    import torch.distributed as dist
+
+    wait_bounded(dist.barrier(group=group, async_op=True), f"{what} over {_ranks_of(group)}",
+                 rank, timeout)
+
+
+def _ranks_of(group: Any) -> str:
+    import torch.distributed as dist
+
+    if group is None:
+        return f"the {dist.get_world_size()} ranks of the job"
+    return f"ranks {dist.get_process_group_ranks(group)}"
 
 
 def close_all() -> None:

@@ -34,7 +34,7 @@ from ..common import even_split
 from ..layer.precision import param_dtype
 from ..resource_model import load_model
 from ..runtime.engine import PipelineEngine
-from ..runtime.mesh import Mesh, build_mesh, wait_bounded
+from ..runtime.mesh import Mesh, all_reduce_bounded, barrier_bounded, build_mesh
 from . import config as C
 
 log = logging.getLogger("piper.moe")
@@ -286,24 +286,17 @@ class Trainer:
         """Sums the gradient buffers over their data-parallel groups: dense weights over dp
         (the ranks holding the same stage), experts over edp (the ranks holding the same
         experts). Collective over each group."""
-        import torch.distributed as dist
-
         self._check_grad_views()
         m = self.mesh
         for expert, group in ((False, m.dp_group), (True, m.edp_group)):
             if group is not None and expert in self._grad_buffers:
-                buf = self._grad_buffers[expert]
-                ranks = dist.get_process_group_ranks(group)
-                wait_bounded(dist.all_reduce(buf, group=group, async_op=True),
-                             f"the {'expert' if expert else 'dense'} gradient all-reduce over "
-                             f"ranks {ranks} ({buf.numel() * buf.element_size()} B)",
-                             m.rank, self.engine.timeout)
+                all_reduce_bounded(self._grad_buffers[expert],
+                                   f"the {'expert' if expert else 'dense'} gradient all-reduce",
+                                   m.rank, self.engine.timeout, group=group)
 
     def _clip(self) -> float:
         """Global gradient norm (each weight counted once over its replicas), clipped to
         optim.clip; returns the norm before clipping."""
-        import torch.distributed as dist
-
         m = self.mesh
         sq = torch.zeros((), dtype=torch.float64, device=self.device)  # where the grads are
         for n, p in self.params:
@@ -312,7 +305,7 @@ class Trainer:
                 sq += p.grad.detach().double().pow(2).sum() / copies
         sq = sq.cpu()  # one device sync; the all-reduce of a host scalar goes to gloo
         if self.dist:
-            dist.all_reduce(sq)
+            all_reduce_bounded(sq, "the gradient-norm all-reduce", m.rank, self.engine.timeout)
         norm = float(sq.sqrt())
         clip = self.cfg.optim.clip
         if clip and norm > clip:
@@ -323,8 +316,6 @@ class Trainer:
 
     # -- one step
     def train_step(self) -> dict:
-        import torch.distributed as dist
-
         t0 = time.perf_counter()
         for g in self._step_load:
             g[:] = 0
@@ -345,7 +336,7 @@ class Trainer:
         self.optimizer.step()
         totals = torch.tensor([out["loss_sum"], out["tokens"], out["aux"]], dtype=torch.float64)
         if self.dist:
-            dist.all_reduce(totals)
+            all_reduce_bounded(totals, "the loss all-reduce", self.rank, self.engine.timeout)
         elapsed = time.perf_counter() - t0
         rec = {"step": self.step, "loss": float(totals[0] / max(1.0, float(totals[1]))),
                "aux": float(totals[2]) / max(1, self.num_micro), "grad_norm": norm, "lr": lr,
@@ -398,7 +389,8 @@ class Trainer:
         import torch.distributed as dist
 
         t = torch.tensor([v], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        all_reduce_bounded(t, "the expert-imbalance all-reduce (max)", self.rank,
+                           self.engine.timeout, op=dist.ReduceOp.MAX)
         return float(t)
 
     # -- the loop
@@ -480,9 +472,7 @@ class Trainer:
 
     def _barrier(self) -> None:
         if self.dist:
-            import torch.distributed as dist
-
-            dist.barrier()
+            barrier_bounded("a checkpoint barrier", self.rank, self.engine.timeout)
 
     def save(self, root: str | Path) -> None:
         from .checkpoint import save

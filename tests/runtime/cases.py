@@ -113,9 +113,10 @@ def peer_never_sends() -> dict:
 
 
 def dp_peer_skips_all_reduce() -> dict:
-    """pp=1 x dp=2: rank 1 never joins rank 0's all-reduces. The mesh's gloo groups wait
-    PIPER_TIMEOUT, not gloo's 30-minute default (a plain all_reduce on dp_group), and
-    wait_bounded's error names the operation and the rank (on edp_group, a group of its own).
+    """pp=1 x dp=2: rank 1 never joins rank 0's collectives. The mesh's gloo groups wait
+    PIPER_TIMEOUT, not gloo's 30-minute default (a plain all_reduce on dp_group), and the
+    trainer's bounded forms name the operation, its ranks and bytes and the rank
+    (all_reduce_bounded on edp_group, a group of its own; barrier_bounded on the world).
     Returns rank 0's seconds and messages."""
     import time
 
@@ -123,13 +124,13 @@ def dp_peer_skips_all_reduce() -> dict:
 
     from piper_comm import envs
     from piper_comm.errors import PiperTimeoutError
-    from piper_moe.runtime.mesh import wait_bounded
+    from piper_moe.runtime.mesh import all_reduce_bounded, barrier_bounded
 
     rank, _ = launch()
     mesh = build_mesh(1, 2, 1)
     timeout = envs.timeout()
     if rank == 1:
-        time.sleep(2 * timeout + 4)
+        time.sleep(3 * timeout + 4)
         return {}
     out = {}
     t0 = time.monotonic()
@@ -139,14 +140,17 @@ def dp_peer_skips_all_reduce() -> dict:
     except Exception as e:  # gloo's own timeout error is the result
         out["plain"] = f"{type(e).__name__}: {e}"
     out["plain_s"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    try:
-        wait_bounded(dist.all_reduce(torch.ones(4), group=mesh.edp_group, async_op=True),
-                     "the expert gradient all-reduce over ranks [0, 1] (16 B)", rank, timeout)
-        out["bounded"] = "no error"
-    except PiperTimeoutError as e:
-        out["bounded"] = str(e)
-    out["bounded_s"] = time.monotonic() - t0
+    for key, wait in (
+            ("bounded", lambda: all_reduce_bounded(torch.ones(4), "the expert gradient all-reduce",
+                                                   rank, timeout, group=mesh.edp_group)),
+            ("barrier", lambda: barrier_bounded("a checkpoint barrier", rank, timeout))):
+        t0 = time.monotonic()
+        try:
+            wait()
+            out[key] = "no error"
+        except PiperTimeoutError as e:
+            out[key] = str(e)
+        out[f"{key}_s"] = time.monotonic() - t0
     return out
 
 

@@ -33,10 +33,10 @@ def test_pipeline_innermost_order():
 
 
 @pytest.mark.own_job  # rank 1 never joins: the job's groups are broken afterwards
-def test_gradient_all_reduce_over_a_mesh_group_is_bounded_and_named():
+def test_trainer_collectives_over_mesh_groups_are_bounded_and_named():
     """A data-parallel peer that never joins: the mesh's groups time out after PIPER_TIMEOUT
-    (new_group would take gloo's 30 minutes), and the trainer's bounded wait names the
-    all-reduce, its ranks, its bytes and this rank."""
+    (new_group would take gloo's 30 minutes), and the trainer's bounded waits name the
+    operation, its ranks, its bytes and this rank."""
     run = run_mpi(2, "runtime.cases:dp_peer_skips_all_reduce", env={"PIPER_TIMEOUT": "3"},
                   timeout=120)
     res = run.ranks[0]["result"]
@@ -44,6 +44,9 @@ def test_gradient_all_reduce_over_a_mesh_group_is_bounded_and_named():
     assert res["bounded"].startswith("piper_moe: rank 0: the expert gradient all-reduce over "
                                      "ranks [0, 1] (16 B) did not complete within 3 s"), res
     assert 2.5 < res["bounded_s"] < 30, res
+    assert res["barrier"].startswith("piper_moe: rank 0: a checkpoint barrier over the 2 ranks "
+                                     "of the job did not complete within 3 s"), res
+    assert 2.5 < res["barrier_s"] < 30, res
 
 
 def test_stuck_peer_times_out_with_a_clear_error():
