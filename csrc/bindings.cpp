@@ -6,6 +6,9 @@
 #include <pybind11/functional.h>
 #include <pybind11/stl.h>
 
+#include <mutex>
+#include <set>
+
 #include "common/error.hpp"
 #include "host/copy.hpp"
 #include "host/node_channel.hpp"
@@ -16,6 +19,7 @@
 #include "runtime/executor.hpp"
 #include "runtime/header.hpp"
 #include "runtime/py_transport.hpp"
+#include "runtime/watchdog.hpp"
 #include "python/args.hpp"
 #include "python/call_queue.hpp"
 #ifdef PIPER_WITH_MPI
@@ -194,6 +198,46 @@ void emulate_device_plane(piper::runtime::Executor& ex, piper::host::NodeChannel
   });
 }
 
+// WatchdogProbe (tests): runtime::Watchdog over integer tokens the test completes by hand,
+// recording what the hooks saw.
+class WatchdogProbe {
+ public:
+  WatchdogProbe(double timeout_s, double poll_s)
+      : wd_(timeout_s, poll_s,
+            {[this](void* t) {
+               std::lock_guard<std::mutex> lock(m_);
+               return completed_.count(reinterpret_cast<intptr_t>(t)) > 0;
+             },
+             [this](void* t) {
+               std::lock_guard<std::mutex> lock(m_);
+               released_.push_back(reinterpret_cast<intptr_t>(t));
+             },
+             [this](const std::string& why) {
+               std::lock_guard<std::mutex> lock(m_);
+               expiries_.push_back(why);
+             }}) {}
+  piper::runtime::Watchdog& watchdog() { return wd_; }
+  void complete(int64_t token) {
+    std::lock_guard<std::mutex> lock(m_);
+    completed_.insert(token);
+  }
+  std::vector<int64_t> released() {
+    std::lock_guard<std::mutex> lock(m_);
+    return released_;
+  }
+  std::vector<std::string> expiries() {
+    std::lock_guard<std::mutex> lock(m_);
+    return expiries_;
+  }
+
+ private:
+  std::mutex m_;
+  std::set<int64_t> completed_;
+  std::vector<int64_t> released_;
+  std::vector<std::string> expiries_;
+  piper::runtime::Watchdog wd_;  // last: destroyed (stopped) before the records it writes
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -334,6 +378,23 @@ PYBIND11_MODULE(_C, m) {
   for (int64_t i = 0; i < piper::runtime::kNumLocalErrors; ++i)
     local_errors[piper::runtime::kLocalErrorNames[i]] = i;
   m.attr("LOCAL_ERRORS") = local_errors;
+  py::class_<WatchdogProbe>(m, "WatchdogProbe",
+                            "Tests only: csrc/runtime/watchdog.hpp over integer tokens that the "
+                            "test completes with complete(); released() and expiries() are what "
+                            "its hooks were called with.")
+      .def(py::init<double, double>(), py::arg("timeout_s"), py::arg("poll_s"))
+      .def("watch", [](WatchdogProbe& p, int64_t token, std::string what) {
+        p.watchdog().watch(reinterpret_cast<void*>(static_cast<intptr_t>(token)),
+                           std::move(what));
+      })
+      .def("complete", &WatchdogProbe::complete)
+      .def("stop", [](WatchdogProbe& p) { p.watchdog().stop(); },
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("expired", [](WatchdogProbe& p) { return p.watchdog().expired(); })
+      .def_property_readonly("reason", [](WatchdogProbe& p) { return p.watchdog().reason(); })
+      .def_property_readonly("watched", [](WatchdogProbe& p) { return p.watchdog().watched(); })
+      .def("released", &WatchdogProbe::released)
+      .def("expiries", &WatchdogProbe::expiries);
   m.def("emulate_cuda_arrays", &piper::python::set_emulated_cuda, py::arg("on"),
         "Tests only: __cuda_array_interface__ arrays count as host-addressable memory of CUDA\n"
         "device 0 (see Executor.emulate_device_plane); process-wide, switch it off after.");

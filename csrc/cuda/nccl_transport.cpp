@@ -4,7 +4,9 @@
 #include <dlfcn.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -19,6 +21,8 @@ static_assert(sizeof(ncclUniqueId) == kNcclIdBytes, "ncclUniqueId size");
 namespace {
 
 constexpr auto kPoll = std::chrono::microseconds(100);  // bounded polls of NCCL's state
+constexpr double kWatchPoll_s = 0.05;  // how often the watchdog tests the groups' events
+constexpr size_t kWatchPeers = 8;      // peers a watched group's description names
 
 // NCCL's entry points, resolved from the library loaded at run time.
 struct Api {
@@ -122,7 +126,7 @@ std::string nccl_unique_id() {
 
 NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t rank,
                              int device, const runtime::Deadline& deadline)
-    : rank_(rank), size_(size), device_(device) {
+    : rank_(rank), size_(size), device_(device), timeout_s_(deadline.timeout_s) {
   PIPER_HOST_ASSERT(api.version != 0 && unique_id.size() == sizeof(ncclUniqueId));
   const std::string what = fmt("NCCL communicator set-up on rank ", rank_, " (device ", device_,
                                ", ", size_, " ranks)");
@@ -151,17 +155,89 @@ NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t
     }
     std::this_thread::sleep_for(kPoll);
   }
+  if (device_ == kNcclHostMemory) return;
+  runtime::Watchdog::Hooks hooks;
+  hooks.done = [device = device_](void* e) {
+    cudaSetDevice(device);
+    const cudaError_t r = cudaEventQuery(static_cast<cudaEvent_t>(e));
+    if (r == cudaErrorNotReady) return false;
+    cudaGetLastError();  // an error is the stream's, raised by the caller's next CUDA call
+    return true;
+  };
+  hooks.release = [this](void* e) {
+    std::lock_guard<std::mutex> lock(events_mutex_);
+    free_events_.push_back(e);
+  };
+  hooks.expire = [this](const std::string& why) { expire(why); };
+  watchdog_ = std::make_unique<runtime::Watchdog>(timeout_s_, kWatchPoll_s, std::move(hooks));
 }
 
 NcclTransport::~NcclTransport() {
   // Without close() (interpreter exit, an error): abort, which never waits for peers (once:
   // cancel_all may have aborted it already).
+  stop_watchdog();
+  std::lock_guard<std::mutex> lock(mutex_);
   abort();
+  if (!all_events_.empty()) {
+    cudaSetDevice(device_);
+    for (void* e : all_events_) cudaEventDestroy(static_cast<cudaEvent_t>(e));
+    cudaGetLastError();
+  }
 }
 
-void NcclTransport::abort() {
-  if (comm_ != nullptr && !broken_ && !captured_) api.abort(static_cast<ncclComm_t>(comm_));
+bool NcclTransport::abort() {
+  const bool now = comm_ != nullptr && !broken_ && !captured_;
+  if (now) api.abort(static_cast<ncclComm_t>(comm_));
   broken_ = true;
+  return now;
+}
+
+void NcclTransport::stop_watchdog() {
+  if (watchdog_) watchdog_->stop();
+}
+
+void NcclTransport::watch_group(const std::string& what) {
+  auto stream = reinterpret_cast<cudaStream_t>(stream_);
+  cudaEvent_t e = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(events_mutex_);
+    if (!free_events_.empty()) {
+      e = static_cast<cudaEvent_t>(free_events_.back());
+      free_events_.pop_back();
+    }
+  }
+  if (e == nullptr) {
+    PIPER_CHECK_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming),
+                     what + ": cudaEventCreate");
+    std::lock_guard<std::mutex> lock(events_mutex_);
+    all_events_.push_back(e);
+  }
+  const cudaError_t r = cudaEventRecord(e, stream);
+  if (r != cudaSuccess) {
+    std::lock_guard<std::mutex> lock(events_mutex_);
+    free_events_.push_back(e);
+  }
+  PIPER_CHECK_CUDA(r, what + ": cudaEventRecord");
+  watchdog_->watch(e, what);
+}
+
+void NcclTransport::expire(const std::string& why) {
+  std::string msg;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (broken_) return;  // aborted by the executor meanwhile: its error is the one raised
+    const bool aborted = abort();
+    msg = fmt("piper: rank ", rank_, ": ", why, " on the device (PIPER_TIMEOUT): a peer ",
+              "skipped the call, is stuck or died. ",
+              aborted ? "The NCCL communicator was aborted (its kernels end; the results of "
+                        "this and later device work on it are undefined)"
+                      : "The NCCL communicator is left to process exit (a CUDA graph captured "
+                        "work on it)",
+              "; every later call on it raises this error");
+    expired_ = msg;
+  }
+  std::fprintf(stderr, "%s\n", msg.c_str());  // the caller may be blocked in a device sync
+  std::fflush(stderr);
 }
 
 std::string NcclTransport::name() const {
@@ -169,6 +245,7 @@ std::string NcclTransport::name() const {
 }
 
 void NcclTransport::check_usable(const char* what) const {
+  if (!expired_.empty()) throw Error(ErrorCode::kTimeout, expired_);
   if (broken_ || comm_ == nullptr)
     throw Error(ErrorCode::kUsage,
                 fmt("piper: rank ", rank_, ": ", what, " on an NCCL communicator that was ",
@@ -195,17 +272,20 @@ bool NcclTransport::settled(const std::string& what) {
 
 void NcclTransport::post_send(const void* buf, int64_t bytes, int64_t peer, int tag) {
   (void)tag;
+  std::lock_guard<std::mutex> lock(mutex_);
   check_usable("a send");
   batch_.push_back({{true, peer, bytes}, const_cast<void*>(buf)});
 }
 
 void NcclTransport::post_recv(void* buf, int64_t bytes, int64_t peer, int tag) {
   (void)tag;
+  std::lock_guard<std::mutex> lock(mutex_);
   check_usable("a receive");
   batch_.push_back({{false, peer, bytes}, buf});
 }
 
 bool NcclTransport::test_all() {
+  std::lock_guard<std::mutex> lock(mutex_);
   if (batch_.empty()) return true;
   const std::string what = fmt("rank ", rank_, ": NCCL group of ", batch_.size(), " messages");
   if (!enqueued_) {
@@ -237,9 +317,28 @@ bool NcclTransport::test_all() {
     enqueued_ = true;
   }
   if (!settled(what)) return false;  // non-blocking: NCCL is still enqueuing
+  std::string watched;
+  if (watchdog_ && !captured_) watched = describe_group();
   batch_.clear();
   enqueued_ = false;
+  if (!watched.empty()) watch_group(watched);
   return true;
+}
+
+std::string NcclTransport::describe_group() {
+  int64_t sent = 0, received = 0;
+  std::vector<int64_t> peers;
+  for (const Posted& p : batch_) {
+    (p.m.send ? sent : received) += p.m.bytes;
+    if (p.m.bytes > 0 && std::find(peers.begin(), peers.end(), p.m.peer) == peers.end())
+      peers.push_back(p.m.peer);
+  }
+  std::string names;
+  for (size_t i = 0; i < peers.size() && i < kWatchPeers; ++i)
+    names += fmt(i ? ", " : "", peers[i]);
+  if (peers.size() > kWatchPeers) names += fmt(", ... (", peers.size(), " peers)");
+  return fmt("NCCL group ", ++groups_, " of ", batch_.size(), " messages (", sent,
+             " B sent, ", received, " B received; peers ", names, ")");
 }
 
 std::vector<runtime::Message> NcclTransport::pending() const {
@@ -249,12 +348,16 @@ std::vector<runtime::Message> NcclTransport::pending() const {
 }
 
 void NcclTransport::cancel_all() {
+  stop_watchdog();  // the abort below ends the watched work
+  std::lock_guard<std::mutex> lock(mutex_);
   batch_.clear();
   enqueued_ = false;
   abort();
 }
 
 void NcclTransport::close(const std::string& what, double timeout_s) {
+  stop_watchdog();  // finalize below waits for the groups' work, bounded by timeout_s
+  std::lock_guard<std::mutex> lock(mutex_);
   if (comm_ == nullptr) return;
   auto comm = static_cast<ncclComm_t>(comm_);
   if (broken_) {  // aborted: nothing left to finalize

@@ -12,18 +12,27 @@
 // needed: NCCL matches a pair's messages in posting order, the same on both sides. The
 // communicator is non-blocking (ncclConfig_t.blocking = 0) so that its set-up and every group
 // are bounded by the call's deadline and a failed or late peer leads to ncclCommAbort, never
-// to a hang.
+// to a hang. The device work of a group is bounded too: a CUDA event recorded after it is
+// watched (runtime/watchdog.hpp) and a group not completed on the device within PIPER_TIMEOUT
+// aborts the communicator from the watchdog's thread (its kernels end; the message goes to
+// stderr at once and every later call raises it), as torch's NCCL watchdog does. Not for
+// groups captured in a CUDA graph (their events are graph nodes) nor on host memory.
+//
+// Threads: the executor's thread calls the transport; the watchdog's thread only aborts, under
+// the same lock (mutex_).
 //
 // Compiled only with CUDA and NCCL's header (PIPER_WITH_NCCL); see device_plane.cpp.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include "runtime/executor.hpp"
 #include "runtime/transport.hpp"
+#include "runtime/watchdog.hpp"
 
 namespace piper::cuda {
 
@@ -68,15 +77,22 @@ class NcclTransport final : public runtime::Transport {
     runtime::Message m;
     void* buf;
   };
-  void check_usable(const char* what) const;
+  void check_usable(const char* what) const;  // under mutex_
+  /// "NCCL group 7 of 6 messages (... B sent, ... B received; peers 1, 3)": the batch.
+  std::string describe_group();
+  /// After a group was enqueued on a device stream: records an event and watches it.
+  void watch_group(const std::string& what);
+  /// The watchdog's expiry (its thread): aborts and keeps the message for later calls.
+  void expire(const std::string& why);
+  void stop_watchdog();  // joins the watchdog's thread; never under mutex_ (expire takes it)
   void set_device(const std::string& what) const;  // cudaSetDevice, unless host memory
   /// NCCL's state of the communicator: true when idle, false while work is in progress;
   /// aborts the communicator and throws on an error (the batch kept for the message).
   bool settled(const std::string& what);
   /// ncclCommAbort once, unless a CUDA graph captured work on the communicator: NCCL's abort
   /// and finalize then wait for every such graph to be destroyed, without a deadline, so the
-  /// communicator is left to process exit instead.
-  void abort();
+  /// communicator is left to process exit instead. Returns whether it called ncclCommAbort.
+  bool abort();
 
   void* comm_ = nullptr;  // ncclComm_t
   int64_t rank_, size_;
@@ -86,6 +102,13 @@ class NcclTransport final : public runtime::Transport {
   bool enqueued_ = false;
   bool broken_ = false;    // aborted: every later call raises
   bool captured_ = false;  // a group was enqueued on a capturing stream (a CUDA graph)
+  double timeout_s_;       // PIPER_TIMEOUT: the watchdog's limit per group on the device
+  int64_t groups_ = 0;     // groups enqueued, numbering them in the watchdog's messages
+  std::string expired_;    // the watchdog's message once it aborted the communicator
+  std::mutex mutex_;       // the communicator and the state above, against the watchdog
+  std::mutex events_mutex_;               // the event pool, released by the watchdog thread
+  std::vector<void*> free_events_, all_events_;  // cudaEvent_t
+  std::unique_ptr<runtime::Watchdog> watchdog_;  // device communicators only
 };
 
 }  // namespace piper::cuda

@@ -213,6 +213,40 @@ def graph_capture(local_size: int | None) -> dict:
     return {"captured": captured_algo, "refused": bool(refused)}
 
 
+def device_watchdog(local_size: int | None) -> dict:
+    """A peer that skips a call after the header round (PIPER_CHECK=0, equal split: nothing
+    is exchanged on the host) leaves rank 0's NCCL kernel waiting on the device. The
+    watchdog aborts the communicator after PIPER_TIMEOUT, so rank 0's device sync returns,
+    and rank 0's next call raises PiperTimeoutError naming the group. Rank 1 sleeps past
+    that and leaves without another call. Returns rank 0's seconds and message."""
+    import contextlib
+    import time
+
+    from piper_comm import envs
+
+    comm, torch = _setup(local_size)
+    P, me = comm.size, comm.rank
+    send = torch.ones(P * 2, 8, device="cuda")
+    recv = torch.empty_like(send)
+    comm.all_to_all(send, recv=recv, algorithm="flat")  # builds the device plane
+    torch.cuda.synchronize()
+    assert comm.device_transport.startswith("nccl"), comm.device_transport
+    if me != 0:
+        time.sleep(envs.timeout() + 8)
+        return {}
+    t0 = time.monotonic()
+    comm.all_to_all(send, recv=recv, algorithm="flat")  # enqueued; rank 1 never posts
+    with contextlib.suppress(RuntimeError):  # the aborted kernels may leave a stream error
+        torch.cuda.synchronize()  # would wait for ever without the watchdog
+    synced_s = time.monotonic() - t0
+    message = ""
+    try:
+        comm.all_to_all(send, recv=recv, algorithm="flat")
+    except pc.PiperTimeoutError as e:
+        message = str(e)
+    return {"synced_s": synced_s, "message": message}
+
+
 def bad_input(local_size: int | None) -> dict:
     """CPU/GPU mixes raise the same PiperUsageError on every rank; a good call still works."""
     comm, torch = _setup(local_size)

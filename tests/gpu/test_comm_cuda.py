@@ -72,6 +72,20 @@ def test_cuda_graph_capture_and_replay(nprocs, local_size):
     assert all(r["refused"] for r in res), res  # algorithm="halo" while capturing
 
 
+@needs_nccl_one_gpu
+def test_device_work_of_a_skipped_call_is_aborted_after_the_timeout():
+    """csrc/runtime/watchdog.hpp on a device: a group whose peer never posts is aborted after
+    PIPER_TIMEOUT (the device sync returns), and the next call names it."""
+    run = run_mpi(2, "gpu.comm_cases:device_watchdog", {"local_size": 2},
+                  env={**ONE_GPU, "PIPER_INTER": "nccl", "PIPER_CHECK": "0",
+                       "PIPER_TIMEOUT": "10"}, timeout=120)
+    res = run.ranks[0]["result"]
+    assert 10 <= res["synced_s"] < 40, res
+    msg = res["message"]
+    assert msg.startswith("piper: rank 0: NCCL group ") and "peers 1" in msg, msg
+    assert "not completed" in msg and "PIPER_TIMEOUT" in msg and "aborted" in msg, msg
+
+
 def test_cpu_gpu_mixes_raise_on_every_rank():
     run = run_mpi(4, "gpu.comm_cases:bad_input", {"local_size": 2}, env=ONE_GPU, timeout=180)
     assert all({"mixed", "memory", "noncontig"} <= set(r["result"]["cases"]) for r in run.ranks)
