@@ -206,6 +206,8 @@ class WatchdogProbe {
       : wd_(timeout_s, poll_s,
             {[this](void* t) {
                std::lock_guard<std::mutex> lock(m_);
+               if (failing_.count(reinterpret_cast<intptr_t>(t)))
+                 throw std::runtime_error("the probe's done hook failed on purpose");
                return completed_.count(reinterpret_cast<intptr_t>(t)) > 0;
              },
              [this](void* t) {
@@ -221,6 +223,10 @@ class WatchdogProbe {
     std::lock_guard<std::mutex> lock(m_);
     completed_.insert(token);
   }
+  void fail(int64_t token) {  // the done hook throws when it tests this token
+    std::lock_guard<std::mutex> lock(m_);
+    failing_.insert(token);
+  }
   std::vector<int64_t> released() {
     std::lock_guard<std::mutex> lock(m_);
     return released_;
@@ -232,7 +238,7 @@ class WatchdogProbe {
 
  private:
   std::mutex m_;
-  std::set<int64_t> completed_;
+  std::set<int64_t> completed_, failing_;
   std::vector<int64_t> released_;
   std::vector<std::string> expiries_;
   piper::runtime::Watchdog wd_;  // last: destroyed (stopped) before the records it writes
@@ -380,14 +386,15 @@ PYBIND11_MODULE(_C, m) {
   m.attr("LOCAL_ERRORS") = local_errors;
   py::class_<WatchdogProbe>(m, "WatchdogProbe",
                             "Tests only: csrc/runtime/watchdog.hpp over integer tokens that the "
-                            "test completes with complete(); released() and expiries() are what "
-                            "its hooks were called with.")
+                            "test completes with complete() (or whose test throws: fail()); "
+                            "released() and expiries() are what its hooks were called with.")
       .def(py::init<double, double>(), py::arg("timeout_s"), py::arg("poll_s"))
       .def("watch", [](WatchdogProbe& p, int64_t token, std::string what) {
         p.watchdog().watch(reinterpret_cast<void*>(static_cast<intptr_t>(token)),
                            std::move(what));
       })
       .def("complete", &WatchdogProbe::complete)
+      .def("fail", &WatchdogProbe::fail)
       .def("stop", [](WatchdogProbe& p) { p.watchdog().stop(); },
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("expired", [](WatchdogProbe& p) { return p.watchdog().expired(); })

@@ -158,6 +158,13 @@ NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t
   if (device_ == kNcclHostMemory) return;
   runtime::Watchdog::Hooks hooks;
   hooks.done = [device = device_](void* e) {
+    // The watchdog's thread never captures: relaxed, its queries cannot invalidate a graph
+    // capture another thread runs in global mode.
+    thread_local bool relaxed = false;
+    if (!relaxed) {
+      cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+      relaxed = cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess;
+    }
     cudaSetDevice(device);
     const cudaError_t r = cudaEventQuery(static_cast<cudaEvent_t>(e));
     if (r == cudaErrorNotReady) return false;
@@ -211,6 +218,7 @@ void NcclTransport::watch_group(const std::string& what) {
                      what + ": cudaEventCreate");
     std::lock_guard<std::mutex> lock(events_mutex_);
     all_events_.push_back(e);
+    free_events_.reserve(all_events_.size());  // release (the watchdog's thread) never allocates
   }
   const cudaError_t r = cudaEventRecord(e, stream);
   if (r != cudaSuccess) {
@@ -287,9 +295,9 @@ void NcclTransport::post_recv(void* buf, int64_t bytes, int64_t peer, int tag) {
 bool NcclTransport::test_all() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (batch_.empty()) return true;
+  check_usable("a group");  // also mid-enqueue: the watchdog may have aborted meanwhile
   const std::string what = fmt("rank ", rank_, ": NCCL group of ", batch_.size(), " messages");
   if (!enqueued_) {
-    check_usable("a group");
     set_device(what);
     auto comm = static_cast<ncclComm_t>(comm_);
     auto stream = reinterpret_cast<cudaStream_t>(stream_);
@@ -317,11 +325,9 @@ bool NcclTransport::test_all() {
     enqueued_ = true;
   }
   if (!settled(what)) return false;  // non-blocking: NCCL is still enqueuing
-  std::string watched;
-  if (watchdog_ && !captured_) watched = describe_group();
+  if (watchdog_ && !captured_) watch_group(describe_group());  // a failure keeps the batch
   batch_.clear();
   enqueued_ = false;
-  if (!watched.empty()) watch_group(watched);
   return true;
 }
 

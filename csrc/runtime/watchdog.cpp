@@ -1,5 +1,7 @@
 #include "runtime/watchdog.hpp"
 
+#include <cstdio>
+#include <exception>
 #include <iomanip>
 #include <sstream>
 #include <utility>
@@ -68,6 +70,26 @@ void Watchdog::release_all(std::list<Item>& items) {
 }
 
 void Watchdog::run() {
+  try {
+    watch_loop();
+  } catch (const std::exception& e) {  // a hook failed: stop watching rather than terminate
+    std::fprintf(stderr, "piper: watchdog stopped: %s\n", e.what());
+    std::list<Item> left;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;  // later items are released at once
+      reason_ = std::string("the watchdog stopped: ") + e.what();
+      left.swap(items_);
+    }
+    left.splice(left.end(), scanning_);  // this thread's: stop() joins before it reads items_
+    try {
+      release_all(left);
+    } catch (...) {
+    }
+  }
+}
+
+void Watchdog::watch_loop() {
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
     if (items_.empty()) {
@@ -76,17 +98,15 @@ void Watchdog::run() {
     }
     // The tokens are tested without the lock (a hook may block briefly, e.g. in the driver);
     // items watched meanwhile are younger, so the survivors go back in front of them.
-    std::list<Item> mine;
-    mine.swap(items_);
+    scanning_.swap(items_);
     lock.unlock();
     const auto now = std::chrono::steady_clock::now();
-    std::list<Item> done;
     const Item* late = nullptr;
-    for (auto it = mine.begin(); it != mine.end();) {
+    for (auto it = scanning_.begin(); it != scanning_.end();) {
       if (hooks_.done(it->token)) {
-        auto next = std::next(it);
-        done.splice(done.end(), mine, it);
-        it = next;
+        void* token = it->token;
+        it = scanning_.erase(it);
+        hooks_.release(token);
         continue;
       }
       if (late == nullptr &&
@@ -94,7 +114,6 @@ void Watchdog::run() {
         late = &*it;
       ++it;
     }
-    release_all(done);
     std::string reason;
     if (late != nullptr) {
       std::ostringstream os;
@@ -104,14 +123,14 @@ void Watchdog::run() {
       reason = os.str();
     }
     lock.lock();
-    items_.splice(items_.begin(), mine);
-    if (late != nullptr) {
+    items_.splice(items_.begin(), scanning_);
+    if (late != nullptr && !stopping_) {  // a stopping owner bounds the work itself (close)
       expired_ = true;
       reason_ = reason;
-      mine.swap(items_);
+      scanning_.swap(items_);
       lock.unlock();
       hooks_.expire(reason);
-      release_all(mine);
+      release_all(scanning_);
       return;
     }
     wake_.wait_for(lock, poll_, [this] { return stopping_; });

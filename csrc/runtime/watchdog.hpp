@@ -12,7 +12,9 @@
 //
 // Threads: watch() and stop() from the owner's threads; the hooks run on the watchdog's
 // thread (release also inside stop()), never while the watchdog holds its lock, so a hook may
-// take the owner's locks. Costs the owner a lock and a list append per watched item; the
+// take the owner's locks; a hook that throws ends the watching (the error on stderr), it does
+// not terminate the process. An item found late while stop() is under way does not expire:
+// the stopping owner bounds its work itself. Costs the owner a lock and a list append per watched item; the
 // thread sleeps on a condition variable while nothing is watched.
 #pragma once
 
@@ -47,7 +49,7 @@ class Watchdog {
   /// Joins the thread and releases every token still watched; idempotent.
   void stop();
   bool expired() const;
-  std::string reason() const;  // the expiry's message, "" before
+  std::string reason() const;  // the expiry's message (or the failure of a hook), "" before
   int64_t watched() const;     // tokens watched now
 
  private:
@@ -56,7 +58,8 @@ class Watchdog {
     std::string what;
     std::chrono::steady_clock::time_point since;
   };
-  void run();
+  void run();         // the thread: watch_loop(), and a hook's exception ends watching
+  void watch_loop();
   void release_all(std::list<Item>& items);
 
   const double timeout_s_;
@@ -65,6 +68,7 @@ class Watchdog {
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   std::list<Item> items_;
+  std::list<Item> scanning_;  // the thread's: items being tested, outside the lock
   std::thread thread_;
   bool stopping_ = false;
   bool expired_ = false;

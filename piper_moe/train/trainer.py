@@ -506,6 +506,9 @@ class Trainer:
         import torch.distributed as dist
 
         parts: list = [None] * self.world
+        # all_gather_object has no async form: a bounded barrier first names a missing rank
+        barrier_bounded("the barrier before gathering the expert loads", self.rank,
+                        self.engine.timeout)
         dist.all_gather_object(parts, mine)
         return {k: v for p in parts for k, v in p.items()}
 

@@ -2,8 +2,8 @@
 NCCL groups on a CUDA stream, aborted with ncclCommAbort when late). Its protocol, through the
 test probe _C.WatchdogProbe whose tokens are integers the test completes by hand: completed
 work is released and never expires, late work expires once with a message naming it and its
-age, every token is released exactly once, and stop() neither waits for the limit nor
-expires."""
+age, every token is released exactly once, stop() neither waits for the limit nor expires, and
+a hook that throws ends the watching, not the process."""
 
 import random
 import time
@@ -23,14 +23,14 @@ def wait_until(cond, limit=10.0):
 
 
 def test_completed_work_is_released_and_never_expires():
-    w = _C.WatchdogProbe(timeout_s=0.5, poll_s=0.01)
+    w = _C.WatchdogProbe(timeout_s=3.0, poll_s=0.01)
     for t in range(5):
         w.watch(t, f"group {t}")
     for t in range(5):
         w.complete(t)
     assert wait_until(lambda: w.watched == 0), w.released()
     assert sorted(w.released()) == list(range(5))
-    time.sleep(0.8)  # past the limit: nothing is left to expire
+    time.sleep(3.5)  # past the limit: nothing is left to expire
     assert not w.expired and w.reason == "" and w.expiries() == []
     w.stop()
     assert sorted(w.released()) == list(range(5))
@@ -45,6 +45,8 @@ def test_late_work_expires_once_naming_it_and_its_age():
     assert wait_until(lambda: w.expired)
     waited = time.monotonic() - t0
     assert 0.4 <= waited < 5.0, waited
+    # expired is set before the hooks run: wait for them
+    assert wait_until(lambda: w.expiries() and sorted(w.released()) == [1, 2]), w.released()
     assert w.expiries() == [w.reason]
     assert w.reason.startswith("NCCL group 2 of 2 messages (8 B sent, 8 B received; peers 1): "
                                "not completed "), w.reason
@@ -61,14 +63,14 @@ def test_late_work_expires_once_naming_it_and_its_age():
 
 def test_each_item_has_its_own_age():
     """An item watched later than a completed one is timed from its own hand-off."""
-    w = _C.WatchdogProbe(timeout_s=0.6, poll_s=0.01)
+    w = _C.WatchdogProbe(timeout_s=3.0, poll_s=0.01)
     w.watch(1, "first")
-    time.sleep(0.4)
+    time.sleep(2.0)
     w.complete(1)
     t_second = time.monotonic()
     w.watch(2, "second")
     assert wait_until(lambda: w.expired)
-    assert time.monotonic() - t_second >= 0.6
+    assert time.monotonic() - t_second >= 3.0
     assert w.reason.startswith("second: "), w.reason
     w.stop()
 
@@ -85,6 +87,19 @@ def test_stop_releases_pending_work_without_waiting_or_expiring():
     assert sorted(w.released()) == [0, 1, 2, 7]
     w.stop()  # idempotent
     assert sorted(w.released()) == [0, 1, 2, 7]
+
+
+def test_a_failing_hook_ends_the_watching_without_ending_the_process():
+    w = _C.WatchdogProbe(timeout_s=30.0, poll_s=0.01)
+    w.watch(1, "group 1")
+    w.fail(2)
+    w.watch(2, "group 2")
+    assert wait_until(lambda: sorted(w.released()) == [1, 2]), w.released()
+    assert w.reason == "the watchdog stopped: the probe's done hook failed on purpose"
+    assert not w.expired and w.expiries() == []
+    w.watch(3, "after the failure")  # released at once
+    assert sorted(w.released()) == [1, 2, 3] and w.watched == 0
+    w.stop()
 
 
 @pytest.mark.parametrize("seed", [0, 1])
