@@ -175,7 +175,7 @@ def run_job(prefix: list[str], calls: list[Call]) -> list:
     (outdir / "cases.json").write_text(json.dumps(
         [{"func": c.func, "args": json.loads(c.args)} for c in calls]))
     shm_before = set(Path("/dev/shm").glob(L.MPICH_SHM))
-    full_env = {**os.environ, "PYTHONPATH": str(L.ROOT), **env}
+    full_env = {**os.environ, "PYTHONPATH": str(L.ROOT), "TMPDIR": L.job_tmpdir(outdir), **env}
     full_env.setdefault("PIPER_TIMEOUT", "30")
     full_env.setdefault("PYTHONFAULTHANDLER", "1")
     cmd = [*prefix, sys.executable, "-m", "tests.worker", "--batch", str(outdir)]

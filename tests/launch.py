@@ -148,11 +148,21 @@ def _dump_stacks(launcher: int, outdir: Path, result: str = "rank{}.json") -> li
     return ranks
 
 
+def job_tmpdir(outdir: Path) -> str:
+    """The job's TMPDIR, inside its result folder: what the launcher and the ranks leave in a
+    temporary folder (torchelastic's run folders, hydra's hwloc files of a killed job) is removed
+    with the folder."""
+    tmp = outdir / "tmp"
+    tmp.mkdir()
+    return str(tmp)
+
+
 def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict | None,
             timeout: float, expect_ok: bool) -> Run:
     outdir = Path(tempfile.mkdtemp(prefix="piper-test-"))
     shm_before = set(Path("/dev/shm").glob(MPICH_SHM))
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": job_tmpdir(outdir),
+                **(env or {})}
     full_env.setdefault("PIPER_TIMEOUT", "30")
     # A rank that dies of a signal (SIGSEGV, SIGABRT, ...) prints its Python stacks: hydra's
     # "BAD TERMINATION" banner names the first rank it cleaned up, not the one that died.

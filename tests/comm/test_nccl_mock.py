@@ -7,8 +7,10 @@ several ranks on one GPU); that is the one-GPU check's (bench/gpu_check.sh)."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +36,9 @@ pytestmark = [pytest.mark.mpi, pytest.mark.skipif(_WHY_NOT is not None, reason=_
 def mock_nccl() -> str:
     """Builds tests/comm/mock_nccl.c into a libnccl.so.2 (once per session) against nccl.h of
     the wheel Piper was built with and this Python's MPI; returns its path."""
-    out = Path(tempfile.mkdtemp(prefix="piper-mock-nccl-")) / "libnccl.so.2"
+    folder = tempfile.mkdtemp(prefix="piper-mock-nccl-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    out = Path(folder) / "libnccl.so.2"
     prefix = Path(sys.prefix)
     cmd = ["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", str(out),
            "-Wl,-soname,libnccl.so.2", str(Path(__file__).with_name("mock_nccl.c")),
