@@ -175,7 +175,7 @@ def run_job(prefix: list[str], calls: list[Call]) -> list:
     (outdir / "cases.json").write_text(json.dumps(
         [{"func": c.func, "args": json.loads(c.args)} for c in calls]))
     shm_before = set(Path("/dev/shm").glob(L.MPICH_SHM))
-    full_env = {**os.environ, "PYTHONPATH": str(L.ROOT), "TMPDIR": L.job_tmpdir(outdir), **env}
+    full_env = {**os.environ, "PYTHONPATH": str(L.ROOT), **env}
     full_env.setdefault("PIPER_TIMEOUT", "30")
     full_env.setdefault("PYTHONFAULTHANDLER", "1")
     cmd = [*prefix, sys.executable, "-m", "tests.worker", "--batch", str(outdir)]
@@ -222,7 +222,7 @@ def run_job(prefix: list[str], calls: list[Call]) -> list:
         output += (f"\n[launch.py] case {hung + 1} killed after its {calls[hung].timeout:.0f} s "
                    f"test timeout (a hang); the Python stacks of its ranks without a result "
                    f"are in their case output above\n")
-    removed = L._remove_leaked_mpich_shm(shm_before)
+    removed = L.remove_leaked_mpich_shm(shm_before)
     if removed:
         output += f"\n[launch.py] removed {removed} MPICH segment(s) of this job from /dev/shm\n"
     started = [k < done or any((outdir / f"c{k}-rank{r}.log").exists() for r in range(nprocs))

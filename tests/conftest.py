@@ -1,4 +1,5 @@
-"""Suite-wide hooks: the batching of multi-rank cases (tests/batch.py) and the unit tier.
+"""Suite-wide hooks: the batching of multi-rank cases (tests/batch.py), the unit tier, and what
+the launched jobs leave behind.
 
 Tiers (docs/testing.md): `make test` runs everything; `make unit` runs the tests not marked
 `mpi` in this one process, with PIPER_TEST_NO_LAUNCH=1 so that a test which starts a launcher
@@ -7,12 +8,64 @@ without the marker fails, naming the marker it lacks.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from tests import batch
+
+# hydra's proxy writes its topology here (the path is compiled in, TMPDIR is not read) and
+# removes it at exit, unless it was killed (the tests that kill jobs).
+HYDRA_FILES = "hydra_hwloc_xmlfile_*"
+_JOBS: dict = {}  # the session's jobs' TMPDIR and the MPICH segments that were there before
+
+
+def pytest_sessionstart(session):
+    """The processes the tests start get a TMPDIR of their own, removed at the end of the
+    session (torchrun's run folders stayed in /tmp). This process keeps its own temporary
+    folder (pytest's tmp_path)."""
+    from tests import launch
+
+    tempfile.gettempdir()  # fixed for this process before TMPDIR changes
+    _JOBS["tmpdir"] = tempfile.mkdtemp(prefix="piper-test-jobs-")
+    _JOBS["saved"] = os.environ.get("TMPDIR")
+    _JOBS["shm"] = set(Path("/dev/shm").glob(launch.MPICH_SHM))
+    _JOBS["hydra"] = set(Path("/tmp").glob(HYDRA_FILES))
+    os.environ["TMPDIR"] = _JOBS["tmpdir"]
+
+
+def pytest_sessionfinish(session):
+    """Removes the jobs' TMPDIR, and what jobs that died or left without MPI_Finalize left
+    elsewhere: MPICH's segments (of the jobs not started through tests/launch.py, which removes
+    its own) and hydra's topology files that no process holds open."""
+    from tests import launch
+
+    if "tmpdir" not in _JOBS:
+        return
+    if _JOBS["saved"] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = _JOBS["saved"]
+    shutil.rmtree(_JOBS.pop("tmpdir"), ignore_errors=True)
+    launch.remove_leaked_mpich_shm(_JOBS["shm"])
+    open_now = _open_files()
+    for path in set(Path("/tmp").glob(HYDRA_FILES)) - _JOBS["hydra"]:
+        if str(path) not in open_now:
+            path.unlink(missing_ok=True)
+
+
+def _open_files() -> set[str]:
+    """The paths some live process of ours holds open."""
+    paths = set()
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):  # gone, or not ours to read
+            paths.add(os.readlink(fd))
+    return paths
 
 
 def pytest_configure(config):

@@ -87,7 +87,7 @@ def _mapped_shm() -> set[str]:
     return names
 
 
-def _remove_leaked_mpich_shm(before: set[Path]) -> int:
+def remove_leaked_mpich_shm(before: set[Path]) -> int:
     """After a job in which a rank died (SIGKILL tests, timeouts) or left without MPI_Finalize,
     MPICH's segments of that job stay in /dev/shm (RAM; 3-8 MiB each): removes those that
     appeared during the job and no live process maps. Returns how many were removed."""
@@ -148,21 +148,11 @@ def _dump_stacks(launcher: int, outdir: Path, result: str = "rank{}.json") -> li
     return ranks
 
 
-def job_tmpdir(outdir: Path) -> str:
-    """The job's TMPDIR, inside its result folder: what the launcher and the ranks leave in a
-    temporary folder (torchelastic's run folders, hydra's hwloc files of a killed job) is removed
-    with the folder."""
-    tmp = outdir / "tmp"
-    tmp.mkdir()
-    return str(tmp)
-
-
 def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict | None,
             timeout: float, expect_ok: bool) -> Run:
     outdir = Path(tempfile.mkdtemp(prefix="piper-test-"))
     shm_before = set(Path("/dev/shm").glob(MPICH_SHM))
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": job_tmpdir(outdir),
-                **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.setdefault("PIPER_TIMEOUT", "30")
     # A rank that dies of a signal (SIGSEGV, SIGABRT, ...) prints its Python stacks: hydra's
     # "BAD TERMINATION" banner names the first rank it cleaned up, not the one that died.
@@ -192,7 +182,7 @@ def _launch(cmd: list[str], nprocs: int, func: str, args: dict | None, env: dict
     shutil.rmtree(outdir, ignore_errors=True)
     # A job that finalised leaves nothing; one with a dead rank, or whose ranks left without
     # MPI_Finalize (the hard exits of the failure tests), leaves its segments.
-    removed = _remove_leaked_mpich_shm(shm_before)
+    removed = remove_leaked_mpich_shm(shm_before)
     if removed:
         out += f"\n[launch.py] removed {removed} MPICH segment(s) of this job from /dev/shm\n"
     run = Run(code, out, ranks, elapsed)

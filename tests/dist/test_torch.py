@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -94,8 +93,8 @@ def _example(cmd: list[str], backend: str, tmp_path) -> list[float]:
     out = tmp_path / f"{backend}-{cmd[0].rsplit('/', 1)[-1]}.json"
     proc = subprocess.run([*cmd, str(ROOT / "examples" / "train_tiny.py"), "--backend", backend,
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT),
-                                            "PIPER_TIMEOUT": "60", "TMPDIR": str(tmp_path)})
+                          timeout=180, env={**__import__("os").environ, "PYTHONPATH": str(ROOT),
+                                            "PIPER_TIMEOUT": "60"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())
 
