@@ -22,6 +22,29 @@ from .work import Work
 
 log = logging.getLogger("piper")
 
+def mpi_route(linked: str | bool | None, loaded: str, mpi_calls: str) -> tuple[bool, str]:
+    """How an MPI transport's messages go: (True, "") when the C++ executor calls MPI itself
+    (the extension was linked against ``linked``, the very library mpi4py loaded, and
+    PIPER_MPI_CALLS is "cpp"); else (False, why MPI goes through mpi4py: a warning's text, ""
+    when the user asked for it). Called once per communicator over MPI; pure."""
+    if mpi_calls != "cpp":
+        return False, ""
+    if not linked:
+        return False, ("piper_comm._C was built without MPI (an isolated build, such as pip "
+                       "install without --no-build-isolation, cannot see mpi4py; or "
+                       "PIPER_MPI=OFF); MPI is called through mpi4py instead, slower per call "
+                       "(rebuild in this environment: pip install --no-build-isolation "
+                       "--no-deps -e .)")
+    if loaded.strip() == str(linked).strip():
+        return True, ""
+    return False, (f"mpi4py loaded another MPI ({loaded.splitlines()[0]}) than the one "
+                   f"piper_comm._C was built against ({str(linked).splitlines()[0]}); MPI is "
+                   f"called through mpi4py instead (rebuild Piper in this environment)")
+
+
+_warned: set[str] = set()  # mpi_route's warnings given by this process (once each)
+
+
 def _executor(transport: Transport, topology, segment):
     """The C++ executor (csrc/runtime) of this communicator: MPI called from C++ when the
     transport is MPI and the extension was built against the very MPI library mpi4py loaded,
@@ -29,16 +52,15 @@ def _executor(transport: Transport, topology, segment):
     channel = segment if isinstance(segment, _C.NodeChannel) else None
     same_host = [int(h) for h in transport.same_host]
     device = {"inter": envs.inter(), "nccl_library": envs.nccl_library()}  # for CUDA calls
-    linked = _C.build_info().get("mpi_linked")
-    if transport.name == "mpi" and linked and envs.mpi_calls() == "cpp":
-        loaded = transport.MPI.Get_library_version()
-        if loaded.strip() == linked.strip():
+    if transport.name == "mpi":
+        cpp, why = mpi_route(_C.build_info().get("mpi_linked"),
+                             transport.MPI.Get_library_version(), envs.mpi_calls())
+        if cpp:
             return _C.Executor.over_mpi(topology, transport.comm.handle, channel, transport.pids,
                                         same_host, **device)
-        log.warning("piper: rank %d: mpi4py loaded another MPI (%s) than the one piper_comm._C "
-                    "was built against (%s); MPI is called through mpi4py instead (rebuild Piper "
-                    "in this environment)", transport.rank, loaded.splitlines()[0],
-                    linked.splitlines()[0])
+        if why and why not in _warned:
+            _warned.add(why)
+            log.warning("piper: rank %d: %s", transport.rank, why)
     return _C.Executor.over_python(topology, transport, channel, transport.pids, same_host,
                                    **device)
 

@@ -448,8 +448,11 @@ def check_build_match(facts) -> Diagnosis | None:
         fixes.append("rebuild Piper in this environment (pip install --no-build-isolation "
                      "--no-deps -e .)")
     if facts.get("backend") == "mpi" and linked is False:
-        problems.append("piper_comm._C was built without MPI (PIPER_MPI=OFF)")
-        fixes.append("rebuild with MPI")
+        problems.append("piper_comm._C was built without MPI (an isolated build, such as pip "
+                        "install without --no-build-isolation, or PIPER_MPI=OFF), so MPI is "
+                        "called through mpi4py (slower)")
+        fixes.append("rebuild Piper in this environment (pip install --no-build-isolation "
+                     "--no-deps -e .)")
     tc, ext = vers.get("torch_cuda"), build.get("cuda_runtime_version")
     if build.get("cuda") and tc and ext and int(str(tc).split(".")[0]) != int(ext) // 1000:
         problems.append(f"torch uses CUDA {tc} but piper_comm._C was built with CUDA "

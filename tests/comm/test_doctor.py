@@ -138,6 +138,23 @@ def test_build_mismatches():
     assert "torch uses CUDA 12.8 but piper_comm._C was built with CUDA 13.0" in d.message
     facts["versions"]["torch_cuda"] = "13.1"
     assert D.diagnose(facts) == []
+    facts["build"]["mpi_linked"] = False  # an isolated build: no mpi4py at build time
+    d = only(D.diagnose(facts), "build_mismatch")
+    assert "built without MPI" in d.message and "--no-build-isolation" in d.fix
+
+
+def test_mpi_route_says_why_mpi_goes_through_mpi4py():
+    """The communicator's choice (piper_comm.communicator.mpi_route): C++ MPI only with the
+    very library mpi4py loaded; otherwise a warning naming the cause and the fix, and none
+    when PIPER_MPI_CALLS=mpi4py asked for it."""
+    from piper_comm.communicator import mpi_route
+
+    assert mpi_route("MPICH Version: 5.0.2\n", "MPICH Version: 5.0.2", "cpp") == (True, "")
+    assert mpi_route("MPICH Version: 5.0.2", "MPICH Version: 5.0.2", "mpi4py") == (False, "")
+    cpp, why = mpi_route(False, "MPICH Version: 5.0.2", "cpp")
+    assert not cpp and "built without MPI" in why and "--no-build-isolation" in why
+    cpp, why = mpi_route("MPICH Version: 5.0.2", "Open MPI v5.0.11\nmore", "cpp")
+    assert not cpp and "(Open MPI v5.0.11)" in why and "(MPICH Version: 5.0.2)" in why
 
 
 def test_each_check_reads_only_the_facts():
