@@ -128,8 +128,9 @@ NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t
                              int device, const runtime::Deadline& deadline)
     : rank_(rank), size_(size), device_(device), timeout_s_(deadline.timeout_s) {
   PIPER_HOST_ASSERT(api.version != 0 && unique_id.size() == sizeof(ncclUniqueId));
-  const std::string what = fmt("NCCL communicator set-up on rank ", rank_, " (device ", device_,
-                               ", ", size_, " ranks)");
+  const std::string setup = fmt("NCCL communicator set-up on rank ", rank_, " (device ",
+                                device_, ", ", size_, " ranks)");
+  const Describe what = [&setup] { return setup; };
   set_device(what);
   ncclUniqueId id;
   std::memcpy(&id, unique_id.data(), sizeof(id));
@@ -142,14 +143,14 @@ NcclTransport::NcclTransport(const std::string& unique_id, int64_t size, int64_t
   if (r != ncclSuccess && r != ncclInProgress) {
     if (comm != nullptr) api.abort(comm);
     comm_ = nullptr;
-    throw Error(error_code(r), fmt("piper: ", what, ": ncclCommInitRankConfig: ",
+    throw Error(error_code(r), fmt("piper: ", setup, ": ncclCommInitRankConfig: ",
                                    describe(r)));
   }
   while (!settled(what)) {
     if (std::chrono::steady_clock::now() >= deadline.at) {
       abort();
       throw Error(ErrorCode::kTimeout,
-                  fmt("piper: ", what, ": timed out after ", deadline.timeout_s,
+                  fmt("piper: ", setup, ": timed out after ", deadline.timeout_s,
                       " s waiting for the other ranks to join (set PIPER_TIMEOUT to change "
                       "the limit)"));
     }
@@ -260,12 +261,12 @@ void NcclTransport::check_usable(const char* what) const {
                     comm_ == nullptr ? "closed" : "aborted after an error"));
 }
 
-void NcclTransport::set_device(const std::string& what) const {
+void NcclTransport::set_device(const Describe& what) const {
   if (device_ != kNcclHostMemory)
-    PIPER_CHECK_CUDA(cudaSetDevice(device_), what + ": cudaSetDevice");
+    PIPER_CHECK_CUDA(cudaSetDevice(device_), what() + ": cudaSetDevice");
 }
 
-bool NcclTransport::settled(const std::string& what) {
+bool NcclTransport::settled(const Describe& what) {
   ncclResult_t state = ncclSuccess;
   const ncclResult_t r = api.get_async_error(static_cast<ncclComm_t>(comm_), &state);
   if (r != ncclSuccess) state = r;
@@ -273,7 +274,7 @@ bool NcclTransport::settled(const std::string& what) {
   if (state != ncclSuccess) {
     const std::string why = describe(state, static_cast<ncclComm_t>(comm_));
     abort();
-    throw Error(error_code(state), fmt("piper: ", what, ": NCCL reports ", why));
+    throw Error(error_code(state), fmt("piper: ", what(), ": NCCL reports ", why));
   }
   return true;
 }
@@ -296,14 +297,17 @@ bool NcclTransport::test_all() {
   std::lock_guard<std::mutex> lock(mutex_);
   if (batch_.empty()) return true;
   check_usable("a group");  // also mid-enqueue: the watchdog may have aborted meanwhile
-  const std::string what = fmt("rank ", rank_, ": NCCL group of ", batch_.size(), " messages");
+  // Formatted only for an error: test_all is polled while NCCL enqueues.
+  const Describe what = [this] { return fmt("rank ", rank_, ": NCCL group of ", batch_.size(),
+                                            " messages"); };
   if (!enqueued_) {
     set_device(what);
     auto comm = static_cast<ncclComm_t>(comm_);
     auto stream = reinterpret_cast<cudaStream_t>(stream_);
     if (device_ != kNcclHostMemory) {
       cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-      PIPER_CHECK_CUDA(cudaStreamIsCapturing(stream, &capture), what + ": cudaStreamIsCapturing");
+      PIPER_CHECK_CUDA(cudaStreamIsCapturing(stream, &capture),
+                       what() + ": cudaStreamIsCapturing");
       captured_ = captured_ || capture != cudaStreamCaptureStatusNone;
     }
     auto ok = [](ncclResult_t r) { return r == ncclSuccess || r == ncclInProgress; };
@@ -320,7 +324,7 @@ bool NcclTransport::test_all() {
     if (!ok(r)) {
       const std::string why = describe(r, comm);
       abort();  // the batch stays: the executor names it
-      throw Error(error_code(r), fmt("piper: ", what, ": ", why));
+      throw Error(error_code(r), fmt("piper: ", what(), ": ", why));
     }
     enqueued_ = true;
   }

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -85,10 +86,11 @@ class NcclTransport final : public runtime::Transport {
   /// The watchdog's expiry (its thread): aborts and keeps the message for later calls.
   void expire(const std::string& why);
   void stop_watchdog();  // joins the watchdog's thread; never under mutex_ (expire takes it)
-  void set_device(const std::string& what) const;  // cudaSetDevice, unless host memory
+  using Describe = std::function<std::string()>;  // the operation, for an error's message
+  void set_device(const Describe& what) const;  // cudaSetDevice, unless host memory
   /// NCCL's state of the communicator: true when idle, false while work is in progress;
   /// aborts the communicator and throws on an error (the batch kept for the message).
-  bool settled(const std::string& what);
+  bool settled(const Describe& what);
   /// ncclCommAbort once, unless a CUDA graph captured work on the communicator: NCCL's abort
   /// and finalize then wait for every such graph to be destroyed, without a deadline, so the
   /// communicator is left to process exit instead. Returns whether it called ncclCommAbort.
