@@ -46,49 +46,50 @@ void StagedTransport::post_recv(void* buf, int64_t bytes, int64_t peer, int tag)
 }
 
 bool StagedTransport::advance() {
-  const std::string what = fmt("host staging of device messages on rank ", rank());
+  // Formatted only for an error: advance() is polled while the copies and messages run.
+  auto what = [this] { return fmt("host staging of device messages on rank ", rank()); };
   auto stream = reinterpret_cast<cudaStream_t>(stream_);
   if (step_ == Step::kIdle) {
     if (batch_.empty()) return true;
     if (copied_out_ == nullptr)
-      throw Error(ErrorCode::kUsage, fmt("piper: ", what, ": the transport was closed"));
-    PIPER_CHECK_CUDA(cudaSetDevice(device_), what + ": cudaSetDevice");
+      throw Error(ErrorCode::kUsage, fmt("piper: ", what(), ": the transport was closed"));
+    PIPER_CHECK_CUDA(cudaSetDevice(device_), what() + ": cudaSetDevice");
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    PIPER_CHECK_CUDA(cudaStreamIsCapturing(stream, &capture), what + ": cudaStreamIsCapturing");
+    PIPER_CHECK_CUDA(cudaStreamIsCapturing(stream, &capture), what() + ": cudaStreamIsCapturing");
     if (capture != cudaStreamCaptureStatusNone)
       throw Error(ErrorCode::kUsage,
-                  fmt("piper: ", what, ": staging through host memory waits for the device, ",
+                  fmt("piper: ", what(), ": staging through host memory waits for the device, ",
                       "which a CUDA graph cannot capture; use NCCL (PIPER_INTER=nccl)"));
     // The pinned buffer is reused once the last batch's copies completed: its host -> device
     // copies, and the device -> host ones of a batch that was cancelled before they ended.
     for (void* e : {copied_in_, copied_out_}) {
       const cudaError_t done = cudaEventQuery(event(e));
       if (done == cudaErrorNotReady) return false;
-      PIPER_CHECK_CUDA(done, what + ": cudaEventQuery");
+      PIPER_CHECK_CUDA(done, what() + ": cudaEventQuery");
     }
     int64_t total = 0;
     for (Posted& p : batch_) p.offset = total, total += p.bytes;
     if (total > pinned_bytes_) {
       const int64_t bytes = std::max(total, 2 * pinned_bytes_);
-      if (pinned_ != nullptr) PIPER_CHECK_CUDA(cudaFreeHost(pinned_), what + ": cudaFreeHost");
+      if (pinned_ != nullptr) PIPER_CHECK_CUDA(cudaFreeHost(pinned_), what() + ": cudaFreeHost");
       pinned_ = nullptr;
       pinned_bytes_ = 0;
-      PIPER_CHECK_CUDA(cudaMallocHost(&pinned_, bytes), fmt(what, ": cudaMallocHost of ", bytes,
-                                                            " B"));
+      PIPER_CHECK_CUDA(cudaMallocHost(&pinned_, bytes),
+                       fmt(what(), ": cudaMallocHost of ", bytes, " B"));
       pinned_bytes_ = bytes;
     }
     for (const Posted& p : batch_)
       if (p.send && p.bytes > 0)
         PIPER_CHECK_CUDA(cudaMemcpyAsync(pinned_ + p.offset, p.device, p.bytes,
                                          cudaMemcpyDeviceToHost, stream),
-                         what + ": cudaMemcpyAsync device -> host");
-    PIPER_CHECK_CUDA(cudaEventRecord(event(copied_out_), stream), what + ": cudaEventRecord");
+                         what() + ": cudaMemcpyAsync device -> host");
+    PIPER_CHECK_CUDA(cudaEventRecord(event(copied_out_), stream), what() + ": cudaEventRecord");
     step_ = Step::kCopyOut;
   }
   if (step_ == Step::kCopyOut) {
     const cudaError_t out = cudaEventQuery(event(copied_out_));
     if (out == cudaErrorNotReady) return false;
-    PIPER_CHECK_CUDA(out, what + ": cudaEventQuery");
+    PIPER_CHECK_CUDA(out, what() + ": cudaEventQuery");
     for (const Posted& p : batch_) {
       if (p.send)
         host_->post_send(pinned_ + p.offset, p.bytes, p.peer, p.tag);
@@ -98,13 +99,13 @@ bool StagedTransport::advance() {
     step_ = Step::kHost;
   }
   if (!host_->test_all()) return false;
-  PIPER_CHECK_CUDA(cudaSetDevice(device_), what + ": cudaSetDevice");
+  PIPER_CHECK_CUDA(cudaSetDevice(device_), what() + ": cudaSetDevice");
   for (const Posted& p : batch_)
     if (!p.send && p.bytes > 0)
       PIPER_CHECK_CUDA(cudaMemcpyAsync(p.device, pinned_ + p.offset, p.bytes,
                                        cudaMemcpyHostToDevice, stream),
-                       what + ": cudaMemcpyAsync host -> device");
-  PIPER_CHECK_CUDA(cudaEventRecord(event(copied_in_), stream), what + ": cudaEventRecord");
+                       what() + ": cudaMemcpyAsync host -> device");
+  PIPER_CHECK_CUDA(cudaEventRecord(event(copied_in_), stream), what() + ": cudaEventRecord");
   batch_.clear();
   step_ = Step::kIdle;
   return true;
