@@ -8,6 +8,7 @@
 
 #include <mutex>
 #include <set>
+#include <tuple>
 
 #include "common/error.hpp"
 #include "host/copy.hpp"
@@ -18,6 +19,7 @@
 #include "runtime/exec_context.hpp"
 #include "runtime/executor.hpp"
 #include "runtime/header.hpp"
+#include "runtime/message_summary.hpp"
 #include "runtime/py_transport.hpp"
 #include "runtime/watchdog.hpp"
 #include "python/args.hpp"
@@ -402,6 +404,20 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("watched", [](WatchdogProbe& p) { return p.watchdog().watched(); })
       .def("released", &WatchdogProbe::released)
       .def("expiries", &WatchdogProbe::expiries);
+  m.def(
+      "summarize_messages",
+      [](const std::vector<std::tuple<bool, int64_t, int64_t>>& batches, int64_t repeat) {
+        piper::runtime::MessageSummary summary;
+        std::string line;
+        for (int64_t r = 0; r < repeat; ++r) {  // the same object again: take() resets it
+          for (const auto& [send, peer, bytes] : batches) summary.add({send, peer, bytes});
+          line = summary.take();
+        }
+        return line;
+      },
+      py::arg("messages"), py::arg("repeat") = 1,
+      "Tests only: csrc/runtime/message_summary.hpp's line for (send, peer, bytes) messages, "
+      "added and taken `repeat` times on one summary (the last line).");
   m.def("emulate_cuda_arrays", &piper::python::set_emulated_cuda, py::arg("on"),
         "Tests only: __cuda_array_interface__ arrays count as host-addressable memory of CUDA\n"
         "device 0 (see Executor.emulate_device_plane); process-wide, switch it off after.");

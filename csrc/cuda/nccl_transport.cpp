@@ -4,7 +4,6 @@
 #include <dlfcn.h>
 #include <nccl.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -22,7 +21,6 @@ namespace {
 
 constexpr auto kPoll = std::chrono::microseconds(100);  // bounded polls of NCCL's state
 constexpr double kWatchPoll_s = 0.05;  // how often the watchdog tests the groups' events
-constexpr size_t kWatchPeers = 8;      // peers a watched group's description names
 
 // NCCL's entry points, resolved from the library loaded at run time.
 struct Api {
@@ -336,19 +334,8 @@ bool NcclTransport::test_all() {
 }
 
 std::string NcclTransport::describe_group() {
-  int64_t sent = 0, received = 0;
-  std::vector<int64_t> peers;
-  for (const Posted& p : batch_) {
-    (p.m.send ? sent : received) += p.m.bytes;
-    if (p.m.bytes > 0 && std::find(peers.begin(), peers.end(), p.m.peer) == peers.end())
-      peers.push_back(p.m.peer);
-  }
-  std::string names;
-  for (size_t i = 0; i < peers.size() && i < kWatchPeers; ++i)
-    names += fmt(i ? ", " : "", peers[i]);
-  if (peers.size() > kWatchPeers) names += fmt(", ... (", peers.size(), " peers)");
-  return fmt("NCCL group ", ++groups_, " of ", batch_.size(), " messages (", sent,
-             " B sent, ", received, " B received; peers ", names, ")");
+  for (const Posted& p : batch_) summary_.add(p.m);
+  return fmt("NCCL group ", ++groups_, " of ", summary_.take());
 }
 
 std::vector<runtime::Message> NcclTransport::pending() const {

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "runtime/executor.hpp"
+#include "runtime/message_summary.hpp"
 #include "runtime/transport.hpp"
 #include "runtime/watchdog.hpp"
 
@@ -107,6 +108,7 @@ class NcclTransport final : public runtime::Transport {
   double timeout_s_;       // PIPER_TIMEOUT: the watchdog's limit per group on the device
   int64_t groups_ = 0;     // groups enqueued, numbering them in the watchdog's messages
   std::string expired_;    // the watchdog's message once it aborted the communicator
+  runtime::MessageSummary summary_;  // describe_group's
   std::mutex mutex_;       // the communicator and the state above, against the watchdog
   std::mutex events_mutex_;               // the event pool, released by the watchdog thread
   std::vector<void*> free_events_, all_events_;  // cudaEvent_t

@@ -119,3 +119,17 @@ def test_many_tokens_completed_in_any_order_are_released_exactly_once(seed):
     w.stop()
     assert sorted(w.released()) == tokens
     assert not w.expired
+
+
+def test_a_watched_groups_summary_names_bytes_and_distinct_peers():
+    """csrc/runtime/message_summary.hpp, the line a watched NCCL group is named by: bytes each
+    way, the peers of non-empty messages once each in order of appearance, at most 8 named."""
+    msgs = [(True, 3, 100), (False, 3, 50), (True, 1, 0), (False, 1, 7), (True, 1, 8)]
+    assert _C.summarize_messages(msgs) == "5 messages (108 B sent, 57 B received; peers 3, 1)"
+    assert _C.summarize_messages([]) == "0 messages (0 B sent, 0 B received; peers )"
+    flat = [(send, p, 4) for p in range(1000) for send in (True, False)]  # 2P messages
+    line = _C.summarize_messages(flat)
+    assert line == ("2000 messages (4000 B sent, 4000 B received; "
+                    "peers 0, 1, 2, 3, 4, 5, 6, 7, ... (1000 peers))"), line
+    # take() starts a new batch: the same summary object used again gives the same line
+    assert _C.summarize_messages(msgs, repeat=3) == _C.summarize_messages(msgs)
