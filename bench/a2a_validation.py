@@ -104,7 +104,10 @@ def _refit(platform, cal: dict, n: int, g: int) -> tuple:
     links = {lv: LinkSpec(latency=fit[f"latency_{lv}"], bandwidth=fit[f"bandwidth_{lv}"])
              for lv in ("intra", "inter") if f"latency_{lv}" in fit}
     copy = fit.get("copy_bandwidth", cal["copy"]["copy_bandwidth"])
-    return dataclasses.replace(platform, copy_bandwidth=copy, **links), {
+    barrier = fit.get("latency_barrier", links["intra"].latency if "intra" in links
+                      else platform.barrier_latency)
+    return dataclasses.replace(platform, copy_bandwidth=copy, barrier_latency=barrier,
+                               **links), {
         **fit, "ranks": n, "ranks_per_node": g}
 
 
@@ -124,7 +127,7 @@ def load_cals(paths: list[str], refit: bool = False) -> dict:
         cals[(fit["ranks"], fit["ranks_per_node"])] = {
             "path": p, "platform": platform, "fit": fit,
             "points": {(q["algorithm"], q["block"]): q["seconds"] * 1e6
-                       for q in cal.get("a2a") or []}}
+                       for q in cal.get("a2a") or [] if "ranks" not in q}}  # the job's layout
     return cals
 
 

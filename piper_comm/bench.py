@@ -262,7 +262,25 @@ def summary(rows: list[dict], algos: list[str]) -> tuple[list[str], dict]:
         if {p, b} <= set(algos) and sizes:
             cross[f"{p}<{b}"] = crossover(sizes, [t[p, s] < t[b, s] for s in sizes])
             out.append(f"# crossover {p} beats {b}: {cross[f'{p}<{b}']}")
-    return out, {"sizes": sizes, "ratios": ratios, "geomean": geo, "crossover": cross}
+    auto = auto_summary(rows) if {"auto", "halo", "flat"} <= set(algos) else {}
+    if auto:
+        out.append("# auto: " + ", ".join(
+            f"{human(s)} {c} {r:.2f}x" for s, c, r in zip(sizes, auto["chosen"], auto["ratio"]))
+            + f"; geomean {auto['geomean']:.2f}x the faster of halo and flat")
+    summ = {"sizes": sizes, "ratios": ratios, "geomean": geo, "crossover": cross}
+    return out, {**summ, "auto": auto} if auto else summ
+
+
+def auto_summary(rows: list[dict]) -> dict:
+    """What algorithm="auto" ran at each size ("chosen") and its time over the faster of halo
+    and flat measured in the same run ("ratio": 1.0 = it chose the faster one and paid nothing
+    for choosing; noise moves single sizes by tens of percent on a loaded host)."""
+    t = {(r["algo"], r["size"]): r for r in rows}
+    sizes = sorted({r["size"] for r in rows})
+    ratio = [t["auto", s]["time_us"] / min(t["halo", s]["time_us"], t["flat", s]["time_us"])
+             for s in sizes]
+    return {"chosen": [t["auto", s]["chosen"] for s in sizes], "ratio": ratio,
+            "geomean": math.exp(sum(map(math.log, ratio)) / len(ratio)) if ratio else 1.0}
 
 
 def plot(path: str, rows: list[dict], algos: list[str], title: str) -> None:
@@ -415,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     P(f"# minBytes {a.minbytes} maxBytes {a.maxbytes} step: {a.stepfactor}(factor) "
       f"warmup iters: {a.warmup} iters: {a.iters} dtype: {a.dtype} validation: {a.check} "
       f"algos: {','.join(algos)} PIPER_CHECK={os.environ.get('PIPER_CHECK', '1')}")
+    if "auto" in algos:
+        meta["auto_links"] = comm.links.source
+        P(f"# auto: links from {meta['auto_links']} (PIPER_PLATFORM)")
     for r, (node, lr, pid, host) in enumerate(per or []):
         P(f"#  Rank {r:3d} Node {node:3d} Local {lr:3d} Pid {pid:7d} on {host}")
     for line in notes:
@@ -460,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"algo": algo, "chosen": chosen, "size": b, "count": count,
                          "type": a.dtype, "time_us": sec * 1e6, "algbw": algbw,
                          "busbw": algbw * op.bus_factor(n), "wrong": wrong if a.check else -1})
-            progress.append(f"{algo} {sec * 1e6:.1f}us")
+            progress.append(f"{algo} {sec * 1e6:.1f}us" + (f" ({chosen})" if algo == "auto"
+                                                             else ""))
         if me == 0:
             print(f"# [{i + 1}/{len(sizes)}] {human(count * dtype.itemsize)}: "
                   + "  ".join(progress), file=sys.stderr, flush=True)

@@ -222,6 +222,7 @@ def connect(transport: Transport, *, local_size: int | None = None,
         if segment is not None:
             segment.close()
         raise
-    comm = Communicator(transport, node_ids, segment, timeout=timeout)
+    links = dict(zip((name for name, _ in envs.AT_INIT), values))["PIPER_PLATFORM"]
+    comm = Communicator(transport, node_ids, segment, links=links, timeout=timeout)
     log.debug("piper: init %r", comm)
     return comm

@@ -108,7 +108,9 @@ class Communicator:
 
     @property
     def links(self) -> Links:
-        """The link parameters algorithm="auto" prices each call with (piper_comm.cost)."""
+        """The link parameters algorithm="auto" prices each call with (piper_comm.cost): those
+        of PIPER_PLATFORM when set at init, else cost.Links' defaults; `links.source` says
+        which. Setting it takes effect from the next call (every rank must set the same)."""
         return self._links
 
     @links.setter

@@ -37,19 +37,25 @@ moves no bytes over the intra-node link, at the price of two copies and two barr
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import yaml
 
 from . import _C
+from .errors import PiperUsageError
 
 Amount = float | np.ndarray  # one rank's, or one per rank
 
 
 @dataclass(frozen=True)
 class Links:
-    """Link parameters per level. The defaults are rough guesses for one CPU host, not
-    measurements: calibrate them (piper_moe.cli.calibrate) for a real machine."""
+    """Link parameters per level (alpha: seconds per message or barrier; beta: bytes per
+    second). The defaults are rough guesses for one CPU host, not measurements: a communicator
+    takes a platform file's instead with PIPER_PLATFORM (`load_links`), e.g. one that
+    piper_moe.cli.calibrate measured on the machine. `source` says where they came from."""
 
     alpha_intra: float = 4e-6     # per message between ranks of one node (MPI over shm)
     beta_intra: float = 4e9
@@ -57,6 +63,7 @@ class Links:
     beta_inter: float = 4e9
     alpha_barrier: float = 6e-6   # one shared-memory barrier of a node
     beta_copy: float = 6e9        # memcpy into / out of the node segment
+    source: str = field(default="defaults (one CPU host, guessed)", compare=False, repr=False)
 
     @functools.cached_property
     def coefficients(self) -> np.ndarray:
@@ -146,3 +153,64 @@ def choose(send_bytes: np.ndarray, node_of: np.ndarray, links: Links) -> str:
     """'halo' or 'flat', identical on every rank for the same inputs."""
     t = predict(send_bytes, node_of, links)
     return "halo" if t["halo"] < t["flat"] else "flat"
+
+
+def platform_dir() -> Path | None:
+    """Where the platform files shipped with Piper lie (piper_moe/configs/platforms), found
+    without importing piper_moe; None when it is not installed."""
+    spec = importlib.util.find_spec("piper_moe")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "configs" / "platforms"
+
+
+def load_links(source: str | Path) -> Links:
+    """The links of a platform file, for `algorithm="auto"` (PIPER_PLATFORM).
+
+    `source`: a path to a YAML platform file (e.g. one `python -m piper_moe.cli.calibrate`
+    wrote) or the name of a platform shipped with Piper ("cpu-host", "dgx-h100", "frontier").
+    Read from it: `intra` and `inter` ({latency: s, bandwidth: B/s}), `copy_bandwidth` (B/s)
+    and `barrier_latency` (s; absent: intra's latency): the keys the resource model reads for
+    the same levels (piper_moe.resource_model.comm.cost_links gives the same Links). Raises
+    PiperUsageError naming the file and the key. Reads one small file: call it once."""
+    path = Path(source)
+    if path.suffix not in (".yaml", ".yml"):
+        shipped = platform_dir()
+        known = sorted(p.stem for p in shipped.glob("*.yaml")) if shipped else []
+        if str(source) not in known:
+            raise PiperUsageError(f"platform {str(source)!r}: not a .yaml file and not a platform "
+                                  f"shipped with Piper (known: {', '.join(known) or 'none'})")
+        path = shipped / f"{source}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise PiperUsageError(f"platform {str(path)!r}: cannot read it: {e}") from None
+    if not isinstance(data, dict):
+        raise PiperUsageError(f"platform {str(path)!r}: expected a mapping at top level")
+
+    def number(value, key: str, positive: bool) -> float:
+        try:  # YAML 1.1 reads "1e-6" as a string, as the resource model's loader accepts too
+            x = float(value) if isinstance(value, (int, float, str)) and \
+                not isinstance(value, bool) else None
+        except ValueError:
+            x = None
+        if x is None or not (x > 0 if positive else x >= 0):
+            raise PiperUsageError(f"platform {str(path)!r}: {key} must be a number "
+                                  f"{'> 0' if positive else '>= 0'} (got {value!r})")
+        return x
+
+    def level(name: str) -> tuple[float, float]:
+        link = data.get(name)
+        if not isinstance(link, dict):
+            raise PiperUsageError(f"platform {str(path)!r}: {name} must be a mapping with "
+                                  f"latency (s) and bandwidth (B/s) (got {link!r})")
+        return (number(link.get("latency"), f"{name}.latency", False),
+                number(link.get("bandwidth"), f"{name}.bandwidth", True))
+
+    (a_intra, b_intra), (a_inter, b_inter) = level("intra"), level("inter")
+    barrier = data.get("barrier_latency")
+    return Links(alpha_intra=a_intra, beta_intra=b_intra, alpha_inter=a_inter, beta_inter=b_inter,
+                 alpha_barrier=a_intra if barrier is None else
+                 number(barrier, "barrier_latency", False),
+                 beta_copy=number(data.get("copy_bandwidth"), "copy_bandwidth", True),
+                 source=f"platform {data.get('name', path.stem)} ({path})")

@@ -286,6 +286,7 @@ def collect(comm, group: _Group, args: argparse.Namespace) -> dict[str, Any]:
         sizes[str(m)] = "flat" if P == 1 else choose(np.full((P, P), block, dtype=np.int64),
                                                      np.asarray(node_of), comm.links)
     facts["auto_algorithm"] = sizes
+    facts["auto_links"] = comm.links.source
     links: dict[str, Any] = {}
     pairs = {}
     same = [r for r in range(P) if node_of[r] == node_of[0] and r != 0]
@@ -521,7 +522,8 @@ def render(facts: dict[str, Any], found: list[Diagnosis]) -> str:
     forced = facts.get("forced_algorithm")
     out.append("algorithms: " + (f"PIPER_ALGO={forced} forces every call; " if forced else "")
                + "auto picks " + ", ".join(f"{_human(int(m))}/rank: {a}"
-                                           for m, a in facts["auto_algorithm"].items()))
+                                           for m, a in facts["auto_algorithm"].items())
+               + f" (links: {facts.get('auto_links', '?')}; PIPER_PLATFORM sets them)")
     ref = facts["platform"]
     out.append(f"links: measured by ping-pong ({LAT_BYTES} B latency, {_human(BW_BYTES)} "
                f"bandwidth) vs {ref['source']}" + (f" [{ref['error']}]" if "error" in ref else ""))

@@ -21,6 +21,9 @@ PIPER_TORCH_CUDA_DELEGATE str  nccl | gloo: what the "piper" torch backend's del
                          (all but all-to-all) use for CUDA tensors: torch's NCCL, or gloo through
                          host copies (default: gloo when PIPER_INTER=mpi, else nccl); the
                          same on every rank (the group's creation raises on every rank if not)
+PIPER_PLATFORM    str    the links algorithm="auto" prices each call with: a platform YAML
+                         (e.g. calibrated) or a shipped platform's name (cost.load_links);
+                         default: cost.Links' guesses for one CPU host
 PIPER_NCCL_LIBRARY path  libnccl.so.2 to load (default: the one the process loaded already, as
                          torch's, else the nvidia-nccl wheel's, else the loader's search path)
 """
@@ -125,6 +128,18 @@ def torch_cuda_delegate() -> str:
     return value
 
 
+def platform():
+    """PIPER_PLATFORM's links (a piper_comm.cost.Links), None when unset."""
+    value = _get("PIPER_PLATFORM")
+    if value is None:
+        return None
+    from .cost import load_links
+    try:
+        return load_links(value)
+    except PiperUsageError as e:
+        raise PiperUsageError(f"PIPER_PLATFORM={value!r}: {e}") from None
+
+
 def nccl_library() -> str:
     """The libnccl.so.2 a CUDA communicator loads when the process has none loaded yet: the
     nvidia-nccl wheel's beside this Python (where torch finds it), else "" (the loader's search
@@ -145,11 +160,13 @@ def nccl_library() -> str:
 
 # The variables a communicator reads once its ranks can talk (bootstrap.connect), each with its
 # reader: every rank must read the same value (they choose the topology, the algorithm, the
-# checks' message rounds, who calls MPI (whose calls check in band) and the CUDA transport).
+# checks' message rounds, who calls MPI (whose calls check in band), the CUDA transport and the
+# links auto chooses with).
 # PIPER_TIMEOUT and PIPER_BACKEND are read before the transport exists, so a bad one raises on
 # its rank alone (the others then time out at init, naming it).
 AT_INIT = (("PIPER_LOCAL_SIZE", local_size), ("PIPER_ALGO", lambda: algorithm() or "auto"),
-           ("PIPER_CHECK", check), ("PIPER_INTER", inter), ("PIPER_MPI_CALLS", mpi_calls))
+           ("PIPER_CHECK", check), ("PIPER_INTER", inter), ("PIPER_MPI_CALLS", mpi_calls),
+           ("PIPER_PLATFORM", platform))
 
 
 def at_init() -> tuple[list[str | None], list[object]]:

@@ -419,6 +419,38 @@ def environment_per_rank(env: list[dict]) -> str:
     return "ok"
 
 
+def auto_under_platforms(platforms: list[str], local_size: int) -> list[dict]:
+    """For each platform file: PIPER_PLATFORM set to it (restored after), a communicator, one
+    equal-split all_to_all and one all_to_all_v under algorithm="auto", both checked exactly;
+    what auto ran and where the communicator's links came from."""
+    out = []
+    before = os.environ.get("PIPER_PLATFORM")
+    try:
+        for path in platforms:
+            os.environ["PIPER_PLATFORM"] = path
+            comm = pc.init(local_size=local_size)
+            P, r = comm.size, comm.rank
+            x = (np.arange(P * 4, dtype=np.int64) + 1000 * r).reshape(P * 4, 1)
+            got = comm.all_to_all(x, algorithm="auto")
+            want = np.concatenate([np.arange(4 * r, 4 * r + 4) + 1000 * s for s in range(P)])
+            assert (got.reshape(-1) == want).all()
+            equal = comm.last_algorithm
+            counts = [(r + d) % 3 for d in range(P)]  # block r -> d has (r + d) % 3 rows
+            xv = np.concatenate([np.full(c, 100 * r + d, np.int64) for d, c in enumerate(counts)])
+            got_v, _ = comm.all_to_all_v(xv, counts, algorithm="auto")
+            want_v = np.concatenate([np.full((s + r) % 3, 100 * s + r, np.int64)
+                                     for s in range(P)])
+            assert (got_v == want_v).all()
+            out.append({"equal": equal, "v": comm.last_algorithm, "source": comm.links.source})
+            comm.close()
+    finally:
+        if before is None:
+            os.environ.pop("PIPER_PLATFORM", None)
+        else:
+            os.environ["PIPER_PLATFORM"] = before
+    return out
+
+
 def envs_check() -> int:
     from piper_comm import envs
 

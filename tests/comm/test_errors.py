@@ -35,9 +35,11 @@ def test_bad_input_raises_on_every_rank(nprocs, local_size):
      ["PIPER_LOCAL_SIZE differs between the ranks (groups [[0, 1], [2]]"]),
     ([{}, {"PIPER_MPI_CALLS": "mpi4py"}, {}],
      ["PIPER_MPI_CALLS differs between the ranks (groups [[0, 2], [1]]"]),
+    ([{"PIPER_PLATFORM": "frontier"}, {}, {"PIPER_PLATFORM": "frontier"}],
+     ["PIPER_PLATFORM differs between the ranks (groups [[0, 2], [1]]"]),
     ([{"PIPER_ALGO": "auto"}, {}, {"PIPER_CHECK": "1", "PIPER_INTER": "auto"}], []),
 ], ids=["one rank invalid", "differs and invalid", "topology differs", "who calls MPI differs",
-        "equivalent"])
+        "auto's links differ", "equivalent"])
 def test_an_environment_invalid_or_differing_on_some_ranks_fails_on_every_rank(env, words):
     """A PIPER_* variable read at init that one rank got wrong (or that the ranks must set
     alike and do not) raises one PiperUsageError on every rank at init, naming the ranks,

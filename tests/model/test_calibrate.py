@@ -34,28 +34,52 @@ def test_fit_gemm_without_a_curve_takes_the_best_rate_for_every_dtype(rates):
     assert calibrate.fit_gemm(slow, half_dim=0.0) == (max(rates) / 2, 0.0)
 
 
+def _timings(plat, n: int, g: int, node_rows: bool) -> list[dict]:
+    """What the resource model predicts for flat and HALO on n ranks in nodes of g (and on one
+    node's own communicator, marked with its layout, when node_rows), as calibrate records it."""
+    layouts = [(n, g, {})] + ([(g, g, {"ranks": g, "ranks_per_node": g})] if node_rows else [])
+    return [{"algorithm": algo, "block": block, "seconds": comm.all_to_all(block * k, k, h,
+                                                                           plat, algo), **mark}
+            for k, h, mark in layouts for algo in ("flat", "halo")
+            for block in (1e3, 1e4, 1e5, 1e6)]
+
+
 @pytest.mark.parametrize(("n", "g"), [(8, 4), (4, 4), (16, 2), (4, 1)])
-def test_fit_a2a_recovers_alpha_beta(n, g):
+def test_fit_a2a_recovers_alpha_beta_and_the_barrier(n, g):
+    """Every parameter back from the model's own timings: on several nodes of several ranks
+    with the node's own timings beside the job's (what calibrate measures there), on one node
+    from the job's alone (the barrier priced apart from the intra latency: 35x it here)."""
     plat = dataclasses.replace(load_platform("cpu-host"),
                                intra=LinkSpec(latency=2e-6, bandwidth=4e9),
-                               inter=LinkSpec(latency=3e-5, bandwidth=5e8), copy_bandwidth=8e9)
-    pts = []
-    for algo in ("flat", "halo"):
-        for block in (1e3, 1e4, 1e5, 1e6):
-            t = comm.all_to_all(block * n, n, g, plat, algo)
-            pts.append({"algorithm": algo, "block": block, "seconds": t})
-    fit = calibrate.fit_a2a(pts, n, g, plat.copy_bandwidth)
+                               inter=LinkSpec(latency=3e-5, bandwidth=5e8), copy_bandwidth=8e9,
+                               barrier_latency=7e-5)
+    fit = calibrate.fit_a2a(_timings(plat, n, g, node_rows=1 < g < n), n, g, plat.copy_bandwidth)
     if g > 1:
         assert fit["latency_intra"] == pytest.approx(2e-6, rel=1e-6)
         assert fit["bandwidth_intra"] == pytest.approx(4e9, rel=1e-6)
+        assert fit["latency_barrier"] == pytest.approx(7e-5, rel=1e-6)
     else:
-        assert "latency_intra" not in fit
+        assert "latency_intra" not in fit and "latency_barrier" not in fit
     if n > g:
         assert fit["latency_inter"] == pytest.approx(3e-5, rel=1e-6)
         assert fit["bandwidth_inter"] == pytest.approx(5e8, rel=1e-6)
         assert "copy_bandwidth" not in fit  # charged at the measured rate, not fitted
     else:
         assert "latency_inter" not in fit
+
+
+def test_fit_a2a_without_the_nodes_own_timings_charges_barriers_at_the_intra_latency():
+    """Several nodes, the job's layout only (the files of earlier calibrations): the two
+    latencies and the barrier cannot be told apart, so the barrier is one intra latency (the
+    model the platform file then states with barrier_latency null) and the fit is exact when
+    that is the truth."""
+    plat = dataclasses.replace(load_platform("cpu-host"),
+                               intra=LinkSpec(latency=2e-6, bandwidth=4e9),
+                               inter=LinkSpec(latency=3e-5, bandwidth=5e8), copy_bandwidth=8e9)
+    fit = calibrate.fit_a2a(_timings(plat, 8, 4, node_rows=False), 8, 4, plat.copy_bandwidth)
+    assert "latency_barrier" not in fit
+    assert fit["latency_intra"] == pytest.approx(2e-6, rel=1e-6)
+    assert fit["latency_inter"] == pytest.approx(3e-5, rel=1e-6)
 
 
 def test_measure_and_write_platform(tmp_path):
@@ -82,6 +106,11 @@ def test_measure_and_write_platform(tmp_path):
     assert p.inter.bandwidth == float("inf")  # latency-only fit: no size dependence
     assert comm.a2a_flat(1e6, 4, 1, p) == pytest.approx(3 * 1e-5)
     assert p.copy_bandwidth == copy["copy_bandwidth"]
+    assert p.barrier_latency is None  # no barrier fitted: one intra latency
+    path.write_text(yaml.safe_dump(calibrate.build_platform(
+        "cpu-host", "mine", gemm, copy, {**fit, "latency_barrier": 5e-5}, attention, op)))
+    assert load_platform(str(path)).barrier_latency == 5e-5
+    path.write_text(yaml.safe_dump(data))
     assert p.op_overhead == op["op_overhead"]
     assert p.attention_flops == attention["bf16"]["flops_per_s"]
     base = load_platform("cpu-host")

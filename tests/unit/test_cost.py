@@ -1,11 +1,13 @@
 """piper_comm.cost: the closed-form uniform case is predict() on the uniform matrix."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from piper_comm import cost
+from piper_comm.errors import PiperUsageError
 
 # Distinct powers of ten, so that a term charged at the wrong rate shows.
 LINKS = cost.Links(alpha_intra=1e-6, beta_intra=1e9, alpha_inter=1e-5, beta_inter=1e8,
@@ -59,3 +61,88 @@ def test_uneven_nodes_spread_messages_over_proxies():
     assert tr.bytes_inter == pytest.approx([100, 100, 100, 300])
     assert list(tr.barriers) == [2, 2, 2, 0]
     assert tr.copy_bytes == pytest.approx([700, 700, 700, 500])
+
+
+# -- the links of a platform file (PIPER_PLATFORM)
+def _platforms() -> list[str]:
+    from piper_moe.resource_model.spec import shipped
+
+    calibrated = Path(__file__).resolve().parents[2] / "bench/results/cluster"
+    return [*shipped("platforms"), str(calibrated / "platform_2x2_200mbit.yaml")]
+
+
+@pytest.mark.parametrize("source", _platforms())
+def test_links_of_a_platform_are_the_resource_models(source):
+    """load_links reads the levels the resource model reads: the Links auto chooses with equal
+    the ones the model prices the same platform's all-to-all with (the calibrated cluster
+    file included: inf bandwidth, null barrier latency)."""
+    from piper_moe.resource_model import load_platform
+    from piper_moe.resource_model.comm import cost_links
+
+    links = cost.load_links(source)
+    assert links == cost_links(load_platform(source))
+    assert links.source.startswith("platform ") and links.source.endswith(".yaml)")
+
+
+def _yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = "intra: {latency: 1.0e-6, bandwidth: 2.0e+9}\ninter: {latency: 3.0e-5, bandwidth: 4.0e+8}\n"
+
+
+def test_links_file_fields_and_defaults(tmp_path):
+    links = cost.load_links(_yaml(tmp_path, GOOD + "copy_bandwidth: 5.0e+9\n"))
+    assert links == cost.Links(alpha_intra=1e-6, beta_intra=2e9, alpha_inter=3e-5,
+                               beta_inter=4e8, alpha_barrier=1e-6, beta_copy=5e9)
+    links = cost.load_links(_yaml(tmp_path, GOOD + "copy_bandwidth: 5.0e+9\n"
+                                  "barrier_latency: 7.0e-6\n"))
+    assert links.alpha_barrier == 7e-6 and "p.yaml" in links.source
+    # YAML 1.1 reads 5e9 as the string "5e9"; the resource model's loader takes it too
+    assert cost.load_links(_yaml(tmp_path, GOOD + "copy_bandwidth: 5e9\n")).beta_copy == 5e9
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    (GOOD, "copy_bandwidth must be a number > 0 (got None)"),
+    (GOOD + "copy_bandwidth: -1\n", "copy_bandwidth must be a number > 0 (got -1)"),
+    (GOOD + "copy_bandwidth: true\n", "copy_bandwidth must be a number > 0 (got True)"),
+    ("inter: {latency: 1, bandwidth: 1}\ncopy_bandwidth: 1\n", "intra must be a mapping"),
+    ("intra: {latency: -1.0, bandwidth: 1}\ninter: {latency: 1, bandwidth: 1}\n"
+     "copy_bandwidth: 1\n", "intra.latency must be a number >= 0 (got -1.0)"),
+    (GOOD + "copy_bandwidth: 1\nbarrier_latency: fast\n", "barrier_latency must be a number"),
+    (GOOD + "copy_bandwidth: 1\nbarrier_latency: [1]\n", "barrier_latency must be a number"),
+    ("- 1\n- 2\n", "expected a mapping at top level"),
+    ("intra: [\n", "cannot read it"),
+])
+def test_a_bad_links_file_names_the_file_and_the_key(tmp_path, text, words):
+    path = _yaml(tmp_path, text)
+    with pytest.raises(PiperUsageError, match="platform") as e:
+        cost.load_links(path)
+    assert words in str(e.value) and path in str(e.value)
+
+
+def test_an_unknown_platform_name_lists_the_shipped_ones():
+    with pytest.raises(PiperUsageError, match=r"'dgx-h1000': not a \.yaml file.*dgx-h100"):
+        cost.load_links("dgx-h1000")
+
+
+def test_piper_platform_sets_a_new_communicators_links(monkeypatch):
+    """PIPER_PLATFORM is read at init (envs.AT_INIT, so checked alike on every rank); unset, the
+    defaults; invalid, a PiperUsageError naming the variable."""
+    import piper_comm as pc
+
+    monkeypatch.delenv("PIPER_PLATFORM", raising=False)
+    comm = pc.init("single")
+    assert comm.links == cost.Links() and comm.links.source.startswith("defaults")
+    comm.close()
+    monkeypatch.setenv("PIPER_PLATFORM", "frontier")
+    comm = pc.init("single")
+    assert comm.links == cost.load_links("frontier")
+    assert comm.links.source.startswith("platform frontier (")
+    comm.close()
+    monkeypatch.setenv("PIPER_PLATFORM", "nowhere.yaml")
+    with pytest.raises(PiperUsageError, match=r"PIPER_PLATFORM is invalid on ranks \[0\].*"
+                                              r"PIPER_PLATFORM='nowhere\.yaml'.*cannot read it"):
+        pc.init("single")
