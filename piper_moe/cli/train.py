@@ -31,6 +31,15 @@ __all__ = ["main"]
 log = logging.getLogger("piper.moe")
 
 
+def _a2a_choice() -> str:
+    """How the MoE dispatch's all-to-all algorithm is chosen, for the run's first line."""
+    from piper_comm import cost, envs
+
+    if envs.algorithm():
+        return f"{envs.algorithm()}: PIPER_ALGO"
+    return f"auto with links {(envs.platform() or cost.Links()).source}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m piper_moe.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, out, progress=not args.quiet)
     if rank == 0:
         floor = trainer.source.entropy_rate()
-        log.info("piper_moe.train: %s, %s, schedule %s, %d micro-batches of %d x %d tokens; "
-                 "data %s (floor %s nats/token); precision %s%s", cfg["model"],
-                 trainer.mesh.describe(), trainer.schedule, trainer.num_micro,
+        log.info("piper_moe.train: %s, %s (all-to-all %s), schedule %s, %d micro-batches of "
+                 "%d x %d tokens; data %s (floor %s nats/token); precision %s%s", cfg["model"],
+                 trainer.mesh.describe(), _a2a_choice(), trainer.schedule, trainer.num_micro,
                  trainer.micro_batch, trainer.seq_len, cfg["data"].get("kind"),
                  f"{floor:.4f}" if floor is not None else "unknown", trainer.precision,
                  f" + fp8 dispatch ({trainer.moe_layers[0].fp8_gemm} expert GEMMs)"

@@ -121,7 +121,7 @@ class Mesh:
 
     def describe(self) -> str:
         spans = len({self.node_of[r] for r in self.ep_ranks()})
-        where = "inside one node" if spans == 1 else f"across {spans} nodes (HALO aggregates)"
+        where = "inside one node" if spans == 1 else f"across {spans} nodes"
         return (f"mesh pp={self.pp} x dp={self.dp} (ep={self.ep}, edp={self.dp // self.ep}, "
                 f"order {self.order}) "
                 f"on {self.world} ranks / {len(set(self.node_of))} nodes; EP group "
