@@ -42,6 +42,8 @@ writes the file):
   level is kept from ``--base``. The copy term is collinear with the link bandwidths, so it is
   charged at the measured memcpy rate and subtracted from the HALO timings before the fit. The
   written file's links are what ``algorithm="auto"`` chooses with under ``PIPER_PLATFORM``.
+  The all-to-alls move host (numpy) buffers, also where the GEMMs run on a CUDA device: on a
+  GPU machine the links describe the host path, not NVLink through Piper's CUDA path.
 ``PIPER_LOCAL_SIZE=k`` (read by piper_comm) emulates nodes of k ranks on one host.
 
 Numbers not measured (device memory, reserve, peak) are kept from ``--base``; the raw
