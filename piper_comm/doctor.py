@@ -403,6 +403,22 @@ def check_thread_level(facts) -> Diagnosis | None:
                      "no mpi4py.rc.thread_level below 'multiple')")
 
 
+def check_auto_links(facts) -> Diagnosis | None:
+    """algorithm="auto" choosing between HALO and flat on several nodes with the default links,
+    guesses for one CPU host that know nothing of this network (PIPER_PLATFORM unset)."""
+    if facts.get("num_nodes", 1) < 2 or facts.get("forced_algorithm") or \
+            not (facts.get("auto_links") or "").startswith("defaults"):
+        return None
+    return Diagnosis("auto_links", "note",
+                     "algorithm=\"auto\" picks HALO or flat per call with Piper's default links "
+                     "(guesses for one CPU host), not this machine's (on 8 ranks as 2 x 4 on a "
+                     "2-core host they chose HALO up to 64 KiB, 1.2-1.9x slower than flat: "
+                     "docs/performance.md)",
+                     f"mpirun -n {facts.get('ranks', 'N')} python -m piper_moe.cli.calibrate "
+                     f"--out my-cluster.yaml, then PIPER_PLATFORM=my-cluster.yaml (or a shipped "
+                     f"platform: PIPER_PLATFORM=dgx-h100)")
+
+
 def check_shm(facts) -> Diagnosis | None:
     """/dev/shm smaller than the node segment of the largest call (local ranks x bytes per
     rank: HALO packs every block of the node into it)."""
@@ -465,7 +481,7 @@ def check_build_match(facts) -> Diagnosis | None:
 
 
 CHECKS = (check_oversubscribed, check_network_bypass, check_node_split, check_thread_level,
-          check_shm, check_stale_segments, check_build_match)
+          check_shm, check_stale_segments, check_build_match, check_auto_links)
 
 
 def diagnose(facts: dict[str, Any]) -> list[Diagnosis]:

@@ -61,6 +61,20 @@ def test_healthy_facts_give_no_diagnosis_and_render():
     assert "all checks passed" in text and "inter      0-2" in text
 
 
+def test_auto_with_guessed_links_on_several_nodes():
+    """A note (not a warning: --strict passes) when auto prices calls with the default links
+    on several nodes; none with PIPER_PLATFORM's links, with PIPER_ALGO, or on one node."""
+    facts = healthy()
+    facts["auto_links"] = "defaults (one CPU host, guessed)"
+    d = only(D.diagnose(facts), "auto_links", "note")
+    assert "PIPER_PLATFORM=my-cluster.yaml" in d.fix and "-n 4 " in d.fix
+    assert D.diagnose({**facts, "forced_algorithm": "halo"}) == []
+    assert D.diagnose({**facts, "auto_links": "platform dgx-h100 (x.yaml)"}) == []
+    facts.update(node_of=[0, 0, 0, 0], num_nodes=1)
+    facts["ranks_info"] = [dict(r, host="a", machine="m1", node=0) for r in facts["ranks_info"]]
+    assert D.diagnose(facts) == []
+
+
 def test_more_ranks_than_cores():
     facts = healthy()
     for r in facts["ranks_info"]:
