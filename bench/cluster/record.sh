@@ -14,6 +14,8 @@
 #                                  MOE_TOPKS="8 2", MOE_DISPATCHERS="alltoall halo ppmoe" and
 #                                  MOE_PPN=2 (ranks per node) select
 #   bench/cluster/record.sh train  python -m piper_moe.train, dedup on and off, 200mbit
+#   bench/cluster/record.sh auto [RATE]  calibrate on 2 x 4, then what algorithm="auto" picks
+#                                  with the default and with the calibrated links (1gbit)
 # then `python bench/cluster/report.py` writes the summaries and plots from what is recorded.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -61,6 +63,21 @@ a2a() {
   done
 }
 
+auto() {  # auto [RATE]: calibrate on 2 x 4, then halo, flat and auto with the default and the
+          # calibrated links (what algorithm="auto" picks, and what it costs)
+  local rate=${1:-1gbit} links base
+  local platform=$OUT/auto_links_2x4_${rate}_platform.yaml
+  job "$OUT/auto_links_2x4_${rate}_calibrate" 2 4 "$rate" "$PY" -m piper_moe.cli.calibrate \
+    --out "$platform" --name "emulated-2x4-$rate"
+  for links in default calibrated; do
+    base=$OUT/auto_links_2x4_${rate}_$links
+    job "$base" 2 4 "$rate" env "PIPER_PLATFORM=$([[ $links == calibrated ]] && echo "$platform")" \
+      "$PY" -m piper_comm.bench -b 1K -e 4M -f 4 -n 10 -w 2 --algos halo,flat,auto -T 600 \
+      --json "$base.json"
+  done
+  grep -h "^# auto" "$OUT"/auto_links_2x4_"${rate}"_{default,calibrated}.txt
+}
+
 # DeepSeek-like routing at a CPU-sized width: 64 routed experts in 8 groups, 4 groups chosen per
 # token, top-8 (and top-2 for contrast), 1 shared expert; 512 tokens per rank of hidden 256.
 MOE_SHAPE=(--hidden 256 --ffn-hidden 128 --num-experts 64 --num-groups 8 --topk-groups 4
@@ -92,5 +109,6 @@ case ${1:-} in
   a2a) a2a ;;
   moe) moe "${2:-200mbit}" ;;
   train) train ;;
-  *) echo "usage: bench/cluster/record.sh a2a|moe|train" >&2; exit 2 ;;
+  auto) auto "${2:-1gbit}" ;;
+  *) echo "usage: bench/cluster/record.sh a2a|moe|train|auto" >&2; exit 2 ;;
 esac
